@@ -1,0 +1,68 @@
+"""What each board pays for a plan: parameter bytes and MACs per image.
+
+A board holds the per-channel parameters of the channels it computes (the unit's weights and bias, and
+the BN statistics, depthwise kernels and scales of its chain), plus every parameter of the full-tensor
+ops, which run on every board.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .graph import ModelGraph
+from .plan import Plan
+
+
+@dataclass
+class BoardCost:
+    board: int
+    param_bytes: float
+    macs: float
+
+
+@dataclass
+class PlanCost:
+    boards: list[BoardCost]
+    full_param_bytes: int       # the whole model = what full replication puts on every board
+    even_param_bytes: float     # what an even split without replication puts on every board
+    full_macs: int
+
+    @property
+    def max_param_bytes(self) -> float:
+        return max(b.param_bytes for b in self.boards)
+
+    @property
+    def max_macs(self) -> float:
+        return max(b.macs for b in self.boards)
+
+    @property
+    def memory_ratio_full(self) -> float:
+        """Max per-board bytes over the full model's bytes (1.0 = full replication)."""
+        return self.max_param_bytes / self.full_param_bytes
+
+    @property
+    def memory_ratio_even(self) -> float:
+        """Max per-board bytes over an even split's (1.0 = no replication, perfectly balanced)."""
+        return self.max_param_bytes / self.even_param_bytes
+
+    def to_json(self) -> dict:
+        return {"boards": [{"board": b.board, "param_bytes": round(b.param_bytes),
+                            "macs": round(b.macs)} for b in self.boards],
+                "max_param_bytes": round(self.max_param_bytes), "full_param_bytes": self.full_param_bytes,
+                "even_param_bytes": round(self.even_param_bytes),
+                "memory_ratio_full": self.memory_ratio_full, "memory_ratio_even": self.memory_ratio_even,
+                "max_macs": round(self.max_macs), "full_macs": self.full_macs}
+
+
+def plan_cost(graph: ModelGraph, plan: Plan) -> PlanCost:
+    boards = []
+    for board in range(plan.n_boards):
+        bytes_, macs = float(graph.replicated_param_bytes), float(graph.replicated_macs)
+        for unit in graph.units:
+            share = plan.units[unit.name].boards[board].size / unit.channels
+            bytes_ += unit.param_bytes * share
+            macs += unit.macs * share
+        boards.append(BoardCost(board, bytes_, macs))
+    split_bytes = graph.total_param_bytes - graph.replicated_param_bytes
+    return PlanCost(boards=boards, full_param_bytes=graph.total_param_bytes,
+                    even_param_bytes=graph.replicated_param_bytes + split_bytes / plan.n_boards,
+                    full_macs=graph.total_macs)

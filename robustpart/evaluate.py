@@ -1,0 +1,142 @@
+"""Accuracy under board failures: every failure set of each size, and the expected accuracy.
+
+Expected accuracy follows deepFogGuard Eq. 5: the sum over all failure combinations B of
+P(B | per-board failure probabilities) x accuracy(B). When every board has failed nobody answers; like
+ResiliNet, that case scores as a random guess (1 / number of classes).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cost import plan_cost
+from .errors import PlanError
+from .graph import ModelGraph
+from .plan import Plan
+from .simulate import FailureSimulator
+
+log = logging.getLogger(__name__)
+
+# Per-board failure probability of each setting: the mean of ResiliNet's three non-cloud node
+# probabilities (Normal 1/4/8 %, Poor 5/9/13 %, Hazardous 15/20/22 %); boards on one LAN are alike.
+FAILURE_SETTINGS = {"normal": 0.04, "poor": 0.09, "hazardous": 0.19}
+MAX_EXPECTED_BOARDS = 8   # Eq. 5 enumerates all 2^N failure combinations
+
+
+@dataclass
+class FailureStats:
+    k: int
+    n_sets: int
+    mean: float
+    min: float
+    max: float
+    worst_set: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "sets": self.n_sets, "mean": self.mean, "min": self.min, "max": self.max,
+                "worst_set": list(self.worst_set)}
+
+
+@dataclass
+class MethodReport:
+    label: str
+    plan: Plan
+    accuracy: float                            # no failure
+    by_k: dict[int, FailureStats]
+    expected: dict[str, float] = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+    replication: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"method": self.label, "plan_method": self.plan.method, "options": self.plan.options,
+                "accuracy": self.accuracy, "failures": {str(k): s.to_json() for k, s in self.by_k.items()},
+                "expected": self.expected, "cost": self.cost, "replication": self.replication}
+
+
+def failure_sets(n_boards: int, k: int) -> list[tuple[int, ...]]:
+    return list(itertools.combinations(range(n_boards), k))
+
+
+def combination_probability(failed: tuple[int, ...], probs: list[float]) -> float:
+    return float(np.prod([p if b in failed else 1.0 - p for b, p in enumerate(probs)]))
+
+
+def expected_accuracy(accuracy_of: Callable[[tuple[int, ...]], float], probs: list[float],
+                      num_classes: int) -> float:
+    n = len(probs)
+    total = 0.0
+    for k in range(n + 1):
+        for failed in failure_sets(n, k):
+            acc = 1.0 / num_classes if k == n else accuracy_of(failed)
+            total += combination_probability(failed, probs) * acc
+    return total
+
+
+def parse_fail_probs(text: str, n_boards: int) -> list[float]:
+    try:
+        probs = [float(p) for p in text.split(",")]
+    except ValueError as exc:
+        raise PlanError(f"--fail-prob must be comma-separated numbers, got '{text}'") from exc
+    if len(probs) == 1:
+        probs = probs * n_boards
+    if len(probs) != n_boards or not all(0.0 <= p <= 1.0 for p in probs):
+        raise PlanError(f"--fail-prob needs 1 or {n_boards} probabilities in [0, 1], got '{text}'")
+    return probs
+
+
+class PlanEvaluator:
+    """Accuracy of one plan under failure sets, on fixed data; a failure set that loses the same
+    channels as one already seen is not run again."""
+
+    def __init__(self, graph: ModelGraph, plan: Plan, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int = 500):
+        self.sim = FailureSimulator(graph, plan)
+        self.plan, self.images, self.labels, self.batch_size = plan, images, labels, batch_size
+        self._cache: dict[tuple, float] = {}
+        self.runs = 0
+
+    def accuracy(self, failed: tuple[int, ...] = ()) -> float:
+        key = self.plan.lost_signature(failed)
+        if key not in self._cache:
+            logits = self.sim.logits(self.images, failed, self.batch_size)
+            self._cache[key] = (logits.argmax(dim=1) == self.labels).float().mean().item()
+            self.runs += 1
+        return self._cache[key]
+
+
+def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], label: str | None = None,
+                  fail_probs: dict[str, list[float]] | None = None,
+                  progress: Callable[[str], None] | None = None) -> MethodReport:
+    """Accuracy with no failure, mean/min/max over every failure set of each size in `ks`, the expected
+    accuracy for each named list of per-board failure probabilities, and the per-board cost."""
+    n = plan.n_boards
+    bad = [k for k in ks if not 1 <= k <= n - 1]
+    if bad:
+        raise PlanError(f"--failures {bad} impossible with {n} boards: use sizes 1..{n - 1}")
+    ev = PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
+    label = label or plan.method
+    report = MethodReport(label=label, plan=plan, accuracy=ev.accuracy(), by_k={},
+                          replication=plan.replication_factor(), cost=plan_cost(graph, plan).to_json())
+    for k in ks:
+        sets = failure_sets(n, k)
+        accs = []
+        for i, failed in enumerate(sets):
+            accs.append(ev.accuracy(failed))
+            if progress:
+                progress(f"{label}: {k} failed, set {i + 1}/{len(sets)}")
+        worst = int(np.argmin(accs))
+        report.by_k[k] = FailureStats(k, len(sets), float(np.mean(accs)), float(min(accs)), float(max(accs)),
+                                      sets[worst])
+    if fail_probs:
+        if n > MAX_EXPECTED_BOARDS:
+            log.warning("expected accuracy skipped: %d boards means %d failure combinations", n, 2 ** n)
+        else:
+            for name, probs in fail_probs.items():
+                report.expected[name] = expected_accuracy(ev.accuracy, probs, graph.input_spec.num_classes)
+    log.info("%s: %d distinct forward passes", label, ev.runs)
+    return report

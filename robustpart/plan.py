@@ -1,0 +1,140 @@
+"""The Plan: for every partition unit, which output channels each board computes.
+
+A channel may sit on several boards (replicas), never twice on one board. A channel is lost only when
+every board holding it has failed. The Plan is a plain value: JSON round-trip, no torch.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PlanError
+
+PLAN_SCHEMA = 1
+
+
+@dataclass
+class UnitPlacement:
+    """Channels of one unit on each board; `groups[c]` is channel c's importance group (robust only)."""
+
+    channels: int
+    boards: list[np.ndarray]
+    groups: np.ndarray | None = None
+
+    def copies(self) -> np.ndarray:
+        """How many boards hold each channel."""
+        count = np.zeros(self.channels, dtype=np.int64)
+        for held in self.boards:
+            np.add.at(count, held, 1)
+        return count
+
+    def surviving(self, failed: Iterable[int]) -> np.ndarray:
+        """Boolean mask of the channels still held by at least one live board."""
+        failed = set(failed)
+        alive = np.zeros(self.channels, dtype=bool)
+        for board, held in enumerate(self.boards):
+            if board not in failed:
+                alive[held] = True
+        return alive
+
+    def to_json(self) -> dict:
+        out = {"channels": self.channels, "boards": [held.tolist() for held in self.boards]}
+        if self.groups is not None:
+            out["groups"] = self.groups.tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "UnitPlacement":
+        groups = data.get("groups")
+        return cls(channels=int(data["channels"]),
+                   boards=[np.asarray(b, dtype=np.int64) for b in data["boards"]],
+                   groups=None if groups is None else np.asarray(groups, dtype=np.int64))
+
+
+@dataclass
+class Plan:
+    n_boards: int
+    units: dict[str, UnitPlacement]
+    method: str
+    options: dict = field(default_factory=dict)     # threshold(s), criteria, seed: how it was made
+    model: dict = field(default_factory=dict)       # name, source hash, input spec
+    fill: str = "zero"
+
+    # ---- queries -------------------------------------------------------------------------------
+    def surviving(self, unit: str, failed: Iterable[int]) -> np.ndarray:
+        return self.units[unit].surviving(failed)
+
+    def lost_signature(self, failed: Iterable[int]) -> tuple:
+        """Identifies which channels a failure set loses; equal signatures give equal outputs."""
+        failed = tuple(failed)
+        return tuple(tuple(np.flatnonzero(~p.surviving(failed)).tolist()) for p in self.units.values())
+
+    def replication_factor(self) -> float:
+        """Channel copies over channels, over all units."""
+        copies = sum(int(p.copies().sum()) for p in self.units.values())
+        return copies / sum(p.channels for p in self.units.values())
+
+    # ---- checks --------------------------------------------------------------------------------
+    def validate(self, unit_channels: dict[str, int] | None = None) -> None:
+        """Every channel of every unit is on at least one board, indices are in range, and no board holds
+        the same channel twice (so a replica never shares a board with its original)."""
+        if self.n_boards < 1:
+            raise PlanError(f"a plan needs at least one board, has {self.n_boards}")
+        if unit_channels is not None:
+            if set(unit_channels) != set(self.units):
+                missing = sorted(set(unit_channels) - set(self.units))
+                extra = sorted(set(self.units) - set(unit_channels))
+                raise PlanError(f"plan does not match the model: units missing {missing[:5]}, "
+                                f"unknown {extra[:5]}; compile the plan for this model")
+        for name, p in self.units.items():
+            if unit_channels is not None and unit_channels[name] != p.channels:
+                raise PlanError(f"unit '{name}' has {unit_channels[name]} channels in the model, "
+                                f"{p.channels} in the plan")
+            if len(p.boards) != self.n_boards:
+                raise PlanError(f"unit '{name}' is placed on {len(p.boards)} boards, plan has {self.n_boards}")
+            for board, held in enumerate(p.boards):
+                if held.size and (held.min() < 0 or held.max() >= p.channels):
+                    raise PlanError(f"unit '{name}' board {board} holds a channel index outside "
+                                    f"0..{p.channels - 1}")
+                if np.unique(held).size != held.size:
+                    raise PlanError(f"unit '{name}' board {board} holds a channel twice: a replica must go "
+                                    f"to a board that does not already hold that channel")
+            uncovered = np.flatnonzero(p.copies() == 0)
+            if uncovered.size:
+                raise PlanError(f"unit '{name}': channels {uncovered[:8].tolist()} are on no board")
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"schema": PLAN_SCHEMA, "n_boards": self.n_boards, "method": self.method,
+                "options": self.options, "model": self.model, "fill": self.fill,
+                "units": {name: p.to_json() for name, p in self.units.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if data.get("schema") != PLAN_SCHEMA:
+            raise PlanError(f"plan schema {data.get('schema')!r} is not supported (expected {PLAN_SCHEMA}); "
+                            f"recompile with this version of robustpart")
+        try:
+            plan = cls(n_boards=int(data["n_boards"]), method=str(data["method"]),
+                       options=dict(data.get("options", {})), model=dict(data.get("model", {})),
+                       fill=str(data.get("fill", "zero")),
+                       units={k: UnitPlacement.from_json(v) for k, v in data["units"].items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"plan is malformed: {exc!r}") from exc
+        plan.validate()
+        return plan
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}") from exc
+        return cls.from_json(data)

@@ -1,0 +1,120 @@
+"""Importance scores: per partition unit, an `n_channels x k` table, one column per criterion.
+
+Criteria are pluggable: a criterion is a callable `(graph, calibration) -> {unit name: scores (C,)}`
+registered by name with `@register_criterion`. Larger means more important.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PlanError
+
+log = logging.getLogger(__name__)
+
+Criterion = Callable[..., dict[str, np.ndarray]]
+_CRITERIA: dict[str, Criterion] = {}
+DEFAULT_CRITERIA = ("l1",)
+
+
+def register_criterion(name: str):
+    def wrap(fn: Criterion) -> Criterion:
+        _CRITERIA[name] = fn
+        return fn
+    return wrap
+
+
+def criterion_names() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in _CRITERIA:
+        raise PlanError(f"unknown importance criterion '{name}'; choose from {', '.join(criterion_names())}")
+    return _CRITERIA[name]
+
+
+@dataclass
+class Scores:
+    """Raw importance scores of every unit; `tables[unit]` has one column per name in `criteria`."""
+
+    criteria: tuple[str, ...]
+    tables: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        for unit, table in self.tables.items():
+            if table.ndim != 2 or table.shape[1] != len(self.criteria):
+                raise PlanError(f"scores of unit '{unit}' have shape {table.shape}; expected (channels, "
+                                f"{len(self.criteria)})")
+
+    def normalized(self, unit: str, criteria: tuple[str, ...] | None = None) -> np.ndarray:
+        """Columns min-max normalised to [0, 1] within the unit (a constant column becomes 0), so a
+        distance threshold means the same for every layer and every model."""
+        table = self.select(criteria).tables[unit] if criteria else self.tables[unit]
+        lo, hi = table.min(axis=0), table.max(axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        return (table - lo) / span
+
+    def select(self, criteria: tuple[str, ...]) -> "Scores":
+        missing = [c for c in criteria if c not in self.criteria]
+        if missing:
+            raise PlanError(f"scores for {', '.join(missing)} were not computed (have "
+                            f"{', '.join(self.criteria)}); compile again with --scores {','.join(criteria)}")
+        cols = [self.criteria.index(c) for c in criteria]
+        return Scores(tuple(criteria), {u: t[:, cols] for u, t in self.tables.items()})
+
+    def save(self, path: Path) -> None:
+        arrays = {f"unit{i}": t for i, t in enumerate(self.tables.values())}
+        meta = {"criteria": list(self.criteria), "units": list(self.tables)}
+        np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                            **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "Scores":
+        try:
+            with np.load(path) as data:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+                tables = {u: data[f"unit{i}"] for i, u in enumerate(meta["units"])}
+        except (OSError, KeyError, ValueError) as exc:
+            raise PlanError(f"cannot read scores file {path}: {exc}") from exc
+        return cls(tuple(meta["criteria"]), tables)
+
+
+def compute_scores(graph, criteria: tuple[str, ...] = DEFAULT_CRITERIA, calibration=None,
+                   progress: Callable[[str], None] | None = None) -> Scores:
+    """Score every unit of `graph` under each criterion. `calibration` is a float tensor (N, C, H, W)
+    of normalised, unlabeled images; criteria that need data refuse to run without it."""
+    if not criteria:
+        raise PlanError("no importance criterion given; use e.g. --scores l1")
+    columns: dict[str, list[np.ndarray]] = {u.name: [] for u in graph.units}
+    for name in criteria:
+        fn = get_criterion(name)
+        if progress:
+            progress(f"scoring: {name}")
+        per_unit = fn(graph, calibration)
+        for unit in graph.units:
+            values = np.asarray(per_unit[unit.name], dtype=np.float64)
+            if values.shape != (unit.channels,):
+                raise PlanError(f"criterion '{name}' gave {values.shape} scores for unit '{unit.name}' "
+                                f"with {unit.channels} channels")
+            columns[unit.name].append(values)
+    return Scores(tuple(criteria), {u: np.stack(cols, axis=1) for u, cols in columns.items()})
+
+
+@register_criterion("l1")
+def l1_importance(graph, calibration=None) -> dict[str, np.ndarray]:
+    """Algorithm 1 line 7: sum of |weights| of the output channel plus |bias|."""
+    modules = dict(graph.module.named_modules())
+    result = {}
+    for unit in graph.units:
+        mod = modules[unit.name]
+        w = mod.weight.detach().abs().reshape(unit.channels, -1).sum(dim=1)
+        if mod.bias is not None:
+            w = w + mod.bias.detach().abs()
+        result[unit.name] = w.double().numpy()
+    return result
