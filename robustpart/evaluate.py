@@ -140,3 +140,62 @@ def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], 
                 report.expected[name] = expected_accuracy(ev.accuracy, probs, graph.input_spec.num_classes)
     log.info("%s: %d distinct forward passes", label, ev.runs)
     return report
+
+
+def parse_method(spec: str) -> tuple[str, float | None]:
+    """'lop' -> ('lop', None); 'robust@0.1' -> ('robust', 0.1)."""
+    name, _, threshold = spec.partition("@")
+    if not threshold:
+        return name, None
+    try:
+        return name, float(threshold)
+    except ValueError:
+        raise PlanError(f"'{spec}': the threshold after @ must be a number, e.g. robust@0.1") from None
+
+
+@dataclass
+class BundleEvaluation:
+    model: str
+    data: str
+    ks: list[int]
+    reports: list[MethodReport]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "data": self.data, "failures": self.ks,
+                "methods": [r.to_json() for r in self.reports]}
+
+
+def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | None = None,
+                    compare: list[str] = (), fail_probs: dict[str, list[float]] | None = None,
+                    progress: Callable[[str], None] | None = None) -> BundleEvaluation:
+    """Evaluate a bundle's plan, and the plans `compare` names (e.g. lop, full, random, robust@0.1) made
+    for the same model, board count and scores, on the same data."""
+    from .bundle import Bundle
+    from .compiler import CompileOptions, evaluation_arrays, graph_of_bundle, load_eval_data, plan_for
+    bundle = Bundle.load(path)
+    plan = bundle.plan
+    ks = list(ks) if ks else list(range(1, plan.n_boards))
+    graph = graph_of_bundle(bundle)
+    eval_data = load_eval_data(graph.input_spec, data, limit)
+    images, labels = evaluation_arrays(eval_data)
+    if fail_probs is None:
+        fail_probs = {name: [p] * plan.n_boards for name, p in FAILURE_SETTINGS.items()}
+    plans = [(_label(plan), plan)]
+    for spec in compare:
+        method, threshold = parse_method(spec)
+        if method == "robust" and bundle.scores is None:
+            raise PlanError("comparing with robust needs scores; the bundle has none (compile with --method robust)")
+        options = CompileOptions(devices=plan.n_boards, method=method, seed=plan.options.get("seed", 0),
+                                 threshold=threshold if threshold is not None else plan.options.get("threshold", 0.3),
+                                 criteria=tuple(plan.options.get("criteria") or (bundle.scores.criteria
+                                                                                if bundle.scores else ("l1",))))
+        other = plan_for(graph, options, bundle.scores if method == "robust" else None)
+        plans.append((_label(other), other))
+    reports = [evaluate_plan(graph, p, images, labels, ks, label, fail_probs, progress) for label, p in plans]
+    return BundleEvaluation(model=graph.name, data=eval_data.source, ks=ks, reports=reports)
+
+
+def _label(plan: Plan) -> str:
+    if plan.method == "robust":
+        return f"robust t={plan.options.get('threshold')}"
+    return plan.method

@@ -55,7 +55,7 @@ def load_model(name: str, weights: str | None = None, spec: InputSpec | None = N
             module = zoo.build(name)
             _load_state_dict(module, Path(weights), name)
         else:
-            module = zoo.build(name) if weights == "none" else zoo.load_reference(name)
+            module = _seeded(zoo.build, name) if weights == "none" else zoo.load_reference(name)
         source = ModelSource("reference", name, weights or "default")
         return module.eval(), spec or zoo.FMNIST_SPEC, source
     path = Path(name)
@@ -68,12 +68,20 @@ def load_model(name: str, weights: str | None = None, spec: InputSpec | None = N
                      f"torchvision.models.list_models()), or a path to a saved model")
 
 
+def _seeded(build, *args, **kwargs) -> nn.Module:
+    """Weights "none" means a random initialisation, made reproducible (seed 0) so that a bundle compiled
+    from it can be evaluated later against the same model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build(*args, **kwargs)
+
+
 def _load_torchvision(name: str, weights: str, spec: InputSpec | None
                       ) -> tuple[nn.Module, InputSpec, ModelSource]:
     import torchvision.models as tvm
     source = ModelSource("torchvision", name, weights)
     if weights.lower() == "none":
-        return tvm.get_model(name, weights=None).eval(), spec or IMAGENET_SPEC, source
+        return _seeded(tvm.get_model, name, weights=None).eval(), spec or IMAGENET_SPEC, source
     if Path(weights).suffix or Path(weights).exists():
         module = tvm.get_model(name, weights=None)
         _load_state_dict(module, Path(weights), name)

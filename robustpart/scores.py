@@ -19,14 +19,23 @@ log = logging.getLogger(__name__)
 
 Criterion = Callable[..., dict[str, np.ndarray]]
 _CRITERIA: dict[str, Criterion] = {}
+_NEEDS_DATA: set[str] = set()
 DEFAULT_CRITERIA = ("l1",)
 
 
-def register_criterion(name: str):
+def register_criterion(name: str, needs_data: bool = False):
+    """Register `fn(graph, calibration) -> {unit: (C,) scores}`; `needs_data` criteria get calibration images."""
     def wrap(fn: Criterion) -> Criterion:
         _CRITERIA[name] = fn
+        if needs_data:
+            _NEEDS_DATA.add(name)
         return fn
     return wrap
+
+
+def criterion_needs_data(name: str) -> bool:
+    get_criterion(name)
+    return name in _NEEDS_DATA
 
 
 def criterion_names() -> list[str]:
@@ -94,6 +103,8 @@ def compute_scores(graph, criteria: tuple[str, ...] = DEFAULT_CRITERIA, calibrat
     columns: dict[str, list[np.ndarray]] = {u.name: [] for u in graph.units}
     for name in criteria:
         fn = get_criterion(name)
+        if name in _NEEDS_DATA and calibration is None:
+            raise PlanError(f"criterion '{name}' needs calibration images")
         if progress:
             progress(f"scoring: {name}")
         per_unit = fn(graph, calibration)

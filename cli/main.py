@@ -1,0 +1,195 @@
+"""`robustpart`: the command-line front. Parse, call the library, print."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from robustpart.errors import RobustpartError
+
+DEMO_MODEL = "fmnist_vgg16_bn"
+
+
+class ProgressLine:
+    """A one-line counter on stderr, rewritten in place on a terminal, throttled to lines elsewhere."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.tty, self.last = quiet, sys.stderr.isatty(), 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.tty:
+            sys.stderr.write(f"\r\033[K[{now - self.start:6.1f}s] {message}")
+            sys.stderr.flush()
+        elif now - self.last >= 2.0 or "set" not in message:
+            sys.stderr.write(f"[{now - self.start:6.1f}s] {message}\n")
+            self.last = now
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\r\033[K")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustpart", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="score, plan and write a bundle for N boards")
+    c.add_argument("model", help="reference model, torchvision model name, or path to a saved model")
+    c.add_argument("--devices", "-n", type=int, default=4, help="number of boards (default 4)")
+    c.add_argument("--threshold", "-t", type=float, default=0.3,
+                   help="robust: clustering distance threshold in normalised score space; 0 = full "
+                        "replication, large = even split (default 0.3)")
+    c.add_argument("--thresholds-file", type=Path, help="JSON: unit name or pattern -> threshold, plus \"default\"")
+    c.add_argument("--method", default="robust", help="robust, lop, full or random (default robust)")
+    c.add_argument("--scores", type=_names, default=["l1"], help="importance criteria, comma-separated (default l1)")
+    c.add_argument("--calib", type=int, default=64, help="calibration images for data-driven scores")
+    c.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")
+    c.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, "
+                                     "or none")
+    c.add_argument("--input-shape", type=_int_list, help="C,H,W for a model given by path")
+    c.add_argument("--mean", type=_float_list, help="normalisation mean (one or per channel)")
+    c.add_argument("--std", type=_float_list, help="normalisation std (one or per channel)")
+    c.add_argument("--num-classes", type=int, help="number of classes of a model given by path")
+    c.add_argument("--replicate", type=_names, default=[], help="units (fnmatch patterns) to put whole on every board")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--reuse-scores", type=Path, help="take the scores from this earlier bundle of the same model")
+    c.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d)")
+
+    e = sub.add_parser("evaluate", help="accuracy of a bundle's plan under every k-board failure set")
+    e.add_argument("bundle", type=Path)
+    e.add_argument("--failures", type=_int_list, help="failure set sizes, e.g. 1,2,3 (default 1..N-1)")
+    e.add_argument("--data", help="Fashion-MNIST idx folder, image folder, or 'bundled' (default: the "
+                                  "Fashion-MNIST test split, else the bundled 2000-image slice)")
+    e.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    e.add_argument("--compare", type=_names, default=[],
+                   help="other methods on the same data, e.g. lop,full,random,robust@0.1")
+    e.add_argument("--fail-prob", help="per-board failure probabilities for the expected accuracy (one value or "
+                                       "one per board); default: settings normal/poor/hazardous")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
+    i.add_argument("bundle", type=Path)
+
+    d = sub.add_parser("demo", help=f"compile the reference VGG for 4 boards; robust vs lop vs full under failures")
+    d.add_argument("--data", help="evaluation data (default: 'bundled', the 2000-image slice in the package)")
+    d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d")
+    return parser
+
+
+def _input_spec(args):
+    from robustpart.spec import InputSpec
+    given = [args.input_shape, args.mean, args.std, args.num_classes]
+    if all(v is None for v in given):
+        return None
+    if any(v is None for v in given):
+        raise RobustpartError("give all of --input-shape, --mean, --std and --num-classes, or none of them")
+    return InputSpec(shape=tuple(args.input_shape), mean=args.mean, std=args.std, num_classes=args.num_classes)
+
+
+def cmd_compile(args, progress) -> int:
+    from robustpart.compiler import CompileOptions, compile_model
+    if args.threshold is not None and args.threshold < 0:
+        raise RobustpartError(f"--threshold must be >= 0 (0 = full replication), got {args.threshold}")
+    options = CompileOptions(devices=args.devices, threshold=args.threshold, thresholds_file=args.thresholds_file,
+                             method=args.method, criteria=tuple(args.scores), calib=args.calib,
+                             calib_data=args.calib_data, seed=args.seed, replicate=args.replicate)
+    out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
+    progress.done()
+    print((out / "report.txt").read_text(), end="")
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_evaluate(args, progress) -> int:
+    from robustpart.evaluate import evaluate_bundle, parse_fail_probs
+    from robustpart.bundle import Bundle
+    from robustpart.report import evaluation_text
+    fail_probs = None
+    if args.fail_prob:
+        n = Bundle.load(args.bundle).plan.n_boards
+        fail_probs = {"custom": parse_fail_probs(args.fail_prob, n)}
+    result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress)
+    progress.done()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(f"model {result.model}")
+        print(evaluation_text(result.reports, result.ks, result.data), end="")
+    return 0
+
+
+def cmd_inspect(args, progress) -> int:
+    from robustpart.bundle import Bundle
+    bundle = Bundle.load(args.bundle)
+    report = bundle.path / "report.txt"
+    if not report.is_file():
+        raise RobustpartError(f"bundle {bundle.path} has no report.txt; compile it again")
+    print(report.read_text(), end="")
+    return 0
+
+
+def cmd_demo(args, progress) -> int:
+    from robustpart.compiler import CompileOptions, compile_model
+    from robustpart.evaluate import evaluate_bundle
+    from robustpart.report import evaluation_text
+    from robustpart import zoo
+    started = time.monotonic()
+    out = compile_model(DEMO_MODEL, CompileOptions(devices=4, threshold=0.3), args.out, progress=progress)
+    # the bundled slice keeps the demo fast and independent of the Debian package
+    result = evaluate_bundle(out, [1, 2, 3], args.data or "bundled", compare=["lop", "full"], progress=progress)
+    progress.done()
+    print(f"RobustDiCE demo: {DEMO_MODEL} ({zoo.FMNIST_SPEC.num_classes} classes) on 4 boards, bundle {out}")
+    print(evaluation_text(result.reports, result.ks, result.data), end="")
+    print(f"demo took {time.monotonic() - started:.1f}s")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    progress = ProgressLine(quiet=args.quiet)
+    try:
+        return COMMANDS[args.command](args, progress)
+    except RobustpartError as exc:
+        progress.done()
+        print(f"robustpart: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        progress.done()
+        print("robustpart: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

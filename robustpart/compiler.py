@@ -1,0 +1,174 @@
+"""The compile pipeline: model -> ModelGraph -> Scores -> Plan -> bundle directory.
+
+And the reverse for evaluation: a bundle -> the same model (hash-checked) and graph.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import BUNDLE_SCHEMA, Bundle, write_atomically
+from .cost import plan_cost
+from .errors import BundleError, DataError, PlanError
+from .graph import ModelGraph, trace
+from .models import ModelSource, load_model
+from .partition import load_thresholds, make_plan
+from .plan import Plan
+from .report import plan_report_text
+from .scores import Scores, compute_scores, criterion_needs_data
+from .spec import InputSpec
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileOptions:
+    devices: int = 4
+    threshold: float | None = 0.3
+    thresholds_file: Path | None = None
+    method: str = "robust"
+    criteria: tuple[str, ...] = ("l1",)
+    calib: int = 64
+    calib_data: Path | None = None
+    seed: int = 0
+    replicate: list[str] = field(default_factory=list)
+    fill: str = "zero"
+
+
+def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = None
+               ) -> tuple[ModelGraph, ModelSource]:
+    module, spec, source = load_model(name, weights, spec)
+    return trace(module, spec, source.display_name), source
+
+
+def calibration_images(spec: InputSpec, n: int, data: Path | None = None, seed: int = 0) -> torch.Tensor:
+    """A small label-free sample, normalised for the model: from `data` if given, else Fashion-MNIST's
+    bundled calibration images for a 1x28x28 model."""
+    from . import data as datasets
+    if n < 1:
+        raise DataError(f"--calib must be >= 1, got {n}")
+    if data is not None:
+        return torch.from_numpy(load_eval_data(spec, data, limit=n).images)
+    if tuple(spec.shape) == (1, 28, 28):
+        return torch.from_numpy(datasets.normalize(datasets.bundled_calibration(n, seed), spec))
+    raise DataError(f"scoring needs calibration images for a {list(spec.shape)} input: pass --calib-data DIR "
+                    f"(an image folder)")
+
+
+def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int | None = None):
+    """Labelled evaluation data for the model. `path` is a Fashion-MNIST idx folder, an ImageFolder tree, or
+    "bundled" (the 2000-image Fashion-MNIST slice in the package); without it a 1x28x28 model uses the
+    Debian Fashion-MNIST test split if installed, else the bundled slice."""
+    from . import data as datasets
+    if path is None or str(path) == "bundled":
+        if tuple(spec.shape) != (1, 28, 28):
+            raise DataError(f"no evaluation data for a {list(spec.shape)} input: pass --data DIR (an image "
+                            f"folder with one sub-folder per class)")
+        if path is None and datasets.FASHION_MNIST_DIR.is_dir():
+            images, labels = datasets.load_fashion_mnist("test")
+            source = f"fashion-mnist test ({datasets.FASHION_MNIST_DIR})"
+        else:
+            images, labels = datasets.bundled_eval_slice()
+            source = "bundled fashion-mnist test slice"
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"data path {path} does not exist")
+        if any(path.glob("t10k-images-idx3-ubyte*")):
+            images, labels = datasets.load_fashion_mnist("test", path)
+            source = f"fashion-mnist test ({path})"
+        else:
+            batch, labels = datasets.load_image_folder(path, _folder_transform(spec), limit)
+            return datasets.EvalData(batch, labels, f"image folder {path} ({len(labels)})")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return datasets.EvalData(datasets.normalize(images, spec), labels, f"{source}, {len(labels)} images")
+
+
+def _folder_transform(spec: InputSpec):
+    """The usual ImageNet evaluation transform at the model's input size: resize, centre crop, normalise."""
+    from torchvision import transforms as T
+    channels, height, width = spec.shape
+    steps = [T.Resize(int(round(min(height, width) * 256 / 224))), T.CenterCrop((height, width))]
+    if channels == 1:
+        steps.append(T.Grayscale(1))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def compile_model(name: str, options: CompileOptions, out: Path | None = None, weights: str | None = None,
+                  spec: InputSpec | None = None, reuse_scores: Path | None = None,
+                  progress: Progress | None = None) -> Path:
+    """Compile `name` into a bundle directory; returns its path."""
+    progress = progress or (lambda msg: log.info(msg))
+    progress(f"loading {name}")
+    graph, source = load_graph(name, weights, spec)
+    progress(f"traced {graph.name}: {len(graph.units)} partition units")
+    scores = _scores_for(graph, options, reuse_scores, progress)
+    plan = plan_for(graph, options, scores)
+    out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
+    progress(f"writing {out}")
+    return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores))
+
+
+def plan_for(graph: ModelGraph, options: CompileOptions, scores: Scores | None) -> Plan:
+    per_unit, threshold = None, options.threshold
+    if options.thresholds_file:
+        default, per_unit = load_thresholds(options.thresholds_file)
+        threshold = default if default is not None else threshold
+    return make_plan({u.name: u.channels for u in graph.units}, options.devices, options.method,
+                     scores.select(options.criteria) if scores is not None else None, threshold, per_unit,
+                     options.seed, options.replicate, graph.identity(), options.fill)
+
+
+def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None,
+                progress: Progress) -> Scores | None:
+    if options.method != "robust":
+        return None
+    if reuse is not None:
+        bundle = Bundle.load(reuse)
+        if bundle.model["identity"]["source_hash"] != graph.source_hash or bundle.scores is None:
+            raise PlanError(f"--reuse-scores {reuse}: that bundle was compiled from another model or has no "
+                            f"scores; compile without --reuse-scores")
+        progress(f"reusing scores from {reuse}")
+        return bundle.scores.select(options.criteria)
+    calibration = None
+    if any(criterion_needs_data(c) for c in options.criteria):
+        calibration = calibration_images(graph.input_spec, options.calib, options.calib_data, options.seed)
+    return compute_scores(graph, options.criteria, calibration, progress)
+
+
+def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None) -> None:
+    model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
+             "units": [u.to_json() for u in graph.units],
+             "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
+             "macs": {"total": graph.total_macs, "replicated": graph.replicated_macs}}
+    (tmp / "model.json").write_text(json.dumps(model, indent=1))
+    plan.save(tmp / "plan.json")
+    if scores is not None:
+        scores.save(tmp / "scores.npz")
+    cost = plan_cost(graph, plan)
+    (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
+                                                 "replication": plan.replication_factor()}, indent=1))
+    (tmp / "report.txt").write_text(plan_report_text(graph, plan, cost))
+
+
+def graph_of_bundle(bundle: Bundle) -> ModelGraph:
+    """Load the bundle's model again and check it is the one that was compiled."""
+    source = ModelSource.from_json(bundle.model["source"])
+    spec = InputSpec.from_json(bundle.model["identity"]["input_spec"])
+    graph, _ = load_graph(source.name, None if source.weights == "default" else source.weights, spec)
+    if graph.source_hash != bundle.model["identity"]["source_hash"]:
+        raise BundleError(f"the model {source.name} (weights {source.weights}) has changed since bundle "
+                          f"{bundle.path} was compiled; compile it again")
+    return graph
+
+
+def evaluation_arrays(data) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(data.images)), torch.from_numpy(data.labels)

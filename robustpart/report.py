@@ -1,0 +1,59 @@
+"""Plain-text tables for people: a plan's cost and an evaluation's accuracy under failures."""
+from __future__ import annotations
+
+from .cost import PlanCost
+from .graph import ModelGraph
+from .plan import Plan
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def plan_report_text(graph: ModelGraph, plan: Plan, cost: PlanCost) -> str:
+    lines = [f"model {graph.name}  ({_mb(graph.total_param_bytes)}, {graph.total_macs / 1e6:.1f} M MACs/image)",
+             f"plan  {plan.method} on {plan.n_boards} boards  {_options(plan)}",
+             f"replication factor {plan.replication_factor():.3f}; max board memory {_mb(cost.max_param_bytes)} = "
+             f"{cost.memory_ratio_full:.3f} x full model, {cost.memory_ratio_even:.3f} x even split", ""]
+    lines.append(table(["board", "param bytes", "MACs/image"],
+                       [[str(b.board), _mb(b.param_bytes), f"{b.macs / 1e6:.1f} M"] for b in cost.boards]))
+    lines.append("")
+    rows = []
+    for unit in graph.units:
+        p = plan.units[unit.name]
+        groups = "-" if p.groups is None else str(int(p.groups.max()) + 1)
+        rows.append([unit.name, unit.kind, str(unit.channels), str(int(p.copies().sum()) - unit.channels), groups,
+                     " ".join(str(b.size) for b in p.boards)])
+    lines.append(table(["unit", "kind", "channels", "replicas", "groups", "channels per board"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def _options(plan: Plan) -> str:
+    o = plan.options
+    if plan.method == "robust":
+        extra = f" (+{len(o['per_unit_thresholds'])} per-unit)" if o.get("per_unit_thresholds") else ""
+        return f"threshold {o.get('threshold')}{extra}, scores {','.join(o.get('criteria', []))}"
+    if plan.method == "random":
+        return f"seed {o.get('seed')}"
+    return ""
+
+
+def evaluation_text(reports: list, ks: list[int], data_source: str) -> str:
+    """One row per method: memory, accuracy with no failure, mean/min/max for each k, expected accuracy."""
+    settings = list(reports[0].expected) if reports and reports[0].expected else []
+    header = ["method", "repl", "mem/full", "mem/even", "no fail"]
+    header += [f"{k} fail mean/min/max" for k in ks] + [f"E[{s}]" for s in settings]
+    rows = []
+    for r in reports:
+        row = [r.label, f"{r.replication:.2f}", f"{r.cost['memory_ratio_full']:.3f}",
+               f"{r.cost['memory_ratio_even']:.3f}", f"{100 * r.accuracy:.2f}"]
+        row += [f"{100 * r.by_k[k].mean:.2f}/{100 * r.by_k[k].min:.2f}/{100 * r.by_k[k].max:.2f}" for k in ks]
+        row += [f"{100 * r.expected[s]:.2f}" for s in settings]
+        rows.append(row)
+    return f"accuracy (%) on {data_source}\n" + table(header, rows) + "\n"
