@@ -1,0 +1,109 @@
+"""The command line: one clear error line and a non-zero exit for bad input; bundles written whole."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli.main import main
+from robustpart.compiler import CompileOptions, compile_model
+
+TV = "squeezenet1_1"     # a small torchvision CNN; --weights none keeps it offline
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.startswith("robustpart: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "vgg17"], "unknown model 'vgg17'"),
+    (["compile", TV, "--weights", "missing.pt"], "missing.pt does not exist"),
+    (["compile", TV, "--weights", "none", "--devices", "0"], "--devices must be an integer >= 1"),
+    (["compile", TV, "--weights", "none", "--devices", "17", "--method", "lop"], "exceeds the 16 output channels"),
+    (["compile", TV, "--weights", "none", "--threshold", "-1"], "--threshold must be >= 0"),
+    (["compile", TV, "--weights", "none", "--method", "magic"], "unknown partitioning method 'magic'"),
+    (["compile", TV, "--weights", "none", "--scores", "l1,nope"], "unknown importance criterion 'nope'"),
+    (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
+])
+def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
+    argv = [a if a != "missing.pt" else str(tmp_path / "missing.pt") for a in argv]
+    code, out, err = run(capsys, *argv, *(["--out", str(tmp_path / "b")] if argv[0] == "compile" else []))
+    assert code == 2
+    assert message in error_line(err)
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreadable_checkpoint(capsys, tmp_path):
+    broken = tmp_path / "model.pt"
+    broken.write_bytes(b"garbage")
+    code, _, err = run(capsys, "compile", str(broken), "--out", str(tmp_path / "b"))
+    assert code == 2 and "cannot read model file" in error_line(err)
+
+
+def make_image_folder(root: Path, classes=3, per_class=4):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
+    bundle = tmp_path / "sq"
+    code, out, _ = run(capsys, "compile", TV, "--weights", "none", "--devices", "3", "--out", str(bundle))
+    assert code == 0 and "bundle written to" in out
+    assert {p.name for p in bundle.iterdir()} == {"model.json", "plan.json", "scores.npz", "report.json", "report.txt"}
+    code, out, _ = run(capsys, "inspect", str(bundle))
+    assert code == 0 and "features.12.squeeze" in out and "max board memory" in out
+    folder = make_image_folder(tmp_path / "images")
+    code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere does not exist" in error_line(err)
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--compare", "full,lop", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [m["method"] for m in result["methods"]] == ["robust t=0.3", "full", "lop"]
+    full = result["methods"][1]
+    assert full["failures"]["1"]["mean"] == full["accuracy"]       # full replication loses nothing
+    assert full["cost"]["memory_ratio_full"] == pytest.approx(1.0)
+    assert set(full["expected"]) == {"normal", "poor", "hazardous"}
+    assert "12 images" in result["data"] or "(12)" in result["data"]
+
+
+def test_failed_compile_leaves_no_bundle_and_keeps_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    compile_model(TV, CompileOptions(devices=2), out, weights="none")
+    before = (out / "plan.json").read_text()
+
+    def broken_save(self, path):
+        Path(path).write_text("{half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("robustpart.plan.Plan.save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        compile_model(TV, CompileOptions(devices=3), out, weights="none")
+    assert (out / "plan.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]     # no temporary directory left
+    with pytest.raises(OSError):
+        compile_model(TV, CompileOptions(devices=3), tmp_path / "new", weights="none")
+    assert not (tmp_path / "new").exists()
+
+
+def test_console_script_exit_code():
+    exe = Path(sys.executable).with_name("robustpart")
+    proc = subprocess.run([str(exe), "compile", "no_such_model"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert error_line(proc.stderr).startswith("robustpart: error: unknown model 'no_such_model'")
+    assert "Traceback" not in proc.stderr
