@@ -17,7 +17,7 @@ from .bundle import BUNDLE_SCHEMA, Bundle, write_atomically
 from .cost import plan_cost
 from .errors import BundleError, DataError, PlanError
 from .graph import ModelGraph, trace
-from .models import ModelSource, load_model
+from .models import ModelSource, load_model, weights_transforms
 from .partition import load_thresholds, make_plan
 from .plan import Plan
 from .report import plan_report_text
@@ -62,7 +62,8 @@ def calibration_images(spec: InputSpec, n: int, data: Path | None = None, seed: 
                     f"(an image folder)")
 
 
-def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int | None = None):
+def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int | None = None,
+                   source: ModelSource | None = None):
     """Labelled evaluation data for the model. `path` is a Fashion-MNIST idx folder, an ImageFolder tree, or
     "bundled" (the 2000-image Fashion-MNIST slice in the package); without it a 1x28x28 model uses the
     Debian Fashion-MNIST test split if installed, else the bundled slice."""
@@ -85,16 +86,20 @@ def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int |
             images, labels = datasets.load_fashion_mnist("test", path)
             source = f"fashion-mnist test ({path})"
         else:
-            batch, labels = datasets.load_image_folder(path, _folder_transform(spec), limit)
+            batch, labels = datasets.load_image_folder(path, _folder_transform(spec, source), limit)
             return datasets.EvalData(batch, labels, f"image folder {path} ({len(labels)})")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return datasets.EvalData(datasets.normalize(images, spec), labels, f"{source}, {len(labels)} images")
 
 
-def _folder_transform(spec: InputSpec):
-    """The usual ImageNet evaluation transform at the model's input size: resize, centre crop, normalise."""
+def _folder_transform(spec: InputSpec, source: ModelSource | None):
+    """The weights' own transform for torchvision weights; otherwise the usual ImageNet evaluation
+    transform at the model's input size: resize, centre crop, normalise."""
     from torchvision import transforms as T
+    own = weights_transforms(source) if source is not None else None
+    if own is not None:
+        return own
     channels, height, width = spec.shape
     steps = [T.Resize(int(round(min(height, width) * 256 / 224))), T.CenterCrop((height, width))]
     if channels == 1:

@@ -172,11 +172,12 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     for the same model, board count and scores, on the same data."""
     from .bundle import Bundle
     from .compiler import CompileOptions, evaluation_arrays, graph_of_bundle, load_eval_data, plan_for
+    from .models import ModelSource
     bundle = Bundle.load(path)
     plan = bundle.plan
     ks = list(ks) if ks else list(range(1, plan.n_boards))
     graph = graph_of_bundle(bundle)
-    eval_data = load_eval_data(graph.input_spec, data, limit)
+    eval_data = load_eval_data(graph.input_spec, data, limit, ModelSource.from_json(bundle.model["source"]))
     images, labels = evaluation_arrays(eval_data)
     if fail_probs is None:
         fail_probs = {name: [p] * plan.n_boards for name, p in FAILURE_SETTINGS.items()}

@@ -101,6 +101,17 @@ def _load_torchvision(name: str, weights: str, spec: InputSpec | None
     return module.eval(), spec or _spec_of_weights(w), source
 
 
+def weights_transforms(source: ModelSource):
+    """The evaluation transform that ships with a torchvision weights enum (resize, crop, normalise), or
+    None when the model has no such weights."""
+    if source.kind != "torchvision" or source.weights.lower() == "none" or Path(source.weights).suffix:
+        return None
+    import torchvision.models as tvm
+    enum = tvm.get_model_weights(source.name)
+    w = enum.DEFAULT if source.weights.upper() == "DEFAULT" else enum[source.weights]
+    return w.transforms()
+
+
 def _spec_of_weights(w) -> InputSpec:
     t = w.transforms()
     crop = getattr(t, "crop_size", [224])
