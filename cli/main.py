@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "replication, large = even split (default 0.3)")
     c.add_argument("--thresholds-file", type=Path, help="JSON: unit name or pattern -> threshold, plus \"default\"")
     c.add_argument("--method", default="robust", help="robust, lop, full or random (default robust)")
-    c.add_argument("--scores", type=_names, default=["l1"], help="importance criteria, comma-separated (default l1)")
+    c.add_argument("--scores", type=_names, default=["l1", "taylor", "jsd"],
+                   help="importance criteria, comma-separated (default l1,taylor,jsd)")
+    c.add_argument("--jsd", choices=["auto", "exact", "fast"], default="auto",
+                   help="JSD scores by exact channel ablation, a fast gradient expansion, or auto: exact when "
+                        "affordable (default auto; the choice is shown)")
     c.add_argument("--calib", type=int, default=64, help="calibration images for data-driven scores")
     c.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")
     c.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, "
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--reuse-scores", type=Path, help="take the scores from this earlier bundle of the same model")
     c.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d)")
+    c.add_argument("--no-shards", action="store_true", help="write the plan only, no ONNX shards / manifest")
 
     e = sub.add_parser("evaluate", help="accuracy of a bundle's plan under every k-board failure set")
     e.add_argument("bundle", type=Path)
@@ -93,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fail-prob", help="per-board failure probabilities for the expected accuracy (one value or "
                                        "one per board); default: settings normal/poor/hazardous")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: the failure simulator (fast); onnx: run the bundle's shards with ONNX Runtime")
+    e.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
@@ -119,7 +127,8 @@ def cmd_compile(args, progress) -> int:
         raise RobustpartError(f"--threshold must be >= 0 (0 = full replication), got {args.threshold}")
     options = CompileOptions(devices=args.devices, threshold=args.threshold, thresholds_file=args.thresholds_file,
                              method=args.method, criteria=tuple(args.scores), calib=args.calib,
-                             calib_data=args.calib_data, seed=args.seed, replicate=args.replicate)
+                             calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
+                             shards=not args.no_shards, jsd=args.jsd)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")
@@ -135,7 +144,8 @@ def cmd_evaluate(args, progress) -> int:
     if args.fail_prob:
         n = Bundle.load(args.bundle).plan.n_boards
         fail_probs = {"custom": parse_fail_probs(args.fail_prob, n)}
-    result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress)
+    result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress,
+                             args.backend, args.provider)
     progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
@@ -152,6 +162,13 @@ def cmd_inspect(args, progress) -> int:
     if not report.is_file():
         raise RobustpartError(f"bundle {bundle.path} has no report.txt; compile it again")
     print(report.read_text(), end="")
+    if (bundle.path / "manifest.json").is_file():
+        from robustpart.report import shards_text
+        from robustpart.runtime import load_manifest
+        print()
+        print(shards_text(load_manifest(bundle.path)), end="")
+    else:
+        print("\n(no ONNX shards in this bundle: compiled with --no-shards)")
     return 0
 
 

@@ -21,7 +21,7 @@ from .models import ModelSource, load_model, weights_transforms
 from .partition import load_thresholds, make_plan
 from .plan import Plan
 from .report import plan_report_text
-from .scores import Scores, compute_scores, criterion_needs_data
+from .scores import DEFAULT_CRITERIA, Scores, compute_scores, criterion_needs_data
 from .spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,14 @@ class CompileOptions:
     threshold: float | None = 0.3
     thresholds_file: Path | None = None
     method: str = "robust"
-    criteria: tuple[str, ...] = ("l1",)
+    criteria: tuple[str, ...] = DEFAULT_CRITERIA
+    jsd: str = "auto"              # JSD mode: exact ablation, fast gradient expansion, or auto
     calib: int = 64
     calib_data: Path | None = None
     seed: int = 0
     replicate: list[str] = field(default_factory=list)
     fill: str = "zero"
+    shards: bool = True          # write per-board ONNX shards and manifest.json
 
 
 def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = None
@@ -59,7 +61,7 @@ def calibration_images(spec: InputSpec, n: int, data: Path | None = None, seed: 
     if tuple(spec.shape) == (1, 28, 28):
         return torch.from_numpy(datasets.normalize(datasets.bundled_calibration(n, seed), spec))
     raise DataError(f"scoring needs calibration images for a {list(spec.shape)} input: pass --calib-data DIR "
-                    f"(an image folder)")
+                    f"(an image folder), or score from the weights alone with --scores l1")
 
 
 def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int | None = None,
@@ -112,6 +114,8 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
                   progress: Progress | None = None) -> Path:
     """Compile `name` into a bundle directory; returns its path."""
     progress = progress or (lambda msg: log.info(msg))
+    if not isinstance(options.devices, int) or options.devices < 1:   # before minutes of scoring
+        raise PlanError(f"--devices must be an integer >= 1, got {options.devices}")
     progress(f"loading {name}")
     graph, source = load_graph(name, weights, spec)
     progress(f"traced {graph.name}: {len(graph.units)} partition units")
@@ -119,7 +123,8 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     plan = plan_for(graph, options, scores)
     out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
     progress(f"writing {out}")
-    return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores))
+    return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores,
+                                                           options.shards, progress))
 
 
 def plan_for(graph: ModelGraph, options: CompileOptions, scores: Scores | None) -> Plan:
@@ -146,10 +151,11 @@ def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None,
     calibration = None
     if any(criterion_needs_data(c) for c in options.criteria):
         calibration = calibration_images(graph.input_spec, options.calib, options.calib_data, options.seed)
-    return compute_scores(graph, options.criteria, calibration, progress)
+    return compute_scores(graph, options.criteria, calibration, progress, jsd_mode=options.jsd, seed=options.seed)
 
 
-def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None) -> None:
+def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
+                  shards: bool = True, progress: Progress | None = None) -> None:
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
              "units": [u.to_json() for u in graph.units],
              "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
@@ -162,6 +168,10 @@ def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan,
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
     (tmp / "report.txt").write_text(plan_report_text(graph, plan, cost))
+    if shards:
+        from .shards import write_shards
+        manifest = write_shards(tmp, graph, plan, progress)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def graph_of_bundle(bundle: Bundle) -> ModelGraph:

@@ -109,16 +109,43 @@ class PlanEvaluator:
         return self._cache[key]
 
 
+class OnnxPlanEvaluator:
+    """Like PlanEvaluator, but runs the bundle's ONNX shards with the LocalExecutor."""
+
+    def __init__(self, bundle_path, plan: Plan, images, labels, batch_size: int = 500, provider: str = "cpu"):
+        from .runtime import load_manifest
+        self.manifest = load_manifest(bundle_path)
+        self.plan, self.provider, self.batch_size = plan, provider, batch_size
+        self.images = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
+        self.labels = np.asarray(labels)
+        self._cache: dict[tuple, float] = {}
+        self.runs = 0
+
+    def logits(self, failed: tuple[int, ...] = ()) -> np.ndarray:
+        from .runtime import LocalExecutor
+        executor = LocalExecutor(self.manifest.root, failed, self.provider, manifest=self.manifest)
+        return np.concatenate([executor.run(self.images[i:i + self.batch_size])
+                               for i in range(0, len(self.images), self.batch_size)])
+
+    def accuracy(self, failed: tuple[int, ...] = ()) -> float:
+        key = self.plan.lost_signature(failed)
+        if key not in self._cache:
+            self._cache[key] = float((self.logits(failed).argmax(axis=1) == self.labels).mean())
+            self.runs += 1
+        return self._cache[key]
+
+
 def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], label: str | None = None,
                   fail_probs: dict[str, list[float]] | None = None,
-                  progress: Callable[[str], None] | None = None) -> MethodReport:
+                  progress: Callable[[str], None] | None = None, evaluator=None) -> MethodReport:
     """Accuracy with no failure, mean/min/max over every failure set of each size in `ks`, the expected
-    accuracy for each named list of per-board failure probabilities, and the per-board cost."""
+    accuracy for each named list of per-board failure probabilities, and the per-board cost. `evaluator`
+    (default: the torch simulator) answers accuracy(failed)."""
     n = plan.n_boards
     bad = [k for k in ks if not 1 <= k <= n - 1]
     if bad:
         raise PlanError(f"--failures {bad} impossible with {n} boards: use sizes 1..{n - 1}")
-    ev = PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
+    ev = evaluator or PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
     label = label or plan.method
     report = MethodReport(label=label, plan=plan, accuracy=ev.accuracy(), by_k={},
                           replication=plan.replication_factor(), cost=plan_cost(graph, plan).to_json())
@@ -167,9 +194,15 @@ class BundleEvaluation:
 
 def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | None = None,
                     compare: list[str] = (), fail_probs: dict[str, list[float]] | None = None,
-                    progress: Callable[[str], None] | None = None) -> BundleEvaluation:
+                    progress: Callable[[str], None] | None = None, backend: str = "torch",
+                    provider: str = "cpu") -> BundleEvaluation:
     """Evaluate a bundle's plan, and the plans `compare` names (e.g. lop, full, random, robust@0.1) made
-    for the same model, board count and scores, on the same data."""
+    for the same model, board count and scores, on the same data. Backend `torch` is the simulator;
+    `onnx` runs the bundle's shards with ONNX Runtime (the bundle's own plan only)."""
+    if backend not in ("torch", "onnx"):
+        raise PlanError(f"unknown backend '{backend}': use torch (the simulator) or onnx (the shards)")
+    if backend == "onnx" and compare:
+        raise PlanError("--compare plans have no shards; evaluate them with --backend torch")
     from .bundle import Bundle
     from .compiler import CompileOptions, evaluation_arrays, graph_of_bundle, load_eval_data, plan_for
     from .models import ModelSource
@@ -192,7 +225,10 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
                                                                                 if bundle.scores else ("l1",))))
         other = plan_for(graph, options, bundle.scores if method == "robust" else None)
         plans.append((_label(other), other))
-    reports = [evaluate_plan(graph, p, images, labels, ks, label, fail_probs, progress) for label, p in plans]
+    evaluator = OnnxPlanEvaluator(bundle.path, plan, images.numpy(), labels.numpy(), provider=provider) \
+        if backend == "onnx" else None
+    reports = [evaluate_plan(graph, p, images, labels, ks, label, fail_probs, progress,
+                             evaluator if p is plan else None) for label, p in plans]
     return BundleEvaluation(model=graph.name, data=eval_data.source, ks=ks, reports=reports)
 
 

@@ -57,3 +57,20 @@ def evaluation_text(reports: list, ks: list[int], data_source: str) -> str:
         row += [f"{100 * r.expected[s]:.2f}" for s in settings]
         rows.append(row)
     return f"accuracy (%) on {data_source}\n" + table(header, rows) + "\n"
+
+
+def shards_text(manifest) -> str:
+    """Per board: bytes of its ONNX shards' parameters, bytes sent / received per image, stages."""
+    from .traffic import traffic_per_image
+    rows = []
+    for t in traffic_per_image(manifest):
+        b = t["board"]
+        rows.append([str(b), _mb(manifest.param_bytes(b)), _kb(t["sent"]), _kb(t["received"]),
+                     _kb(t["min_received"]), str(t["stages"])])
+    head = "" if manifest.head is None else f"; head shard {_mb(manifest.head['param_bytes'])} on every board"
+    return (f"ONNX shards: {len(manifest.stages)} stages x {manifest.boards} boards{head}\n" +
+            table(["board", "shard params", "sent/image", "received/image", "min received", "stages"], rows) + "\n")
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e3:.1f} kB"

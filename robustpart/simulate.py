@@ -38,6 +38,13 @@ def zero_fill(graph: ModelGraph, plan: Plan) -> dict[str, torch.Tensor]:
     return {u.name: torch.zeros(u.channels) for u in graph.units}
 
 
+def fill_values(graph: ModelGraph, plan: Plan) -> dict[str, np.ndarray]:
+    """Per unit, the value each of its channels takes when lost (the simulator and the shards share it)."""
+    if plan.fill not in _FILLS:
+        raise PlanError(f"unknown fill policy '{plan.fill}'; choose from {', '.join(fill_names())}")
+    return {name: t.detach().numpy().astype(np.float32) for name, t in _FILLS[plan.fill](graph, plan).items()}
+
+
 class ChannelMask(nn.Module):
     """Replaces the channels where `keep` is False by `fill` along `axis`; a no-op while `keep` is None."""
 

@@ -38,7 +38,7 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BN layers non-trivial statistics so that masking points matter."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)

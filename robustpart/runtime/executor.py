@@ -1,0 +1,138 @@
+"""Run a bundle's shards with ONNX Runtime, all boards in one process, as the mesh would.
+
+Stage by stage, every live board runs its shard on the env tensors; the stage's full tensor is assembled
+from the live boards' slices (the first live copy of a replicated channel) and what no live board returns
+is filled from the manifest's fill values. The mesh runtime reuses `StageAssembler` and `open_session`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BundleError, DataError
+from .manifest import Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Many small sessions run one after another: one intra-op thread each and no spinning, so idle
+    sessions do not burn the cores the running one needs (see README: measured)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def resolve_providers(provider: str | Iterable[str]) -> list[str]:
+    names = [provider] if isinstance(provider, str) else list(provider)
+    resolved = [PROVIDERS.get(p.lower(), p) for p in names]
+    unknown = [p for p in resolved if p not in PROVIDERS.values()]
+    if unknown:
+        raise BundleError(f"unknown execution provider {unknown[0]!r}; use cpu, cuda or tensorrt")
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")   # ONNX Runtime falls back to it for unsupported nodes
+    return resolved
+
+
+def open_session(path: Path, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
+    available = set(ort.get_available_providers())
+    usable = [p for p in providers if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        log.warning("execution providers %s are not available in this onnxruntime build; using %s", missing, usable)
+    return ort.InferenceSession(str(path), sess_options=options, providers=usable)
+
+
+class StageAssembler:
+    """Builds a stage's full tensor from the slices of the boards that answered."""
+
+    def __init__(self, stage: dict, boards: int):
+        self.axis = stage["axis"]
+        self.shape = stage["shape"]
+        self.channels = self.shape[self.axis - 1]
+        self.held = [np.asarray(s["channels"], dtype=np.int64) for s in stage["shards"]]
+        fill = stage["fill_values"]
+        self.fill = None if fill is None else np.asarray(fill, dtype=np.float32)
+        self._plans: dict[frozenset, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+
+    def _plan(self, answered: frozenset) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """For each answering board: (board, positions in its slice, channels) it contributes first."""
+        if answered not in self._plans:
+            taken = np.zeros(self.channels, dtype=bool)
+            plan = []
+            for board in sorted(answered):
+                held = self.held[board]
+                fresh = ~taken[held]
+                if fresh.any():
+                    plan.append((board, np.flatnonzero(fresh), held[fresh]))
+                    taken[held[fresh]] = True
+            self._plans[answered] = plan
+        return self._plans[answered]
+
+    def assemble(self, slices: dict[int, np.ndarray], batch: int) -> np.ndarray:
+        full = np.zeros((batch, *self.shape), dtype=np.float32)
+        if self.fill is not None:
+            shape = [1] * full.ndim
+            shape[self.axis] = self.channels
+            full += self.fill.reshape(shape)
+        for board, positions, channels in self._plan(frozenset(slices)):
+            index = [slice(None)] * full.ndim
+            index[self.axis] = channels
+            src = [slice(None)] * full.ndim
+            src[self.axis] = positions
+            full[tuple(index)] = slices[board][tuple(src)]
+        return full
+
+
+class LocalExecutor:
+    """All live boards of a bundle in one process: `run(x)` returns the model output for a batch."""
+
+    def __init__(self, bundle: Path | str, failed: Iterable[int] = (), provider: str | Iterable[str] = "cpu",
+                 threads: int = 1, manifest: Manifest | None = None):
+        self.manifest = manifest or load_manifest(bundle)
+        self.failed = frozenset(failed)
+        n = self.manifest.boards
+        bad = [b for b in self.failed if not 0 <= b < n]
+        if bad:
+            raise BundleError(f"failed board id {bad[0]} is out of range: the bundle has boards 0..{n - 1}")
+        self.live = [b for b in range(n) if b not in self.failed]
+        if not self.live:
+            raise BundleError("every board has failed: there is nothing left to run")
+        providers, options = resolve_providers(provider), session_options(threads)
+        self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
+                         for stage in self.manifest.stages]
+        self.assemblers = [StageAssembler(stage, n) for stage in self.manifest.stages]
+        head = self.manifest.head
+        self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        spec = self.manifest.input
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != len(spec["shape"]) + 1 or list(x.shape[1:]) != spec["shape"]:
+            raise DataError(f"input has shape {list(x.shape)}; the bundle expects (batch, {', '.join(map(str, spec['shape']))})")
+        env = {spec["name"]: x}
+        for stage, sessions, assembler in zip(self.manifest.stages, self.sessions, self.assemblers):
+            slices, extras = {}, None
+            for board, session in sessions.items():
+                outputs = session.run(None, {name: env[name] for name in stage["inputs"]})
+                slices[board] = outputs[0]
+                extras = extras or outputs[1:]
+            env[stage["tensor"]] = assembler.assemble(slices, len(x))
+            for meta, value in zip(stage["extras"], extras):
+                env[meta["name"]] = value
+        if self.head is None:
+            return env[self.manifest.data["output"]["name"]]
+        return self.head.run(None, {name: env[name] for name in self.manifest.head["inputs"]})[0]
