@@ -32,6 +32,7 @@ def error_line(err: str) -> str:
     (["compile", TV, "--weights", "none", "--devices", "0"], "--devices must be an integer >= 1"),
     (["compile", TV, "--weights", "none", "--devices", "17", "--method", "lop"], "exceeds the 16 output channels"),
     (["compile", TV, "--weights", "none", "--threshold", "-1"], "--threshold must be >= 0"),
+    (["compile", TV, "--weights", "none"], "scoring needs calibration images"),
     (["compile", TV, "--weights", "none", "--method", "magic"], "unknown partitioning method 'magic'"),
     (["compile", TV, "--weights", "none", "--scores", "l1,nope"], "unknown importance criterion 'nope'"),
     (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
@@ -63,9 +64,11 @@ def make_image_folder(root: Path, classes=3, per_class=4):
 
 def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     bundle = tmp_path / "sq"
-    code, out, _ = run(capsys, "compile", TV, "--weights", "none", "--devices", "3", "--out", str(bundle))
+    code, out, _ = run(capsys, "compile", TV, "--weights", "none", "--devices", "3", "--scores", "l1",
+                       "--out", str(bundle))
     assert code == 0 and "bundle written to" in out
-    assert {p.name for p in bundle.iterdir()} == {"model.json", "plan.json", "scores.npz", "report.json", "report.txt"}
+    assert {p.name for p in bundle.iterdir()} == {"model.json", "plan.json", "scores.npz", "report.json", "report.txt",
+                                                  "manifest.json", "shards"}
     code, out, _ = run(capsys, "inspect", str(bundle))
     assert code == 0 and "features.12.squeeze" in out and "max board memory" in out
     folder = make_image_folder(tmp_path / "images")
@@ -79,12 +82,18 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     assert full["failures"]["1"]["mean"] == full["accuracy"]       # full replication loses nothing
     assert full["cost"]["memory_ratio_full"] == pytest.approx(1.0)
     assert set(full["expected"]) == {"normal", "poor", "hazardous"}
-    assert "12 images" in result["data"] or "(12)" in result["data"]
+    assert "(12)" in result["data"]
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--backend", "onnx", "--json")
+    assert code == 0
+    onnx_result = json.loads(out)["methods"][0]
+    assert onnx_result["accuracy"] == result["methods"][0]["accuracy"]
+    for k in ("1", "2"):
+        assert onnx_result["failures"][k]["mean"] == pytest.approx(result["methods"][0]["failures"][k]["mean"])
 
 
 def test_failed_compile_leaves_no_bundle_and_keeps_the_old_one(tmp_path, monkeypatch):
     out = tmp_path / "bundle"
-    compile_model(TV, CompileOptions(devices=2), out, weights="none")
+    compile_model(TV, CompileOptions(devices=2, criteria=("l1",)), out, weights="none")
     before = (out / "plan.json").read_text()
 
     def broken_save(self, path):
@@ -93,11 +102,11 @@ def test_failed_compile_leaves_no_bundle_and_keeps_the_old_one(tmp_path, monkeyp
 
     monkeypatch.setattr("robustpart.plan.Plan.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        compile_model(TV, CompileOptions(devices=3), out, weights="none")
+        compile_model(TV, CompileOptions(devices=3, criteria=("l1",)), out, weights="none")
     assert (out / "plan.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]     # no temporary directory left
     with pytest.raises(OSError):
-        compile_model(TV, CompileOptions(devices=3), tmp_path / "new", weights="none")
+        compile_model(TV, CompileOptions(devices=3, criteria=("l1",)), tmp_path / "new", weights="none")
     assert not (tmp_path / "new").exists()
 
 
