@@ -212,3 +212,17 @@ def test_unknown_execution_provider_is_refused(small_bundle):
     with pytest.raises(BundleError, match="unknown execution provider"):
         LocalExecutor(small_bundle, provider="quantum")
     LocalExecutor(small_bundle, provider="cuda")   # accepted; falls back to CPU where CUDA is absent
+
+
+def test_shard_paths_stay_inside_the_bundle(small_bundle, tmp_path):
+    b = copy_of(small_bundle, tmp_path)
+    edit_manifest(b, lambda d: d["stages"][0]["shards"][0].update(file="../../etc/passwd"))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_manifest(b)
+
+
+def test_documented_schema_is_the_one_the_loader_uses():
+    from pathlib import Path
+    from robustpart.runtime.schema import MANIFEST_SCHEMA
+    documented = json.loads((Path(__file__).parents[1] / "docs" / "manifest.schema.json").read_text())
+    assert documented == MANIFEST_SCHEMA

@@ -113,8 +113,11 @@ def _check_files(m: Manifest, boards) -> None:
              for i in range(len(m.stages)) for b in boards]
     if m.head:
         files.append((m.head["file"], m.head["sha256"]))
+    root = m.root.resolve()
     for name, digest in files:
         path = m.root / name
+        if not path.resolve().is_relative_to(root):
+            raise BundleError(f"shard path {name!r} points outside the bundle directory; compile the bundle again")
         if not path.is_file():
             raise BundleError(f"shard {path} is missing; copy the whole bundle directory or compile it again")
         if sha256_file(path) != digest:

@@ -1,0 +1,111 @@
+"""Cost of sharding: summed shard execution time per image vs one ONNX Runtime session of the whole model.
+
+For vgg16 at ImageNet shape (random weights), 4 boards, the default robust plan (threshold 0.3, L1 scores:
+timing does not depend on which channels are kept): every board's shards run one after another, batch 1,
+and their times are summed over stages and boards. The reference, measured in the same run, is one ONNX
+Runtime session of the full model times the plan's replication factor (the work a perfectly efficient
+sharding would do). Also prints bytes exchanged per image against the analytic minimum, and the effect of
+the session options (thread spinning on / off).
+
+    uv run python benchmarks/bench_shards.py [--model vgg16] [--devices 4] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from robustpart.compiler import CompileOptions, compile_model
+from robustpart.graph import trace
+from robustpart.models import load_model
+from robustpart.plan import Plan
+from robustpart.runtime import StageAssembler, load_manifest, open_session, session_options
+from robustpart.shards import export_onnx
+from robustpart.traffic import traffic_per_image
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()   # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def shard_time(manifest, options, repeats: int) -> float:
+    """Seconds per image summed over every stage of every board (each board's env from a real run)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, *manifest.input["shape"]), dtype=np.float32)
+    env = {manifest.input["name"]: x}
+    total = 0.0
+    for stage in manifest.stages:
+        assembler = StageAssembler(stage, manifest.boards)
+        feeds = {name: env[name] for name in stage["inputs"]}
+        slices = {}
+        for board in range(manifest.boards):
+            session = open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
+            total += median_seconds(lambda: session.run(None, feeds), repeats)
+            outputs = session.run(None, feeds)
+            slices[board] = outputs[0]
+        env[stage["tensor"]] = assembler.assemble(slices, 1)
+        for meta, value in zip(stage["extras"], outputs[1:]):
+            env[meta["name"]] = value
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vgg16")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    started = time.perf_counter()
+    bundle = compile_model(args.model, CompileOptions(devices=args.devices, threshold=args.threshold,
+                                                      criteria=("l1",)), work / "bundle", weights="none")
+    print(f"compile + export: {time.perf_counter() - started:.1f}s")
+    manifest = load_manifest(bundle)
+    plan = Plan.load(bundle / "plan.json")
+    factor = plan.replication_factor()
+
+    module, spec, _ = load_model(args.model, "none")
+    graph = trace(module, spec, args.model)
+    x = torch.randn(1, *spec.shape)
+    (work / "full.onnx").write_bytes(export_onnx(graph.module, ["x"], ["y"], [x]))
+
+    rows = []
+    for label, spinning in (("spinning off (robustpart default)", False), ("spinning on", True)):
+        options = session_options(threads=1)
+        if spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        full = ort.InferenceSession(str(work / "full.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
+        feeds = {"x": x.numpy()}
+        full_time = median_seconds(lambda: full.run(None, feeds), args.repeats)
+        sharded = shard_time(manifest, options, args.repeats)
+        rows.append((label, sharded, full_time))
+    print(f"{args.model}, {args.devices} boards, robust t={args.threshold}: replication factor {factor:.3f}")
+    for label, sharded, full_time in rows:
+        ratio = sharded / (full_time * factor)
+        print(f"  {label}: shards {1e3 * sharded:.1f} ms/image summed over boards; full model "
+              f"{1e3 * full_time:.1f} ms x {factor:.3f} = {1e3 * full_time * factor:.1f} ms; ratio {ratio:.3f} "
+              f"(target <= 1.3)")
+    traffic = traffic_per_image(manifest)
+    received = sum(t["received"] for t in traffic)
+    minimum = sum(t["min_received"] for t in traffic)
+    print(f"  bytes received per image, all boards: {received / 1e6:.2f} MB; analytic minimum "
+          f"{minimum / 1e6:.2f} MB; ratio {received / minimum:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
