@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import PlanError
 from .plan import Plan, UnitPlacement
+from .registry import Registry
 from .scores import Scores
 
 
@@ -33,24 +34,10 @@ class PartitionContext:
 
 
 Partitioner = Callable[[str, int, PartitionContext], UnitPlacement]
-_PARTITIONERS: dict[str, Partitioner] = {}
-
-
-def register_partitioner(name: str):
-    def wrap(fn: Partitioner) -> Partitioner:
-        _PARTITIONERS[name] = fn
-        return fn
-    return wrap
-
-
-def partitioner_names() -> list[str]:
-    return sorted(_PARTITIONERS)
-
-
-def get_partitioner(name: str) -> Partitioner:
-    if name not in _PARTITIONERS:
-        raise PlanError(f"unknown partitioning method '{name}'; choose from {', '.join(partitioner_names())}")
-    return _PARTITIONERS[name]
+PARTITIONERS: Registry[Partitioner] = Registry("partitioning method")
+register_partitioner = PARTITIONERS.register
+partitioner_names = PARTITIONERS.names
+get_partitioner = PARTITIONERS.get
 
 
 def cluster(points: np.ndarray, threshold: float) -> np.ndarray:

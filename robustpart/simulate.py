@@ -17,19 +17,10 @@ import torch.nn as nn
 from .errors import PlanError
 from .graph import ModelGraph
 from .plan import Plan
+from .registry import Registry
 
-_FILLS: dict[str, Callable[[ModelGraph, Plan], dict[str, torch.Tensor]]] = {}
-
-
-def register_fill(name: str):
-    def wrap(fn):
-        _FILLS[name] = fn
-        return fn
-    return wrap
-
-
-def fill_names() -> list[str]:
-    return sorted(_FILLS)
+FILLS: Registry[Callable[[ModelGraph, Plan], dict[str, torch.Tensor]]] = Registry("fill policy")
+register_fill = FILLS.register
 
 
 @register_fill("zero")
@@ -40,9 +31,7 @@ def zero_fill(graph: ModelGraph, plan: Plan) -> dict[str, torch.Tensor]:
 
 def fill_values(graph: ModelGraph, plan: Plan) -> dict[str, np.ndarray]:
     """Per unit, the value each of its channels takes when lost (the simulator and the shards share it)."""
-    if plan.fill not in _FILLS:
-        raise PlanError(f"unknown fill policy '{plan.fill}'; choose from {', '.join(fill_names())}")
-    return {name: t.detach().numpy().astype(np.float32) for name, t in _FILLS[plan.fill](graph, plan).items()}
+    return {name: t.detach().numpy().astype(np.float32) for name, t in FILLS.get(plan.fill)(graph, plan).items()}
 
 
 class ChannelMask(nn.Module):
@@ -75,10 +64,8 @@ class FailureSimulator:
 
     def __init__(self, graph: ModelGraph, plan: Plan):
         plan.validate({u.name: u.channels for u in graph.units})
-        if plan.fill not in _FILLS:
-            raise PlanError(f"unknown fill policy '{plan.fill}'; choose from {', '.join(fill_names())}")
         self.graph, self.plan = graph, plan
-        self.fill_values = _FILLS[plan.fill](graph, plan)
+        self.fill_values = FILLS.get(plan.fill)(graph, plan)
         self.module, self.masks = _with_masks(graph)
         self.module.eval()
 
