@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
 
-    d = sub.add_parser("demo", help=f"compile the reference VGG for 4 boards; robust vs lop vs full under failures")
+    d = sub.add_parser("demo", help="compile the reference VGG for 4 boards; robust vs lop vs full under failures")
     d.add_argument("--data", help="evaluation data (default: 'bundled', the 2000-image slice in the package)")
     d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d")
     return parser

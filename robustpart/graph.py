@@ -120,7 +120,7 @@ def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _per_channel_constant(arg, axis: int, ndim: int, modules: dict, gm: fx.GraphModule) -> bool:
+def _per_channel_constant(arg, axis: int, ndim: int) -> bool:
     """True when `arg` is a number, or a constant tensor that varies at most along `axis`."""
     if isinstance(arg, (int, float)):
         return True
@@ -133,8 +133,7 @@ def _per_channel_constant(arg, axis: int, ndim: int, modules: dict, gm: fx.Graph
     return len(aligned) == ndim and all(s == 1 for i, s in enumerate(aligned) if i != axis)
 
 
-def _channel_local_axis(node: fx.Node, source: fx.Node, axis: int, modules: dict,
-                        gm: fx.GraphModule) -> int | None:
+def _channel_local_axis(node: fx.Node, source: fx.Node, axis: int, modules: dict) -> int | None:
     """If `node` is channel-local in its input `source` (channel axis `axis`), its output channel axis."""
     shape = _tensor_shape(source)
     if shape is None:
@@ -175,7 +174,7 @@ def _channel_local_axis(node: fx.Node, source: fx.Node, axis: int, modules: dict
         if node.target in (operator.truediv, torch.div, "div", operator.sub, torch.sub, "sub") \
                 and other is a:
             return None   # c / x and c - x are still per-channel, but keep the set of fused ops small
-        return axis if _per_channel_constant(other, axis, ndim, modules, gm) else None
+        return axis if _per_channel_constant(other, axis, ndim) else None
     return None
 
 
@@ -311,7 +310,7 @@ def _grow_unit(node: fx.Node, mod: nn.Module, gm: fx.GraphModule, modules: dict,
     current = node
     while len(current.users) == 1:
         nxt = next(iter(current.users))
-        new_axis = _channel_local_axis(nxt, current, axis, modules, gm)
+        new_axis = _channel_local_axis(nxt, current, axis, modules)
         if new_axis is None:
             break
         chain.append(nxt)

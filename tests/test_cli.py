@@ -1,6 +1,5 @@
 """The command line: one clear error line and a non-zero exit for bad input; bundles written whole."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

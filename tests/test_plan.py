@@ -46,7 +46,7 @@ def test_robust_plan_properties_on_random_scores(n_boards, threshold):
     scores = random_scores()
     plan = make_plan(UNITS, n_boards, "robust", scores, threshold)
     plan.validate(UNITS)
-    for name, p in plan.units.items():
+    for p in plan.units.values():
         counts = [b.size for b in p.boards]
         for gid in np.unique(p.groups):
             members = set(np.flatnonzero(p.groups == gid).tolist())
