@@ -16,17 +16,22 @@ import sys
 import time
 
 from robustpart import zoo
-from robustpart.compiler import CompileOptions, evaluation_arrays, load_eval_data, load_graph, plan_for
+from robustpart.compiler import (CompileOptions, calibration_images, evaluation_arrays, load_eval_data, load_graph,
+                                 plan_for)
 from robustpart.evaluate import evaluate_plan
-from robustpart.scores import compute_scores
+from robustpart.scores import DEFAULT_CRITERIA, compute_scores
 
 
-def benchmark(model: str, devices: int, thresholds: list[float], data, limit: int | None, ks: list[int]):
+def benchmark(model: str, devices: int, thresholds: list[float], criteria: tuple[str, ...], data,
+              limit: int | None, ks: list[int]):
     graph, _ = load_graph(model)
     eval_data = load_eval_data(graph.input_spec, data, limit)
     images, labels = evaluation_arrays(eval_data)
-    scores = compute_scores(graph, ("l1",))
-    methods = [(f"robust t={t}", CompileOptions(devices=devices, method="robust", threshold=t)) for t in thresholds]
+    options = CompileOptions(devices=devices, criteria=criteria)
+    calibration = calibration_images(graph.input_spec, options.calib) if criteria != ("l1",) else None
+    scores = compute_scores(graph, criteria, calibration)
+    methods = [(f"robust t={t}", CompileOptions(devices=devices, method="robust", threshold=t, criteria=criteria))
+               for t in thresholds]
     methods += [("lop", CompileOptions(devices=devices, method="lop")),
                 ("full", CompileOptions(devices=devices, method="full"))]
     rows = []
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(zoo.reference_names()))
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--thresholds", default="0.05,0.1,0.3")
+    parser.add_argument("--scores", default=",".join(DEFAULT_CRITERIA), help="importance criteria for robust")
     parser.add_argument("--data", help="Fashion-MNIST idx folder (default: Debian's, else the bundled slice)")
     parser.add_argument("--limit", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--json-out", help="also write the raw results here")
@@ -67,12 +73,13 @@ def main(argv=None) -> int:
     results, tables = {}, []
     for model in args.models.split(","):
         started = time.monotonic()
-        source, rows = benchmark(model, args.devices, thresholds, args.data, args.limit, ks)
+        source, rows = benchmark(model, args.devices, thresholds, tuple(args.scores.split(",")), args.data,
+                                 args.limit, ks)
         tables.append(markdown_rows(model, rows, ks))
         results[model] = {"data": source, "seconds": time.monotonic() - started,
                           "methods": [r.to_json() for r in rows]}
         print(f"{model}: {source}, {time.monotonic() - started:.0f}s", file=sys.stderr)
-    print(f"{args.devices} boards; accuracy in % on {source}\n")
+    print(f"{args.devices} boards; scores {args.scores}; accuracy in % on {source}\n")
     print(markdown_header(ks))
     print("\n".join(tables))
     if args.json_out:
