@@ -70,18 +70,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     ks = list(range(1, args.devices))
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    results, tables = {}, []
+    results = {}
+    print(f"{args.devices} boards; scores {args.scores}; accuracy in %\n")
+    print(markdown_header(ks), flush=True)
     for model in args.models.split(","):
         started = time.monotonic()
         source, rows = benchmark(model, args.devices, thresholds, tuple(args.scores.split(",")), args.data,
                                  args.limit, ks)
-        tables.append(markdown_rows(model, rows, ks))
+        print(markdown_rows(model, rows, ks), flush=True)     # each model as soon as it is done
         results[model] = {"data": source, "seconds": time.monotonic() - started,
                           "methods": [r.to_json() for r in rows]}
         print(f"{model}: {source}, {time.monotonic() - started:.0f}s", file=sys.stderr)
-    print(f"{args.devices} boards; scores {args.scores}; accuracy in % on {source}\n")
-    print(markdown_header(ks))
-    print("\n".join(tables))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1)
