@@ -5,6 +5,7 @@ registered by name with `@register_criterion`. Larger means more important.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -14,19 +15,21 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PlanError
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
 Criterion = Callable[..., dict[str, np.ndarray]]
-_CRITERIA: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("importance criterion")
+_CRITERIA = CRITERIA.entries
 _NEEDS_DATA: set[str] = set()
-DEFAULT_CRITERIA = ("l1",)
+DEFAULT_CRITERIA = ("l1", "taylor", "jsd")
 
 
 def register_criterion(name: str, needs_data: bool = False):
     """Register `fn(graph, calibration) -> {unit: (C,) scores}`; `needs_data` criteria get calibration images."""
     def wrap(fn: Criterion) -> Criterion:
-        _CRITERIA[name] = fn
+        CRITERIA.register(name)(fn)
         if needs_data:
             _NEEDS_DATA.add(name)
         return fn
@@ -38,14 +41,8 @@ def criterion_needs_data(name: str) -> bool:
     return name in _NEEDS_DATA
 
 
-def criterion_names() -> list[str]:
-    return sorted(_CRITERIA)
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in _CRITERIA:
-        raise PlanError(f"unknown importance criterion '{name}'; choose from {', '.join(criterion_names())}")
-    return _CRITERIA[name]
+criterion_names = CRITERIA.names
+get_criterion = CRITERIA.get
 
 
 @dataclass
@@ -95,19 +92,22 @@ class Scores:
 
 
 def compute_scores(graph, criteria: tuple[str, ...] = DEFAULT_CRITERIA, calibration=None,
-                   progress: Callable[[str], None] | None = None) -> Scores:
+                   progress: Callable[[str], None] | None = None, **options) -> Scores:
     """Score every unit of `graph` under each criterion. `calibration` is a float tensor (N, C, H, W)
-    of normalised, unlabeled images; criteria that need data refuse to run without it."""
+    of normalised, unlabeled images; criteria that need data refuse to run without it. A criterion
+    also gets, as keyword arguments it declares: `progress`, `shared` (a dict the criteria of this call
+    share work through) and any of `options` (e.g. jsd_mode="fast", seed=0)."""
     if not criteria:
         raise PlanError("no importance criterion given; use e.g. --scores l1")
     columns: dict[str, list[np.ndarray]] = {u.name: [] for u in graph.units}
+    shared: dict = {"criteria": tuple(criteria)}
     for name in criteria:
         fn = get_criterion(name)
         if name in _NEEDS_DATA and calibration is None:
             raise PlanError(f"criterion '{name}' needs calibration images")
         if progress:
             progress(f"scoring: {name}")
-        per_unit = fn(graph, calibration)
+        per_unit = fn(graph, calibration, **_accepted(fn, dict(options, progress=progress, shared=shared)))
         for unit in graph.units:
             values = np.asarray(per_unit[unit.name], dtype=np.float64)
             if values.shape != (unit.channels,):
@@ -115,6 +115,13 @@ def compute_scores(graph, criteria: tuple[str, ...] = DEFAULT_CRITERIA, calibrat
                                 f"with {unit.channels} channels")
             columns[unit.name].append(values)
     return Scores(tuple(criteria), {u: np.stack(cols, axis=1) for u, cols in columns.items()})
+
+
+def _accepted(fn: Criterion, kwargs: dict) -> dict:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 @register_criterion("l1")
@@ -129,3 +136,6 @@ def l1_importance(graph, calibration=None) -> dict[str, np.ndarray]:
             w = w + mod.bias.detach().abs()
         result[unit.name] = w.double().numpy()
     return result
+
+
+from . import criteria as _criteria  # noqa: E402,F401  registers taylor and jsd

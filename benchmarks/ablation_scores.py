@@ -1,0 +1,120 @@
+"""Which importance scores should RobustDiCE cluster on? The paper's Table 1, on the reference models.
+
+For each reference model: the three scores (l1, taylor, jsd) are computed once on the calibration
+images; then for every non-empty subset of them, a robust plan for 4 boards at the same threshold, and
+its accuracy on the Fashion-MNIST test set with no failure and under every 1-board failure (mean, min),
+with the largest per-board parameter memory as a fraction of the full model. LOP and full replication
+are listed for scale. The same threshold does not give the same memory for every subset (a point in a
+3-D score space has more room than in 1-D), so with --memory M each subset also gets the threshold
+(found by bisection) that makes its largest board hold at most M of the full model: accuracy at equal
+memory.
+
+    uv run python benchmarks/ablation_scores.py                                 # every trained model
+    uv run python benchmarks/ablation_scores.py --models fmnist_vgg16_bn --thresholds 0.1,0.3 --memory 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from robustpart import zoo
+from robustpart.compiler import calibration_images, evaluation_arrays, load_eval_data, load_graph
+from robustpart.cost import plan_cost
+from robustpart.evaluate import evaluate_plan
+from robustpart.partition import make_plan
+from robustpart.scores import compute_scores
+
+CRITERIA = ("l1", "taylor", "jsd")
+
+
+def subsets() -> list[tuple[str, ...]]:
+    return [c for r in (1, 2, 3) for c in itertools.combinations(CRITERIA, r)]
+
+
+def threshold_for_memory(graph, scores, devices: int, target: float, steps: int = 14) -> float:
+    """The smallest threshold whose plan keeps the largest board at most `target` x the full model
+    (memory falls as the threshold grows: fewer, larger groups, fewer replicas)."""
+    channels = {u.name: u.channels for u in graph.units}
+    lo, hi = 0.0, float(len(scores.criteria)) ** 0.5 + 1e-6     # hi: every unit one group
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        memory = plan_cost(graph, make_plan(channels, devices, "robust", scores, mid)).memory_ratio_full
+        lo, hi = (lo, mid) if memory <= target else (mid, hi)
+    return hi
+
+
+def ablation(model: str, devices: int, thresholds: list[float], memories: list[float], n_calib: int,
+             jsd_mode: str, limit: int | None) -> dict:
+    graph, _ = load_graph(model)
+    data = load_eval_data(graph.input_spec, limit=limit)
+    images, labels = evaluation_arrays(data)
+    start = time.perf_counter()
+    scores = compute_scores(graph, CRITERIA, calibration_images(graph.input_spec, n_calib), jsd_mode=jsd_mode)
+    scoring_s = time.perf_counter() - start
+    channels = {u.name: u.channels for u in graph.units}
+    rows = []
+    plans = []      # (setting the rows compete in, label, plan)
+    for t in thresholds:
+        plans += [(f"t={t}", f"robust t={t} {'+'.join(s)}",
+                   make_plan(channels, devices, "robust", scores.select(s), t)) for s in subsets()]
+    for memory in memories:
+        for s in subsets():
+            t = threshold_for_memory(graph, scores.select(s), devices, memory)
+            plans.append((f"memory<={memory}", f"robust memory<={memory} (t={t:.3f}) {'+'.join(s)}",
+                          make_plan(channels, devices, "robust", scores.select(s), t)))
+    plans += [(m, m, make_plan(channels, devices, m)) for m in ("lop", "full")]
+    for setting, label, plan in plans:
+        report = evaluate_plan(graph, plan, images, labels, [1], label)
+        rows.append({"setting": setting, "plan": label, "memory": report.cost["memory_ratio_full"],
+                     "accuracy": report.accuracy, "fail1_mean": report.by_k[1].mean,
+                     "fail1_min": report.by_k[1].min})
+        print(f"  {model} {label}: {100 * report.by_k[1].mean:.2f}", file=sys.stderr, flush=True)
+    return {"model": model, "data": data.source, "scoring_s": scoring_s, "jsd": jsd_mode, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"**{result['model']}** ({result['data']}; scoring {result['scoring_s']:.1f}s, jsd {result['jsd']})",
+             "", "| plan | max board memory / full | no failure | 1 failed: mean | 1 failed: min |",
+             "|---|---|---|---|---|"]
+    best: dict[str, float] = {}            # rows compete within one threshold / one memory budget
+    for r in result["rows"]:
+        best[r["setting"]] = max(best.get(r["setting"], 0.0), r["fail1_mean"])
+    for r in result["rows"]:
+        mark = " **best**" if r["plan"].startswith("robust") and r["fail1_mean"] == best[r["setting"]] else ""
+        lines.append(f"| {r['plan']}{mark} | {r['memory']:.3f} | {100 * r['accuracy']:.2f} | "
+                     f"{100 * r['fail1_mean']:.2f} | {100 * r['fail1_min']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(zoo.reference_names()))
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--thresholds", default="0.3")
+    parser.add_argument("--memory", default="", help="max board memory / full model budgets, e.g. 0.3")
+    parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--jsd", default="exact", choices=["auto", "exact", "fast"],
+                        help="JSD mode (default exact: the paper's definition)")
+    parser.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    thresholds = [float(t) for t in args.thresholds.split(",") if t]
+    memories = [float(m) for m in args.memory.split(",") if m]
+    results = []
+    for model in args.models.split(","):
+        if not zoo.checkpoint_path(model).is_file():
+            print(f"{model}: no checkpoint yet, skipped", file=sys.stderr)
+            continue
+        results.append(ablation(model, args.devices, thresholds, memories, args.calib, args.jsd, args.limit))
+        print(markdown(results[-1]) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
