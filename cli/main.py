@@ -108,7 +108,59 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile the reference VGG for 4 boards; robust vs lop vs full under failures")
     d.add_argument("--data", help="evaluation data (default: 'bundled', the 2000-image slice in the package)")
     d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d")
+
+    s = sub.add_parser("serve", help="run one board of a bundle on the mesh (needs numpy, onnxruntime, pyzmq only)")
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--device", "-d", type=int, required=True, help="this board's id, 0..N-1")
+    s.add_argument("--bind", help="listen endpoint (default: the board's inventory port; on all interfaces unless "
+                                  "its address is loopback)")
+    s.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
+    s.add_argument("--threads", type=int, default=1, help="intra-op threads per shard session (default 1)")
+    s.add_argument("--events", type=Path, help="append liveness events (ready, dead, rejoined...) as JSON lines")
+    _mesh_options(s)
+
+    r = sub.add_parser("run", help="stream images to the boards; print answers, latency and bytes per image")
+    r.add_argument("bundle", type=Path)
+    r.add_argument("--input", "-i", default="bundled",
+                   help="'bundled' (Fashion-MNIST slice), a .npy/.npz file or an image folder (default bundled)")
+    r.add_argument("--limit", type=int, help="send the first N images only")
+    r.add_argument("--deadline-ms", type=float, default=5000, help="answer each image by then (default 5000)")
+    r.add_argument("--window", type=int, default=1, help="images in flight at once (default 1)")
+    r.add_argument("--wait-ms", type=float, default=5000,
+                   help="before streaming, wait up to this long for every board to join (default 5000)")
+    r.add_argument("--json", action="store_true", help="one JSON line per image, then a JSON summary")
+    _mesh_options(r)
+
+    k = sub.add_parser("cluster", help="start all N boards of a bundle as local processes, until Ctrl-C")
+    k.add_argument("bundle", type=Path)
+    k.add_argument("--workdir", type=Path, help="where the inventory, logs and events go (default: a temp dir)")
+    k.add_argument("--seconds", type=float, help="stop after this long (default: run until Ctrl-C)")
+    k.add_argument("--provider", default="cpu")
+    k.add_argument("--keys", type=Path, help="directory made by `robustpart keys`: use CURVE with its inventory")
+    _mesh_options(k)
+
+    g = sub.add_parser("keys", help="make CURVE keys for N boards and a client, and an inventory listing them")
+    g.add_argument("out", type=Path, help="directory for the key files and boards.json")
+    g.add_argument("--boards", "-n", type=int, required=True)
+    g.add_argument("--peers", help="host:port,host:port,... of the boards (default 127.0.0.1:5550+K)")
+    g.add_argument("--clients", type=_names, default=["client"], help="client names (default: client)")
     return parser
+
+
+def _mesh_options(p) -> None:
+    p.add_argument("--peers", help="board inventory: a JSON file or host:port,host:port,... (default: boards.json "
+                                   "next to the manifest, else 127.0.0.1:5550+K)")
+    p.add_argument("--heartbeat-ms", type=float, help="heartbeat interval (default 100)")
+    p.add_argument("--timeout-ms", type=float, help="a board silent this long is declared dead (default 500)")
+    p.add_argument("--stage-timeout-ms", type=float, help="how long a stage waits for a live board's slice "
+                                                          "(default: --timeout-ms)")
+    p.add_argument("--key", type=Path, help="this process's CURVE secret key (when the inventory lists keys)")
+    p.add_argument("--client-idle-ms", type=float, help="boards forget a client silent this long (default 60000)")
+
+
+def _mesh_settings(args):
+    from robustpart.runtime.mesh.settings import MeshSettings
+    return MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms, args.stage_timeout_ms, args.client_idle_ms)
 
 
 def _input_spec(args):
@@ -188,7 +240,83 @@ def cmd_demo(args, progress) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "demo": cmd_demo}
+def cmd_serve(args, progress) -> int:
+    from robustpart.runtime.mesh.board import serve      # numpy, onnxruntime, pyzmq: no torch on this path
+    serve(args.bundle, args.device, args.peers, _mesh_settings(args), args.provider, args.threads, args.key,
+          args.bind, args.events)
+    return 0
+
+
+def cmd_run(args, progress) -> int:
+    from robustpart.runtime.mesh.client import MeshClient, answer_line, summarize
+    from robustpart.runtime.mesh.inputs import load_inputs
+    if args.deadline_ms <= 0:
+        raise RobustpartError(f"--deadline-ms must be > 0, got {args.deadline_ms:g}")
+    if args.limit is not None and args.limit < 1:
+        raise RobustpartError(f"--limit must be >= 1, got {args.limit}")
+    with MeshClient(args.bundle, args.peers, settings=_mesh_settings(args), deadline=args.deadline_ms / 1e3,
+                    key_file=args.key) as client:
+        images, labels = load_inputs(args.input, client.manifest, args.limit)
+        boards = client.wait_ready(args.wait_ms / 1e3)
+        if not boards:
+            raise RobustpartError(client.no_boards_reason())
+        progress(f"{len(boards)} of {client.n} boards joined ({', '.join(map(str, boards)) or 'none'}); "
+                 f"streaming {len(images)} images")
+        progress.done()
+        answers, started = [], time.monotonic()
+        for answer in client.stream((x[None] for x in images), window=args.window):
+            answers.append(answer)
+            label = None if labels is None else int(labels[answer.index])
+            print(answer_line(answer, label, client.manifest, args.json), flush=True)
+        summary = summarize(answers, time.monotonic() - started, labels, client.stats)
+    print(json.dumps(summary) if args.json else summary["text"])
+    return 0 if summary["answered"] == summary["images"] else 1
+
+
+def cmd_cluster(args, progress) -> int:
+    import signal
+    from robustpart.runtime.manifest import load_manifest
+    from robustpart.runtime.mesh.cluster import LocalCluster
+    from robustpart.runtime.mesh.peers import load_inventory
+    n = load_manifest(args.bundle, verify=False).boards
+    peers = args.peers or (args.keys / "boards.json" if args.keys else None)
+    inventory = load_inventory(peers, args.bundle, n)
+    cluster = LocalCluster(args.bundle, _mesh_settings(args), inventory, args.workdir, args.provider, args.keys)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        cluster.start().wait_started()
+        for b in inventory.boards:
+            print(f"board {b.id}: {b.address}  pid {cluster.procs[b.id].pid}  log {cluster.log_file(b.id)}")
+        extra = f" --peers {cluster.inventory_file}" if peers else ""
+        extra += f" --key {args.keys / 'client.key_secret'}" if args.keys else ""
+        print(f"all {n} boards running; try: robustpart run {args.bundle}{extra}   (Ctrl-C stops them)", flush=True)
+        end = None if args.seconds is None else time.monotonic() + args.seconds
+        while not stopping and (end is None or time.monotonic() < end):
+            exited = [k for k, p in cluster.procs.items() if p.poll() is not None]
+            if exited:
+                raise RobustpartError(f"board {exited[0]} exited; see {cluster.log_file(exited[0])}")
+            time.sleep(0.2)
+    finally:
+        cluster.close()
+    return 0
+
+
+def cmd_keys(args, progress) -> int:
+    from robustpart.runtime.mesh.keys import make_keys
+    from robustpart.runtime.mesh.peers import load_inventory
+    if args.boards < 1:
+        raise RobustpartError(f"--boards must be >= 1, got {args.boards}")
+    path = make_keys(args.out, args.boards, tuple(args.clients), load_inventory(args.peers, None, args.boards))
+    print(f"wrote {path} and the secret keys board0..{args.boards - 1}.key_secret, "
+          f"{', '.join(c + '.key_secret' for c in args.clients)} in {args.out}")
+    print(f"give board K {path.name} and boardK.key_secret: robustpart serve BUNDLE --device K --peers {path.name} "
+          f"--key boardK.key_secret")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "demo": cmd_demo,
+            "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

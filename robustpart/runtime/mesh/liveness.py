@@ -1,0 +1,73 @@
+"""Who is alive: a peer is alive while it has been heard from within the timeout.
+
+Pure state: the caller passes the time (seconds, any monotonic clock), so the state machine is tested with
+a fake clock. Every accepted message counts as a heartbeat. A peer starts out dead (never heard) so that a
+board starting before its peers does not wait for them.
+
+    never heard --heard--> alive --silent > timeout--> dead --heard--> alive ("rejoined")
+                           alive --heard, higher incarnation--> alive ("restarted": a new process)
+    a lower incarnation than the known one is a stale frame from a previous process: "stale", ignore it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+JOINED, REJOINED, RESTARTED, DEAD, STALE = "joined", "rejoined", "restarted", "dead", "stale"
+
+
+@dataclass
+class PeerState:
+    alive: bool = False
+    incarnation: int = 0          # 0 = never heard
+    last_heard: float = float("-inf")
+    view: int = 0                 # the boards this peer said it hears (bit mask), from its last heartbeat
+
+
+class Liveness:
+    def __init__(self, peers: Iterable[int], timeout: float):
+        if timeout <= 0:
+            raise ValueError(f"liveness timeout must be > 0, got {timeout}")
+        self.timeout = timeout
+        self.peers = {int(p): PeerState() for p in peers}
+
+    def heard(self, peer: int, incarnation: int, now: float, view: int | None = None) -> str | None:
+        """Record a message from `peer`; returns the transition it caused (JOINED, REJOINED, RESTARTED),
+        STALE if the message comes from an older incarnation (drop it), or None."""
+        state = self.peers[peer]
+        if incarnation < state.incarnation:
+            return STALE
+        event = None
+        if incarnation > state.incarnation:
+            event = JOINED if state.incarnation == 0 else RESTARTED
+            state.incarnation = incarnation
+            state.view = 0
+        elif not state.alive:
+            event = REJOINED
+        state.alive = True
+        state.last_heard = now
+        if view is not None:
+            state.view = view
+        return event
+
+    def check(self, now: float) -> list[int]:
+        """Mark peers silent for longer than the timeout dead; returns the newly dead."""
+        dead = [p for p, s in self.peers.items() if s.alive and now - s.last_heard > self.timeout]
+        for p in dead:
+            self.peers[p].alive = False
+        return dead
+
+    def next_check(self, now: float) -> float:
+        """Seconds until the earliest alive peer could time out (inf if none is alive)."""
+        times = [s.last_heard + self.timeout - now for s in self.peers.values() if s.alive]
+        return max(0.0, min(times)) if times else float("inf")
+
+    def alive(self) -> list[int]:
+        return [p for p, s in self.peers.items() if s.alive]
+
+    def is_alive(self, peer: int) -> bool:
+        state = self.peers.get(peer)
+        return bool(state and state.alive)
+
+    def views(self) -> dict[int, int]:
+        return {p: s.view for p, s in self.peers.items() if s.alive}

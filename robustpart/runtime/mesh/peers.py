@@ -1,0 +1,157 @@
+"""The board inventory: board ids, where each one listens, and (optionally) CURVE public keys.
+
+Sources, first found wins:
+  1. `--peers FILE`: a JSON inventory (format below);
+  2. `--peers host:port,host:port,...`: board k listens at the k-th address;
+  3. `boards.json` next to the bundle's manifest.json;
+  4. localhost defaults: board k listens on 127.0.0.1:(5550 + k), so `robustpart serve B --device K`
+     for K = 0..N-1 plus `robustpart run B` work on one machine with no configuration.
+
+    {"boards": [{"id": 0, "address": "10.0.0.10:5550", "public_key": "<40-char Z85, optional>"}, ...],
+     "clients": [{"name": "laptop", "public_key": "<Z85>"}]}        # optional: authorised clients
+
+With public keys the mesh uses CURVE: every board is a CURVE server and accepts only the boards and
+clients listed here; each process brings its own secret key file (`robustpart keys` makes them).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import RobustpartError
+
+INVENTORY_FILE = "boards.json"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_BASE_PORT = 5550
+
+
+@dataclass(frozen=True)
+class BoardAddress:
+    id: int
+    host: str
+    port: int
+    public_key: bytes | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class Inventory:
+    boards: list[BoardAddress]
+    clients: dict[str, bytes] = field(default_factory=dict)
+    source: str = "localhost defaults"
+
+    @property
+    def curve(self) -> bool:
+        return any(b.public_key for b in self.boards)
+
+    def board(self, board: int) -> BoardAddress:
+        return self.boards[board]
+
+    def authorised_keys(self) -> set[bytes]:
+        return {b.public_key for b in self.boards if b.public_key} | set(self.clients.values())
+
+    def bind_endpoint(self, board: int) -> str:
+        """Where board `board` listens by default: its own address if loopback, else every interface
+        (a board's LAN address may be assigned by DHCP or NAT)."""
+        entry = self.boards[board]
+        try:
+            loopback = ipaddress.ip_address(entry.host).is_loopback
+        except ValueError:
+            loopback = entry.host == "localhost"
+        return entry.endpoint if loopback else f"tcp://0.0.0.0:{entry.port}"
+
+    def to_json(self) -> dict:
+        data = {"boards": [{"id": b.id, "address": b.address,
+                            **({"public_key": b.public_key.decode()} if b.public_key else {})} for b in self.boards]}
+        if self.clients:
+            data["clients"] = [{"name": n, "public_key": k.decode()} for n, k in self.clients.items()]
+        return data
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+
+def localhost_inventory(boards: int, base_port: int = DEFAULT_BASE_PORT, host: str = DEFAULT_HOST) -> Inventory:
+    return Inventory([BoardAddress(k, host, base_port + k) for k in range(boards)])
+
+
+def _parse_address(text: str, where: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise RobustpartError(f"{where}: address {text!r} is not host:port (e.g. 10.0.0.10:5550)")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise RobustpartError(f"{where}: port {port!r} in {text!r} is not a port number (1..65535)")
+    return host.strip("[]"), number
+
+
+def _parse_key(value, where: str) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 40:
+        raise RobustpartError(f"{where}: public_key must be a 40-character Z85 string (see `robustpart keys`)")
+    return value.encode()
+
+
+def _from_json(path: Path) -> Inventory:
+    try:
+        data = json.loads(path.read_text())
+        entries = data["boards"]
+    except (OSError, ValueError) as exc:
+        raise RobustpartError(f"cannot read board inventory {path}: {exc}") from exc
+    except (KeyError, TypeError):
+        raise RobustpartError(f"board inventory {path} needs a \"boards\" list of {{id, address}}") from None
+    boards = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: boards[{i}]"
+        if not isinstance(entry, dict) or "id" not in entry or "address" not in entry:
+            raise RobustpartError(f"{where} needs \"id\" and \"address\" (host:port)")
+        host, port = _parse_address(str(entry["address"]), where)
+        boards.append(BoardAddress(int(entry["id"]), host, port, _parse_key(entry.get("public_key"), where)))
+    clients = {}
+    for i, entry in enumerate(data.get("clients", [])):
+        where = f"{path}: clients[{i}]"
+        if not isinstance(entry, dict) or "public_key" not in entry:
+            raise RobustpartError(f"{where} needs a \"public_key\"")
+        clients[str(entry.get("name", f"client{i}"))] = _parse_key(entry["public_key"], where)
+    boards.sort(key=lambda b: b.id)
+    return Inventory(boards, clients, str(path))
+
+
+def load_inventory(peers: str | Path | None, bundle: Path | str | None, boards: int) -> Inventory:
+    """The inventory for a bundle of `boards` boards; refuses one that does not list boards 0..N-1."""
+    if peers is not None and Path(peers).is_file():
+        inventory = _from_json(Path(peers))
+    elif peers is not None and Path(str(peers)).suffix == ".json":
+        raise RobustpartError(f"board inventory {peers} does not exist; give a JSON file or host:port,host:port,...")
+    elif peers is not None:
+        addresses = [a for a in str(peers).split(",") if a.strip()]
+        inventory = Inventory([BoardAddress(k, *_parse_address(a, "--peers")) for k, a in enumerate(addresses)],
+                              source="--peers")
+    elif bundle is not None and (Path(bundle) / INVENTORY_FILE).is_file():
+        inventory = _from_json(Path(bundle) / INVENTORY_FILE)
+    else:
+        inventory = localhost_inventory(boards)
+    ids = [b.id for b in inventory.boards]
+    if ids != list(range(boards)):
+        raise RobustpartError(f"board inventory ({inventory.source}) lists boards {ids} but the bundle has "
+                              f"{boards} boards: list each of 0..{boards - 1} once")
+    keyed = [b.public_key is not None for b in inventory.boards]
+    if any(keyed) and not all(keyed):
+        raise RobustpartError(f"board inventory ({inventory.source}) has public keys for some boards only: "
+                              f"give every board a key (CURVE) or none")
+    return inventory

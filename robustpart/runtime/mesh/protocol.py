@@ -1,0 +1,151 @@
+"""The mesh wire format: a fixed 64-byte header frame, then kind-specific frames.
+
+Every message is a ZeroMQ multipart message `[header, *payload]` (a ROUTER prepends the sender's routing
+id on receipt). The header carries who sent it (board id, or CLIENT) and in which incarnation, and which
+request (client session, request id) and stage it belongs to, so that late and stale frames can be dropped
+without looking at the payload. Feature maps travel as raw float32 frames, sent without a copy; their shape
+is known to both ends from the manifest, and the size is checked on receipt.
+
+Kind-specific use of the header's generic fields:
+
+    kind       mask                        aux                           aux2            payload
+    HELLO      sender's view (boards)      incarnation it knows of you   -               JSON {bundle, role}
+    HEARTBEAT  sender's view (boards)      -                             watermark (*)   -
+    INPUT      boards asked to compute it  deadline in ms                watermark (*)   input (batch, C, H, W)
+    SLICE      lineage boards (**)         -                             -               the sender's slice
+    RESULT     lineage boards (**)         bytes the board sent for it   -               u64 boards used per stage,
+                                                                                         final slice or output
+    (*) from a client: requests below it are finished, boards drop them.
+    (**) with the MIXED / ANY flags; see lineage.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+import numpy as np
+
+MAGIC = b"RPM1"
+CLIENT = 0xFFFF          # the sender id of a client (boards are 0..N-1)
+MAX_BOARDS = 64          # board sets travel as u64 bit masks
+
+FLAG_MIXED = 1           # lineage: assembled from different board sets along the way
+FLAG_ANY = 2             # lineage: computed from the model input alone (stage 0)
+
+_HEADER = struct.Struct("<4sBBHQQQiIQQQ")
+HEADER_BYTES = _HEADER.size
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    HEARTBEAT = 2
+    INPUT = 3
+    SLICE = 4
+    RESULT = 5
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a well-formed mesh message (wrong magic, size, kind or payload)."""
+
+
+_KINDS = {int(k): k for k in Kind}
+
+
+class Header(NamedTuple):         # a NamedTuple: built and read for every message, so kept cheap
+    kind: Kind
+    sender: int
+    incarnation: int
+    session: int = 0
+    request: int = 0
+    stage: int = -1
+    batch: int = 0
+    mask: int = 0
+    aux: int = 0
+    aux2: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(MAGIC, self.kind, self.flags, self.sender, self.incarnation, self.session,
+                            self.request, self.stage, self.batch, self.mask, self.aux, self.aux2)
+
+    @classmethod
+    def unpack(cls, buffer) -> "Header":
+        if len(buffer) != HEADER_BYTES:
+            raise ProtocolError(f"header has {len(buffer)} bytes, expected {HEADER_BYTES}")
+        magic, kind, flags, sender, inc, session, request, stage, batch, mask, aux, aux2 = _HEADER.unpack(buffer)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}: not a robustpart mesh message (or another version)")
+        if kind not in _KINDS:
+            raise ProtocolError(f"unknown message kind {kind}")
+        return cls(_KINDS[kind], sender, inc, session, request, stage, batch, mask, aux, aux2, flags)
+
+
+def bundle_id(manifest_path) -> str:
+    """What HELLO compares: boards and clients of different bundles (or versions) must not mix slices."""
+    with open(manifest_path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def mask_of(boards) -> int:
+    mask = 0
+    for b in boards:
+        mask |= 1 << int(b)
+    return mask
+
+
+def boards_of(mask: int) -> tuple[int, ...]:
+    return tuple(b for b in range(MAX_BOARDS) if mask >> b & 1)
+
+
+def hello(sender: int, incarnation: int, view: int, knows_you: int, bundle: str, role: str,
+          session: int = 0) -> list:
+    header = Header(Kind.HELLO, sender, incarnation, session=session, mask=view, aux=knows_you)
+    return [header.pack(), json.dumps({"bundle": bundle, "role": role}).encode()]
+
+
+def parse_hello(frames) -> dict:
+    try:
+        info = json.loads(bytes(frames[0]))
+        return {"bundle": str(info["bundle"]), "role": str(info["role"])}
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed HELLO payload ({exc})") from None
+
+
+def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, watermark: int = 0) -> list:
+    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, mask=view, aux2=watermark).pack()]
+
+
+def array_frame(array: np.ndarray):
+    """A float32 C-contiguous array as a frame; pyzmq sends large ones without copying."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return memoryview(array).cast("B")
+
+
+def read_array(frame, shape: tuple[int, ...]) -> np.ndarray:
+    """A received frame as a float32 array of `shape` (checked, no copy)."""
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    expected = int(np.prod(shape, dtype=np.int64)) * 4
+    if buffer.nbytes != expected:
+        raise ProtocolError(f"payload has {buffer.nbytes} bytes, expected {expected} for shape {list(shape)}")
+    return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+
+
+def read_masks(frame, count_limit: int = 4096) -> np.ndarray:
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if buffer.nbytes % 8 or buffer.nbytes // 8 > count_limit:
+        raise ProtocolError(f"per-stage board sets frame has {buffer.nbytes} bytes")
+    return np.frombuffer(buffer, dtype="<u8")
+
+
+def slice_shape(stage: dict, board: int) -> tuple[int, ...]:
+    """Per-image shape of board `board`'s slice of a manifest stage (its channels along the stage's axis)."""
+    shape = list(stage["shape"])
+    shape[stage["axis"] - 1] = len(stage["shards"][board]["channels"])
+    return tuple(shape)
+
+
+def frames_bytes(frames) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)

@@ -1,0 +1,130 @@
+"""A cut link between two live boards: each board in its own network namespace, joined by veth pairs to a
+bridge; the link between boards 1 and 2 is cut with a blackhole route to the other end in each of the two
+namespaces (packets silently dropped, as an iptables DROP rule would; iptables is not installed here),
+then restored.
+
+Needs root and `ip` with netns, veth and bridge support; skipped with the reason otherwise.
+"""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from robustpart.runtime.mesh import LocalCluster, MeshClient
+from robustpart.runtime.mesh.peers import BoardAddress, Inventory
+
+from test_mesh_faults import (BOARDS, DEADLINE_S, DETECTION_BOUND, SETTINGS, assert_latency_recovered,  # noqa: F401
+                              bundle, check_contract, detections, drive, images, reference, refs, steady)
+
+SUBNET = "10.231.77"
+PORT = 5550
+REJOIN_WITHIN = 15.0      # seconds: a few TCP retransmission backoffs after the outage
+
+
+def ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class Namespaces:
+    """Board k in namespace ns_k at SUBNET.(k+1); a bridge in this namespace at SUBNET.254 reaches them all."""
+
+    def __init__(self, boards):
+        tag = os.getpid() % 100000
+        self.ns = [f"rpm{tag}b{k}" for k in range(boards)]
+        self.veth = [f"rpv{tag}b{k}" for k in range(boards)]
+        self.bridge = f"rpbr{tag}"
+
+    def address(self, k):
+        return f"{SUBNET}.{k + 1}"
+
+    def up(self):
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{SUBNET}.254/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        for k, (ns, veth) in enumerate(zip(self.ns, self.veth)):
+            ip("netns", "add", ns)
+            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("link", "set", veth, "master", self.bridge)
+            ip("link", "set", veth, "up")
+            ip("-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def cut(self, a, b, restore=False) -> float:
+        """Drop (or stop dropping) everything between boards a and b: a blackhole route to the other end in
+        each namespace (output-side routes take effect at once; an input-side rule was seen to let
+        established connections through for ~90 ms). Both `ip` calls run in parallel; returns the
+        wall-clock time at which both are in effect."""
+        verb = "del" if restore else "add"
+        calls = [subprocess.Popen(["ip", "-n", self.ns[x], "route", verb, "blackhole", f"{self.address(y)}/32"])
+                 for x, y in ((a, b), (b, a))]
+        assert all(c.wait() == 0 for c in calls), f"ip route {verb} blackhole failed"
+        return time.time()
+
+    def down(self):
+        for ns in self.ns:
+            ip("netns", "del", ns, check=False)
+        ip("link", "del", self.bridge, check=False)
+
+
+def netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the `ip` tool (iproute2) is not installed"
+    probe = Namespaces(1)
+    try:
+        probe.up()
+    except subprocess.CalledProcessError as exc:
+        return f"cannot create a namespace with a veth pair and a bridge here: {exc.stderr.strip()}"
+    finally:
+        probe.down()
+    return None
+
+
+@pytest.fixture
+def netns():
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    spaces = Namespaces(BOARDS)
+    try:
+        spaces.up()
+        yield spaces
+    finally:
+        spaces.down()
+
+
+def test_cut_link_between_two_live_boards(netns, bundle, reference, refs, images, tmp_path):
+    inventory = Inventory([BoardAddress(k, netns.address(k), PORT) for k in range(BOARDS)], source="netns")
+    with LocalCluster(bundle, SETTINGS, inventory, tmp_path / "cluster",
+                      wrap=lambda k: ["ip", "netns", "exec", netns.ns[k]]) as cluster:
+        cluster.start().wait_started()
+        with MeshClient(bundle, inventory=inventory, settings=SETTINGS, deadline=DEADLINE_S) as client:
+            assert client.wait_ready(10) == tuple(range(BOARDS))
+            answers, t, paired = drive(client, images, 2.5, [(1.0, "cut", lambda: netns.cut(1, 2))], reference)
+            check_contract(answers, refs, len(images))
+            # the two ends of the link each declare the other dead; the boards still reach everyone else
+            d1 = detections(cluster, 2, t["cut"], [1])[1]
+            d2 = detections(cluster, 1, t["cut"], [2])[2]
+            assert d1 is not None and d1 <= DETECTION_BOUND and d2 is not None and d2 <= DETECTION_BOUND, (d1, d2)
+            assert not detections(cluster, 1, t["cut"], [0, 3])[0] and not detections(cluster, 2, t["cut"], [0, 3])[3]
+            # the client leaves the larger id out: answers for failure set {2}, equal to the LocalExecutor's
+            during = [a for a in answers if a.submitted_at > t["cut"] + max(d1, d2) + 2 * SETTINGS.heartbeat]
+            assert during and all(a.failed == (2,) for a in during)
+            assert_latency_recovered(answers, paired, during, steady(client, images, reference, refs))
+
+            # once the link is back, both ends hear each other again (TCP retransmits on its own backoff,
+            # so this takes up to a few seconds) and the answers are the no-failure ones
+            restored = netns.cut(1, 2, restore=True)
+            rejoined = lambda: [e["t"] for b, peer in ((1, 2), (2, 1)) for e in cluster.events(b)  # noqa: E731
+                                if e["event"] == "rejoined" and e["peer"] == peer and e["t"] > restored]
+            while len(rejoined()) < 2 and time.time() < restored + REJOIN_WITHIN:
+                check_contract(drive(client, images, 0.5)[0], refs, len(images))
+            assert len(rejoined()) == 2, "the boards did not hear each other again after the link came back"
+            answers, _, _ = drive(client, images, 1.0)
+    check_contract(answers, refs, len(images))
+    back = [a for a in answers if a.submitted_at > max(rejoined()) + 2 * SETTINGS.heartbeat]
+    assert back and all(a.failed == () for a in back)
