@@ -19,7 +19,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 NUM_CLASSES = 10
 IN_CHANNELS = 1
 
-# VGG16's 13 convolutions at 1/32 of the ImageNet width (64 -> 16 ... 512 -> 128), without VGG16's last
+# VGG16's 13 convolutions at 1/4 of the ImageNet width (64 -> 16 ... 512 -> 128), without VGG16's last
 # max-pool: 28 px only allows four halvings (28 -> 14 -> 7 -> 3 -> 1).
 VGG16_CFG = [16, 16, "M", 32, 32, "M", 64, 64, 64, "M", 128, 128, 128, "M", 128, 128, 128]
 
