@@ -16,14 +16,13 @@ from robustpart.simulate import FailureSimulator
 
 ROOT = Path(__file__).parents[1]
 REFERENCE = ["fmnist_vgg16_bn", "fmnist_alexnet", "fmnist_resnet18", "fmnist_mobilenet_v2", "fmnist_convnext"]
-from test_zoo_data import TRAINED  # noqa: E402  the reference models whose checkpoints are committed
 
 
 def test_all_reference_models_are_in_the_zoo():
     assert sorted(zoo.reference_names()) == sorted(REFERENCE)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", REFERENCE)
 def test_sharded_reference_model_matches_torch_and_the_simulator(name, tmp_path):
     bundle = compile_model(name, CompileOptions(devices=4, threshold=0.3, criteria=("l1",)), tmp_path / "b")
     graph, _ = load_graph(name)
