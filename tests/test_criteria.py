@@ -131,13 +131,16 @@ def trained_graph():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = Trained()
-    x = torch.randn(256, 3, 8, 8, generator=g)
+    x = torch.randn(128, 3, 8, 8, generator=g)
     labels = (x[:, 0, :4].mean(dim=(1, 2)) * 4 + x[:, 1, 4:].mean(dim=(1, 2)) * 4).clamp(-2, 2).add(2).round().long()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
+    velocity = [torch.zeros_like(p) for p in model.parameters()]
+    for _ in range(40):              # SGD with momentum, by hand: torch.optim takes seconds to import
+        model.zero_grad()
         nn.functional.cross_entropy(model(x), labels).backward()
-        opt.step()
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), velocity):
+                v.mul_(0.9).add_(p.grad)
+                p.sub_(0.05 * v)
     return trace(model.eval(), TINY_SPEC, "trained")
 
 
@@ -245,13 +248,14 @@ def test_bad_options_and_outputs_are_clear_errors(tiny_graph, tiny_images):
 def test_reuse_scores_replans_without_scoring(tmp_path, monkeypatch):
     from robustpart.bundle import Bundle
     from robustpart.compiler import CompileOptions, compile_model, load_graph, plan_for
-    first = compile_model("fmnist_vgg16_bn", CompileOptions(devices=4, calib=8), tmp_path / "a", weights="none")
+    options = CompileOptions(devices=4, calib=8, jsd="fast", shards=False)
+    first = compile_model("fmnist_vgg16_bn", options, tmp_path / "a", weights="none")
 
     def not_again(*args, **kwargs):
         raise AssertionError("scored again")
 
     monkeypatch.setattr("robustpart.compiler.compute_scores", not_again)
-    other = CompileOptions(devices=3, threshold=0.1, calib=8, criteria=("l1", "jsd"))
+    other = CompileOptions(devices=3, threshold=0.1, calib=8, criteria=("l1", "jsd"), shards=False)
     again = compile_model("fmnist_vgg16_bn", other, tmp_path / "b", weights="none", reuse_scores=first)
     graph, _ = load_graph("fmnist_vgg16_bn", "none")
     expected = plan_for(graph, other, Bundle.load(first).scores)

@@ -12,7 +12,8 @@ Molchanov et al.) and summed over the batches. Only the unit's own conv/linear w
 
 Fast JSD: linearise the logits, keep the divergence exact. Removing channel j changes the unit's exit
 tensor a by -a_j, so to first order a logit moves by dz_k = -<dz_k/da, a_j>: ONE backward pass per probe
-(a direction in logit space) gives that number for every channel of every unit at once. The JSD of
+(a direction in logit space) gives that number for every channel of every unit at once; the probes of a
+batch run as one vectorised backward pass (autograd's is_grads_batched). The JSD of
 softmax(z) against softmax(z + dz) is then computed exactly, per image, and averaged. (A second-order
 expansion of the JSD itself, 1/8 dz^T (diag(p) - pp^T) dz, ranks channels badly on trained models:
 removing a channel that decides a confident answer is a large change, where the JSD saturates at ln 2
@@ -92,11 +93,12 @@ def gradient_pass(graph: ModelGraph, calibration: torch.Tensor, *, taylor: bool 
                     for per_unit, unit, a, g in zip(shifts, units, activations, grads[len(params):]):
                         per_unit.append(_channel_shift(unit, a, g) * scale[:, None])
                     directions = []
-            for i, direction in enumerate(directions):
-                g = torch.autograd.grad(logits, activations, grad_outputs=direction,
-                                        retain_graph=i < len(directions) - 1, allow_unused=True)
+            if directions:           # all probes in one vectorised backward pass (vmap over the directions)
+                g = torch.autograd.grad(logits, activations, grad_outputs=torch.stack(directions),
+                                        is_grads_batched=True, allow_unused=True)
                 for per_unit, unit, a, grad in zip(shifts, units, activations, g):
-                    per_unit.append(_channel_shift(unit, a, grad))
+                    per_unit += [_channel_shift(unit, a, None if grad is None else grad[i])
+                                 for i in range(len(directions))]
             if jsd:
                 for total, per_unit in zip(jsd_sum, shifts):
                     if per_unit:             # a single-class output never moves
