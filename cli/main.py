@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse-scores", type=Path, help="take the scores from this earlier bundle of the same model")
     c.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d)")
     c.add_argument("--no-shards", action="store_true", help="write the plan only, no ONNX shards / manifest")
+    c.add_argument("--compensate", default="auto",
+                   help="failure-aware compensation: ls (affine + least-squares reconstruction of lost channels), "
+                        "stats (affine + mean fill), none, or auto = ls when calibration images are at hand "
+                        "(default auto)")
+    c.add_argument("--compensate-up-to", type=int,
+                   help="prepare every failure set of 1..K boards (default N-1 while there are at most 256 sets)")
+    c.add_argument("--compensate-calib", type=int, default=256, help="calibration images for compensation (256)")
 
     e = sub.add_parser("evaluate", help="accuracy of a bundle's plan under every k-board failure set")
     e.add_argument("bundle", type=Path)
@@ -101,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch: the failure simulator (fast); onnx: run the bundle's shards with ONNX Runtime")
     e.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
+    e.add_argument("--compensation", choices=["both", "with", "without"], default="both",
+                   help="each method without and with failure-aware compensation (default both)")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
@@ -180,7 +189,8 @@ def cmd_compile(args, progress) -> int:
     options = CompileOptions(devices=args.devices, threshold=args.threshold, thresholds_file=args.thresholds_file,
                              method=args.method, criteria=tuple(args.scores), calib=args.calib,
                              calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
-                             shards=not args.no_shards, jsd=args.jsd)
+                             shards=not args.no_shards, jsd=args.jsd, compensate=args.compensate,
+                             compensate_up_to=args.compensate_up_to, compensate_calib=args.compensate_calib)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")
@@ -197,7 +207,7 @@ def cmd_evaluate(args, progress) -> int:
         n = Bundle.load(args.bundle).plan.n_boards
         fail_probs = {"custom": parse_fail_probs(args.fail_prob, n)}
     result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress,
-                             args.backend, args.provider)
+                             args.backend, args.provider, args.compensation)
     progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

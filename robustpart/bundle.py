@@ -4,6 +4,8 @@
     plan.json     the Plan
     scores.npz    the raw importance scores (re-plan without re-scoring)
     report.json   per-board cost and per-unit summary; report.txt is the same for people
+    compensation.npz / compensation.json   per failure set, the compensation data (robustpart.compensate),
+                  and its policy, cost and SHA-256
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place only
 when complete, so a failed compile leaves nothing behind (and an earlier bundle stays intact).
@@ -24,6 +26,7 @@ from .scores import Scores
 
 BUNDLE_SCHEMA = 1
 REQUIRED = ("model.json", "plan.json")
+COMPENSATION_DATA, COMPENSATION_INFO = "compensation.npz", "compensation.json"
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
@@ -54,6 +57,14 @@ class Bundle:
     model: dict
     plan: Plan
     scores: Scores | None
+    compensation_info: dict | None = None
+
+    def load_compensation(self):
+        """The compensation data, hash-checked against compensation.json; None when the bundle has none."""
+        from .runtime.compensation import Compensation
+        if self.compensation_info is None:
+            return None
+        return Compensation.load(self.path / COMPENSATION_DATA, self.compensation_info["sha256"])
 
     @classmethod
     def load(cls, path: Path | str) -> "Bundle":
@@ -75,4 +86,10 @@ class Bundle:
         except RobustpartError as exc:
             raise BundleError(f"bundle {path}: {exc}") from exc
         scores = Scores.load(path / "scores.npz") if (path / "scores.npz").is_file() else None
-        return cls(path=path, model=model, plan=plan, scores=scores)
+        info = None
+        if (path / COMPENSATION_INFO).is_file():
+            try:
+                info = json.loads((path / COMPENSATION_INFO).read_text())
+            except json.JSONDecodeError as exc:
+                raise BundleError(f"{path / COMPENSATION_INFO} is not valid JSON: {exc}; compile again") from exc
+        return cls(path=path, model=model, plan=plan, scores=scores, compensation_info=info)

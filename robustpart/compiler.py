@@ -4,11 +4,13 @@ And the reverse for evaluation: a bundle -> the same model (hash-checked) and gr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from .plan import Plan
 from .report import plan_report_text
 from .scores import DEFAULT_CRITERIA, Scores, compute_scores, criterion_needs_data
 from .spec import InputSpec
+
+if TYPE_CHECKING:
+    from .runtime.compensation import Compensation
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -42,6 +47,10 @@ class CompileOptions:
     replicate: list[str] = field(default_factory=list)
     fill: str = "zero"
     shards: bool = True          # write per-board ONNX shards and manifest.json
+    compensate: str = "auto"     # compensation policy (compensate.POLICIES), "none", or "auto": the default
+                                 # policy when calibration images are at hand, else none
+    compensate_up_to: int | None = None     # largest failure set prepared (default: compensate.default_max_failures)
+    compensate_calib: int = 256  # calibration images for compensation
 
 
 def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = None
@@ -121,10 +130,55 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     progress(f"traced {graph.name}: {len(graph.units)} partition units")
     scores = _scores_for(graph, options, reuse_scores, progress)
     plan = plan_for(graph, options, scores)
+    compensation = compensation_for(graph, plan, options, progress)
     out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
     progress(f"writing {out}")
     return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores,
-                                                           options.shards, progress))
+                                                           options.shards, progress, compensation))
+
+
+@dataclass
+class PreparedCompensation:
+    data: Compensation
+    info: dict                   # what compensation.json records (policy, sets, cost)
+
+
+def compensation_for(graph: ModelGraph, plan: Plan, options: CompileOptions, progress: Progress | None = None,
+                     calibration: torch.Tensor | None = None) -> PreparedCompensation | None:
+    """Compensation for the plan's failure sets per `options.compensate`, or None (none asked, nothing to
+    compensate, or "auto" without calibration images). `calibration` overrides the images the options name."""
+    import time
+
+    from .compensate import DEFAULT_POLICY, compensated_sets, compute_compensation, default_max_failures, policy_named
+    name = options.compensate
+    if name == "none" or plan.n_boards < 2 or (options.compensate_up_to == 0 and name == "auto"):
+        return None
+    policy = policy_named(DEFAULT_POLICY if name == "auto" else name)
+    k = options.compensate_up_to if options.compensate_up_to is not None else default_max_failures(plan.n_boards)
+    sets = compensated_sets(plan.n_boards, k)
+    if not any((~plan.surviving(u, failed)).any() for failed in sets for u in plan.units):
+        return None              # e.g. full replication: no prepared failure set loses a channel
+    try:
+        if calibration is None:
+            calibration = calibration_images(graph.input_spec, options.compensate_calib, options.calib_data,
+                                             options.seed)
+    except DataError as exc:
+        if name != "auto":
+            raise DataError(f"compensation needs calibration images: {exc}") from exc
+        log.warning("no compensation: %s", exc)
+        return None
+    start = time.perf_counter()
+    data = compute_compensation(graph, plan, calibration, k, policy, progress)
+    seconds = time.perf_counter() - start
+    info = {"policy": {"name": DEFAULT_POLICY if name == "auto" else name, **policy.to_json(),
+                       "calibration_images": len(calibration), "seed": options.seed,
+                       "calibration_data": None if options.calib_data is None else str(options.calib_data)},
+            "max_failures": k, "sets": [list(failed) for failed in sets], "seconds": round(seconds, 3),
+            "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes()}
+    progress = progress or (lambda msg: log.info(msg))
+    progress(f"compensation ({info['policy']['name']}) for {len(sets)} failure sets of 1..{k} boards: "
+             f"{seconds:.1f} s, {data.nbytes / 1e6:.2f} MB")
+    return PreparedCompensation(data, info)
 
 
 def plan_for(graph: ModelGraph, options: CompileOptions, scores: Scores | None) -> Plan:
@@ -155,7 +209,8 @@ def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None,
 
 
 def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
-                  shards: bool = True, progress: Progress | None = None) -> None:
+                  shards: bool = True, progress: Progress | None = None,
+                  compensation: PreparedCompensation | None = None) -> None:
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
              "units": [u.to_json() for u in graph.units],
              "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
@@ -168,9 +223,16 @@ def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan,
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
     (tmp / "report.txt").write_text(plan_report_text(graph, plan, cost))
+    entry = None
+    if compensation is not None:
+        from .bundle import COMPENSATION_DATA, COMPENSATION_INFO
+        data = compensation.data.to_bytes()
+        (tmp / COMPENSATION_DATA).write_bytes(data)
+        entry = {"file": COMPENSATION_DATA, "sha256": hashlib.sha256(data).hexdigest(), **compensation.info}
+        (tmp / COMPENSATION_INFO).write_text(json.dumps(entry, indent=1))
     if shards:
         from .shards import write_shards
-        manifest = write_shards(tmp, graph, plan, progress)
+        manifest = write_shards(tmp, graph, plan, progress, entry)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

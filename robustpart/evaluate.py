@@ -94,8 +94,8 @@ class PlanEvaluator:
     channels as one already seen is not run again."""
 
     def __init__(self, graph: ModelGraph, plan: Plan, images: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int = 500):
-        self.sim = FailureSimulator(graph, plan)
+                 batch_size: int = 500, compensation=None):
+        self.sim = FailureSimulator(graph, plan, compensation)
         self.plan, self.images, self.labels, self.batch_size = plan, images, labels, batch_size
         self._cache: dict[tuple, float] = {}
         self.runs = 0
@@ -112,9 +112,11 @@ class PlanEvaluator:
 class OnnxPlanEvaluator:
     """Like PlanEvaluator, but runs the bundle's ONNX shards with the LocalExecutor."""
 
-    def __init__(self, bundle_path, plan: Plan, images, labels, batch_size: int = 500, provider: str = "cpu"):
+    def __init__(self, bundle_path, plan: Plan, images, labels, batch_size: int = 500, provider: str = "cpu",
+                 compensate: bool = True):
         from .runtime import load_manifest
         self.manifest = load_manifest(bundle_path)
+        self.compensate = compensate
         self.plan, self.provider, self.batch_size = plan, provider, batch_size
         self.images = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
         self.labels = np.asarray(labels)
@@ -123,7 +125,8 @@ class OnnxPlanEvaluator:
 
     def logits(self, failed: tuple[int, ...] = ()) -> np.ndarray:
         from .runtime import LocalExecutor
-        executor = LocalExecutor(self.manifest.root, failed, self.provider, manifest=self.manifest)
+        executor = LocalExecutor(self.manifest.root, failed, self.provider, manifest=self.manifest,
+                                 compensate=self.compensate)
         return np.concatenate([executor.run(self.images[i:i + self.batch_size])
                                for i in range(0, len(self.images), self.batch_size)])
 
@@ -195,12 +198,16 @@ class BundleEvaluation:
 def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | None = None,
                     compare: list[str] = (), fail_probs: dict[str, list[float]] | None = None,
                     progress: Callable[[str], None] | None = None, backend: str = "torch",
-                    provider: str = "cpu") -> BundleEvaluation:
+                    provider: str = "cpu", compensation: str = "both") -> BundleEvaluation:
     """Evaluate a bundle's plan, and the plans `compare` names (e.g. lop, full, random, robust@0.1) made
     for the same model, board count and scores, on the same data. Backend `torch` is the simulator;
-    `onnx` runs the bundle's shards with ONNX Runtime (the bundle's own plan only)."""
+    `onnx` runs the bundle's shards with ONNX Runtime (the bundle's own plan only). `compensation`:
+    each method without it, with it (the bundle's data; for compared plans, computed now with the bundle's
+    policy), or both (a "+comp" row after each)."""
     if backend not in ("torch", "onnx"):
         raise PlanError(f"unknown backend '{backend}': use torch (the simulator) or onnx (the shards)")
+    if compensation not in ("both", "with", "without"):
+        raise PlanError(f"--compensation must be both, with or without, got '{compensation}'")
     if backend == "onnx" and compare:
         raise PlanError("--compare plans have no shards; evaluate them with --backend torch")
     from .bundle import Bundle
@@ -225,11 +232,35 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
                                                                                 if bundle.scores else ("l1",))))
         other = plan_for(graph, options, bundle.scores if method == "robust" else None)
         plans.append((_label(other), other))
-    evaluator = OnnxPlanEvaluator(bundle.path, plan, images.numpy(), labels.numpy(), provider=provider) \
-        if backend == "onnx" else None
-    reports = [evaluate_plan(graph, p, images, labels, ks, label, fail_probs, progress,
-                             evaluator if p is plan else None) for label, p in plans]
+    reports = []
+    for label, p in plans:
+        prepared = None
+        if compensation != "without":
+            prepared = bundle.load_compensation() if p is plan else _compensation_like(bundle, graph, p, progress)
+        variants = ([(label, None)] if compensation != "with" or prepared is None else []) + \
+                   ([(f"{label} +comp", prepared)] if prepared is not None else [])
+        for name, comp in variants:
+            if backend == "onnx":
+                evaluator = OnnxPlanEvaluator(bundle.path, plan, images.numpy(), labels.numpy(), provider=provider,
+                                              compensate=comp is not None)
+            else:
+                evaluator = PlanEvaluator(graph, p, images, labels, compensation=comp)
+            reports.append(evaluate_plan(graph, p, images, labels, ks, name, fail_probs, progress, evaluator))
     return BundleEvaluation(model=graph.name, data=eval_data.source, ks=ks, reports=reports)
+
+
+def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress):
+    """Compensation for a compared plan, made as the bundle's was (None when the bundle has none)."""
+    from .compiler import CompileOptions, compensation_for
+    info = bundle.compensation_info
+    if info is None:
+        return None
+    options = CompileOptions(devices=plan.n_boards, compensate=info["policy"]["name"],
+                             compensate_up_to=info["max_failures"],
+                             compensate_calib=info["policy"]["calibration_images"], seed=info["policy"]["seed"],
+                             calib_data=info["policy"]["calibration_data"])
+    prepared = compensation_for(graph, plan, options, progress)
+    return prepared.data if prepared is not None else None
 
 
 def _label(plan: Plan) -> str:

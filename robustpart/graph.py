@@ -115,6 +115,28 @@ class ModelGraph:
         return {"name": self.name, "source_hash": self.source_hash, "input_spec": self.input_spec.to_json()}
 
 
+@dataclass(frozen=True)
+class PreActivationPoint:
+    node: str      # fx node after which compensation applies its per-channel affine
+    axis: int      # channel axis of that tensor (batch axis is 0)
+    ndim: int      # its number of dimensions, batch included
+
+
+def pre_activation_point(graph: ModelGraph, unit: PartitionUnit) -> PreActivationPoint:
+    """The unit's BatchNorm output when a BatchNorm directly follows the conv/linear, else the conv/linear
+    output: the last point before any nonlinearity where a per-channel affine can restore statistics."""
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    modules = dict(graph.module.named_modules())
+    name = unit.node
+    if unit.chain:
+        first = nodes[unit.chain[0]]
+        if first.op == "call_module" and isinstance(modules[first.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            name = first.name
+    shape = _tensor_shape(nodes[name])
+    axis = 1 if unit.kind == "conv" else len(shape) - 1
+    return PreActivationPoint(name, axis, len(shape))
+
+
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

@@ -21,12 +21,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import BundleError
-from .graph import ModelGraph
+from .graph import ModelGraph, pre_activation_point
 from .stages import Stage, StagePlan, cut_stages
 
 log = logging.getLogger(__name__)
 OPSET = 17
 SLICE_OUTPUT = "slice"
+# With compensation, every stage shard takes these two extra inputs: one value per channel of the board's
+# slice, a per-channel affine applied at the unit's pre-activation point (ones and zeros change nothing).
+AFFINE_INPUTS = ("compensation_scale", "compensation_shift")
 
 
 class GatherConv(nn.Module):
@@ -100,9 +103,9 @@ def _slice_constant(value: torch.Tensor, channels: int, keep: np.ndarray) -> tor
     return torch.index_select(value, dims[0], torch.as_tensor(keep)).clone()
 
 
-def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None) -> fx.GraphModule:
-    """An fx module for one stage on one board: inputs = stage.inputs, outputs = (slice, *extras).
-    `keep` is the board's channels of the unit (None for the head, which has no unit)."""
+def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affine: bool = False) -> fx.GraphModule:
+    """An fx module for one stage on one board: inputs = stage.inputs (+ AFFINE_INPUTS when `affine`),
+    outputs = (slice, *extras). `keep` is the board's channels of the unit (None for the head, no unit)."""
     gm = graph.module
     src = {n.name: n for n in gm.graph.nodes}
     modules = dict(gm.named_modules())
@@ -111,6 +114,10 @@ def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None) -> fx
     g = fx.Graph()
     root = nn.Module()
     env: dict[str, fx.Node] = {name: g.placeholder(name) for name in stage.inputs}
+    point = pre_activation_point(graph, unit) if unit and affine else None
+    if point:
+        scale, shift = (g.placeholder(name) for name in AFFINE_INPUTS)
+        broadcast = tuple(-1 if d == point.axis else 1 for d in range(point.ndim))
 
     def attach(target: str, module: nn.Module) -> str:
         safe = target.replace(".", "_")
@@ -136,6 +143,9 @@ def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None) -> fx
             env[name] = g.get_attr(safe)
         else:
             env[name] = g.node_copy(node, lambda a: env[a.name])
+        if point and name == point.node:
+            scaled = g.call_function(torch.mul, (env[name], g.call_method("reshape", (scale, broadcast))))
+            env[name] = g.call_function(torch.add, (scaled, g.call_method("reshape", (shift, broadcast))))
     outputs = [env[stage.output]] + [env[e] for e in stage.extras]
     g.output(tuple(outputs) if len(outputs) > 1 else outputs[0])
     return fx.GraphModule(root, g).eval()
@@ -149,9 +159,9 @@ def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
 
 
 def export_onnx(module: nn.Module, input_names: list[str], output_names: list[str],
-                examples: list[torch.Tensor]) -> bytes:
+                examples: list[torch.Tensor], static_inputs: tuple[str, ...] = ()) -> bytes:
     buffer = io.BytesIO()
-    dynamic = {name: {0: "batch"} for name in input_names + output_names}
+    dynamic = {name: {0: "batch"} for name in input_names + output_names if name not in static_inputs}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(examples), buffer, input_names=input_names, output_names=output_names,
@@ -170,14 +180,20 @@ def example_inputs(graph: ModelGraph, stage: Stage) -> list[torch.Tensor]:
     return out
 
 
-def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None) -> bytes:
-    module = stage_module(graph, stage, keep)
+def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affine: bool = False) -> bytes:
+    affine = affine and stage.unit is not None
+    module = stage_module(graph, stage, keep, affine)
     names = [SLICE_OUTPUT if stage.unit else "output"] + list(stage.extras)
-    return export_onnx(module, list(stage.inputs), names, example_inputs(graph, stage))
+    inputs, examples = list(stage.inputs), example_inputs(graph, stage)
+    if affine:
+        inputs += list(AFFINE_INPUTS)
+        examples += [torch.ones(len(keep)), torch.zeros(len(keep))]
+    return export_onnx(module, inputs, names, examples, static_inputs=AFFINE_INPUTS if affine else ())
 
 
 def export_all(graph: ModelGraph, stage_plan: StagePlan, boards: list[dict[str, np.ndarray]],
-               progress: Callable[[str], None] | None = None) -> tuple[list[list[bytes]], bytes | None]:
+               progress: Callable[[str], None] | None = None, affine: bool = False
+               ) -> tuple[list[list[bytes]], bytes | None]:
     """ONNX bytes per stage and board (`boards[b][unit]` = channels), and the head's (or None)."""
     shards = []
     for stage in stage_plan.stages:
@@ -189,7 +205,7 @@ def export_all(graph: ModelGraph, stage_plan: StagePlan, boards: list[dict[str, 
             if keep.size == 0:
                 raise BundleError(f"board {b} holds no channel of unit '{stage.unit.name}'; every board "
                                   f"must compute at least one channel of every unit")
-            per_board.append(export_stage(graph, stage, keep))
+            per_board.append(export_stage(graph, stage, keep, affine))
         shards.append(per_board)
     head = export_stage(graph, stage_plan.head, None) if stage_plan.head else None
     return shards, head
@@ -202,8 +218,10 @@ def _initializer_bytes(onnx_bytes: bytes) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
 
 
-def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], None] | None = None) -> dict:
-    """Write `out/shards/*.onnx` for every stage and board, and return the manifest (a dict)."""
+def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], None] | None = None,
+                 compensation: dict | None = None) -> dict:
+    """Write `out/shards/*.onnx` for every stage and board, and return the manifest (a dict).
+    `compensation`: the manifest's compensation entry (the data file is already in `out`), or None."""
     import hashlib
 
     import onnx
@@ -213,7 +231,7 @@ def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], N
 
     stage_plan = cut_stages(graph)
     boards = [{name: p.boards[b] for name, p in plan.units.items()} for b in range(plan.n_boards)]
-    shard_bytes, head_bytes = export_all(graph, stage_plan, boards, progress)
+    shard_bytes, head_bytes = export_all(graph, stage_plan, boards, progress, affine=compensation is not None)
     (out / "shards").mkdir()
     fills = fill_values(graph, plan)
     nodes = {n.name: n for n in graph.module.graph.nodes}
@@ -249,6 +267,7 @@ def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], N
                    "num_classes": spec.num_classes, "labels": list(spec.labels)},
         "boards": plan.n_boards,
         "fill": {"policy": plan.fill},
+        "compensation": None if compensation is None else {**compensation, "affine_inputs": list(AFFINE_INPUTS)},
         "provenance": {"method": plan.method, "options": plan.options},
         "stages": stages,
         "head": head,

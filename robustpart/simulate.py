@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +16,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import PlanError
-from .graph import ModelGraph
+from .graph import ModelGraph, pre_activation_point
 from .plan import Plan
 from .registry import Registry
+
+if TYPE_CHECKING:      # the runtime package imports onnxruntime; the simulator does not need it
+    from .runtime.compensation import Compensation
 
 FILLS: Registry[Callable[[ModelGraph, Plan], dict[str, torch.Tensor]]] = Registry("fill policy")
 register_fill = FILLS.register
@@ -35,38 +39,79 @@ def fill_values(graph: ModelGraph, plan: Plan) -> dict[str, np.ndarray]:
 
 
 class ChannelMask(nn.Module):
-    """Replaces the channels where `keep` is False by `fill` along `axis`; a no-op while `keep` is None."""
+    """At a unit's exit: the channels where `keep` is False become `fill` (+ `recon` @ the kept channels,
+    when compensation reconstructs them) along `axis`; a no-op while `keep` is None."""
 
     def __init__(self, axis: int, ndim: int):
         super().__init__()
         self.axis, self.ndim = axis, ndim
         self.keep: torch.Tensor | None = None
         self.fill: torch.Tensor | None = None
+        self.recon: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # lost, kept, matrix
+        self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None            # calibration
 
-    def set(self, keep: np.ndarray | None, fill: torch.Tensor) -> None:
+    def set(self, keep: np.ndarray | None, fill: torch.Tensor, recon: np.ndarray | None = None) -> None:
+        """`fill`: one value per channel (only the lost ones matter); `recon`: [lost, kept] or None."""
+        self.recon = None
         if keep is None or keep.all():
             self.keep = self.fill = None
             return
-        shape = [1] * self.ndim
-        shape[self.axis] = keep.size
-        keep_t = torch.as_tensor(keep, dtype=torch.float32).reshape(shape)
-        self.keep = keep_t
-        self.fill = (1.0 - keep_t) * fill.reshape(shape)
+        self.keep = torch.as_tensor(keep, dtype=torch.float32)
+        self.fill = (1.0 - self.keep) * torch.as_tensor(fill, dtype=torch.float32).reshape(-1)
+        if recon is not None:
+            self.recon = (torch.as_tensor(np.flatnonzero(~keep)), torch.as_tensor(np.flatnonzero(keep)),
+                          torch.as_tensor(recon, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hook is not None:
+            return self.hook(x)
         if self.keep is None:
             return x
-        return x * self.keep + self.fill
+        moved = x.movedim(self.axis, -1)
+        out = moved * self.keep + self.fill
+        if self.recon is not None:
+            lost, kept, matrix = self.recon
+            out = out.index_add(-1, lost, moved.index_select(-1, kept) @ matrix.T)
+        return out.movedim(-1, self.axis)
+
+
+class ChannelAffine(nn.Module):
+    """x * scale + shift per channel along `axis` (compensation at a unit's pre-activation point);
+    a no-op while unset."""
+
+    def __init__(self, axis: int, ndim: int):
+        super().__init__()
+        self.axis, self.ndim = axis, ndim
+        self.scale: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None            # calibration
+
+    def set(self, scale: np.ndarray | None, shift: np.ndarray | None) -> None:
+        if scale is None:
+            self.scale = self.shift = None
+            return
+        shape = [1] * self.ndim
+        shape[self.axis] = -1
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(shape)
+        self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hook is not None:
+            return self.hook(x)
+        if self.scale is None:
+            return x
+        return x * self.scale + self.shift
 
 
 class FailureSimulator:
-    """Evaluate `graph`'s model as partitioned by `plan` under any failure set."""
+    """Evaluate `graph`'s model as partitioned by `plan` under any failure set, with the plan's fill and,
+    when given, the compensation prepared for that failure set."""
 
-    def __init__(self, graph: ModelGraph, plan: Plan):
+    def __init__(self, graph: ModelGraph, plan: Plan, compensation: Compensation | None = None):
         plan.validate({u.name: u.channels for u in graph.units})
-        self.graph, self.plan = graph, plan
+        self.graph, self.plan, self.compensation = graph, plan, compensation
         self.fill_values = FILLS.get(plan.fill)(graph, plan)
-        self.module, self.masks = _with_masks(graph)
+        self.module, self.masks, self.affines = _with_masks(graph)
         self.module.eval()
 
     def set_failures(self, failed: Iterable[int]) -> None:
@@ -74,9 +119,17 @@ class FailureSimulator:
         bad = [b for b in failed if not 0 <= b < self.plan.n_boards]
         if bad:
             raise PlanError(f"failed board ids {bad} are out of range 0..{self.plan.n_boards - 1}")
+        prepared = self.compensation.for_failures(failed) if self.compensation and failed else None
         for unit in self.graph.units:
             keep = self.plan.surviving(unit.name, failed)
-            self.masks[unit.name].set(keep, self.fill_values[unit.name])
+            data = (prepared or {}).get(unit.name)
+            fill, recon = self.fill_values[unit.name], None
+            if data is not None and data.lost is not None and np.array_equal(data.lost, np.flatnonzero(~keep)):
+                fill = fill.clone()
+                fill[torch.as_tensor(data.lost)] = torch.as_tensor(data.fill)
+                recon = data.recon
+            self.masks[unit.name].set(keep, fill, recon)
+            self.affines[unit.name].set(*((data.scale, data.shift) if data is not None else (None, None)))
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor | np.ndarray, failed: Iterable[int] = (),
@@ -87,8 +140,9 @@ class FailureSimulator:
         return torch.cat(outs)
 
 
-def _with_masks(graph: ModelGraph) -> tuple[fx.GraphModule, dict[str, ChannelMask]]:
-    """A copy of the traced graph (sharing the weights) with a ChannelMask after every unit's exit."""
+def _with_masks(graph: ModelGraph) -> tuple[fx.GraphModule, dict[str, ChannelMask], dict[str, ChannelAffine]]:
+    """A copy of the traced graph (sharing the weights) with a ChannelMask after every unit's exit and a
+    ChannelAffine after its pre-activation point."""
     new_graph = copy.deepcopy(graph.module.graph)
     root = nn.Module()
     for name, child in graph.module.named_children():
@@ -99,14 +153,21 @@ def _with_masks(graph: ModelGraph) -> tuple[fx.GraphModule, dict[str, ChannelMas
         root.register_buffer(name, getattr(graph.module, name))
     nodes = {n.name: n for n in new_graph.nodes}
     masks: dict[str, ChannelMask] = {}
+    affines: dict[str, ChannelAffine] = {}
+
+    def insert_after(node_name: str, module: nn.Module, target: str) -> None:
+        node = nodes[node_name]
+        root.add_module(target, module)
+        with new_graph.inserting_after(node):
+            new = new_graph.call_module(target, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        nodes[node_name] = new          # a later insertion after the same point goes after this one
+
     for i, unit in enumerate(graph.units):
-        exit_node = nodes[unit.exit_node]
-        mask = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1)
-        target = f"_robustpart_mask_{i}"
-        root.add_module(target, mask)
-        masks[unit.name] = mask
-        with new_graph.inserting_after(exit_node):
-            mask_node = new_graph.call_module(target, (exit_node,))
-        exit_node.replace_all_uses_with(mask_node, delete_user_cb=lambda user: user is not mask_node)
+        point = pre_activation_point(graph, unit)
+        affines[unit.name] = ChannelAffine(point.axis, point.ndim)
+        insert_after(point.node, affines[unit.name], f"_robustpart_affine_{i}")
+        masks[unit.name] = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1)
+        insert_after(unit.exit_node, masks[unit.name], f"_robustpart_mask_{i}")
     new_graph.lint()
-    return fx.GraphModule(root, new_graph), masks
+    return fx.GraphModule(root, new_graph), masks, affines

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustpart.compiler import _write_bundle
+from robustpart.compiler import CompileOptions, _write_bundle, compensation_for
 from robustpart.graph import trace
 from robustpart.models import ModelSource
 from robustpart.partition import make_plan
@@ -31,14 +31,18 @@ BOARDS = 4
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """TinyNet (6 stages) on 4 boards, robust plan: some channels replicated, some on one board only."""
+    """TinyNet (6 stages) on 4 boards, robust plan: some channels replicated, some on one board only; with
+    compensation for every failure set, so each answer below also checks that the boards apply it."""
     from test_plan import random_scores
     torch.manual_seed(0)
     graph = trace(randomized(TinyNet()), TINY_SPEC, "tiny")
     channels = {u.name: u.channels for u in graph.units}
     plan = make_plan(channels, BOARDS, "robust", random_scores(channels), 1.0)
+    calibration = torch.randn(32, *TINY_SPEC.shape, generator=torch.Generator().manual_seed(5))
+    compensation = compensation_for(graph, plan, CompileOptions(devices=BOARDS, compensate="ls"),
+                                    calibration=calibration)
     root = tmp_path_factory.mktemp("mesh-bundle")
-    _write_bundle(root, graph, ModelSource("file", "tiny", "default"), plan, None)
+    _write_bundle(root, graph, ModelSource("file", "tiny", "default"), plan, None, compensation=compensation)
     return root
 
 
@@ -64,6 +68,13 @@ class References:
 @pytest.fixture(scope="module")
 def refs(bundle, images):
     return References(bundle, images)
+
+
+def test_the_mesh_bundle_is_compensated(bundle, images):
+    """Compensation changes the answer under failure, so matching LocalExecutor below means the boards apply it."""
+    with_it = LocalExecutor(bundle, (1,)).run(images)
+    without = LocalExecutor(bundle, (1,), compensate=False).run(images)
+    assert np.abs(with_it - without).max() > 1e-3 * np.abs(without).max()
 
 
 def start_mesh(bundle, workdir):

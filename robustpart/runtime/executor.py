@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, DataError
+from .compensation import UnitCompensation, reconstruct_lost
 from .manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class StageAssembler:
             self._plans[answered] = plan
         return self._plans[answered]
 
-    def assemble(self, slices: dict[int, np.ndarray], batch: int) -> np.ndarray:
+    def assemble(self, slices: dict[int, np.ndarray], batch: int, prepared: UnitCompensation | None = None
+                 ) -> np.ndarray:
+        """`prepared`: compensation for the channels no slice brings, used only when it was prepared for exactly
+        the channels missing here (otherwise the plain fill values stand)."""
         full = np.zeros((batch, *self.shape), dtype=np.float32)
         if self.fill is not None:
             shape = [1] * full.ndim
@@ -94,14 +98,23 @@ class StageAssembler:
             src = [slice(None)] * full.ndim
             src[self.axis] = positions
             full[tuple(index)] = slices[board][tuple(src)]
+        if prepared is not None and np.array_equal(prepared.lost, self._lost(frozenset(slices))):
+            reconstruct_lost(full, self.axis, prepared.lost, prepared.fill, prepared.recon)
         return full
+
+    def _lost(self, answered: frozenset) -> np.ndarray:
+        taken = np.zeros(self.channels, dtype=bool)
+        for _, _, channels in self._plan(answered):
+            taken[channels] = True
+        return np.flatnonzero(~taken)
 
 
 class LocalExecutor:
-    """All live boards of a bundle in one process: `run(x)` returns the model output for a batch."""
+    """All live boards of a bundle in one process: `run(x)` returns the model output for a batch, with the
+    bundle's compensation for the failure set when it has one (`compensate=False` runs without)."""
 
     def __init__(self, bundle: Path | str, failed: Iterable[int] = (), provider: str | Iterable[str] = "cpu",
-                 threads: int = 1, manifest: Manifest | None = None):
+                 threads: int = 1, manifest: Manifest | None = None, compensate: bool = True):
         self.manifest = manifest or load_manifest(bundle)
         self.failed = frozenset(failed)
         n = self.manifest.boards
@@ -115,6 +128,9 @@ class LocalExecutor:
         self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
                          for stage in self.manifest.stages]
         self.assemblers = [StageAssembler(stage, n) for stage in self.manifest.stages]
+        self.tables = self.manifest.compensation_tables()
+        if not compensate:
+            self.tables.compensation = None
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
 
@@ -124,13 +140,14 @@ class LocalExecutor:
         if x.ndim != len(spec["shape"]) + 1 or list(x.shape[1:]) != spec["shape"]:
             raise DataError(f"input has shape {list(x.shape)}; the bundle expects (batch, {', '.join(map(str, spec['shape']))})")
         env = {spec["name"]: x}
-        for stage, sessions, assembler in zip(self.manifest.stages, self.sessions, self.assemblers):
+        for s, (stage, sessions, assembler) in enumerate(zip(self.manifest.stages, self.sessions, self.assemblers)):
             slices, extras = {}, None
             for board, session in sessions.items():
-                outputs = session.run(None, {name: env[name] for name in stage["inputs"]})
+                feeds = {name: env[name] for name in stage["inputs"]}
+                outputs = session.run(None, {**feeds, **self.tables.affine_feeds(s, board, self.failed)})
                 slices[board] = outputs[0]
                 extras = extras or outputs[1:]
-            env[stage["tensor"]] = assembler.assemble(slices, len(x))
+            env[stage["tensor"]] = assembler.assemble(slices, len(x), self.tables.exit_data(s, self.failed))
             for meta, value in zip(stage["extras"], extras):
                 env[meta["name"]] = value
         if self.head is None:

@@ -49,6 +49,28 @@ class Manifest:
     def channels(self, stage: dict, board: int) -> np.ndarray:
         return np.asarray(stage["shards"][board]["channels"], dtype=np.int64)
 
+    @property
+    def compensation_entry(self) -> dict | None:
+        return self.data["compensation"]
+
+    def load_compensation(self, board: int | None = None):
+        """The bundle's compensation data (hash-checked), or None when it has none. With `board`, only the
+        failure sets that board survives are kept in memory."""
+        from .compensation import Compensation
+        entry = self.compensation_entry
+        if entry is None:
+            return None
+        comp = Compensation.load(self.root / entry["file"], entry["sha256"])
+        if board is not None:
+            comp.sets = {failed: units for failed, units in comp.sets.items() if board not in failed}
+        return comp
+
+    def compensation_tables(self, board: int | None = None):
+        from .compensation import CompensationTables
+        entry = self.compensation_entry
+        return CompensationTables(self.stages, self.load_compensation(board),
+                                  entry["affine_inputs"] if entry else [])
+
     def param_bytes(self, board: int) -> int:
         total = sum(s["shards"][board]["param_bytes"] for s in self.stages)
         return total + (self.head["param_bytes"] if self.head else 0)
@@ -113,13 +135,15 @@ def _check_files(m: Manifest, boards) -> None:
              for i in range(len(m.stages)) for b in boards]
     if m.head:
         files.append((m.head["file"], m.head["sha256"]))
+    if m.compensation_entry:
+        files.append((m.compensation_entry["file"], m.compensation_entry["sha256"]))
     root = m.root.resolve()
     for name, digest in files:
         path = m.root / name
         if not path.resolve().is_relative_to(root):
             raise BundleError(f"shard path {name!r} points outside the bundle directory; compile the bundle again")
         if not path.is_file():
-            raise BundleError(f"shard {path} is missing; copy the whole bundle directory or compile it again")
+            raise BundleError(f"bundle file {path} is missing; copy the whole bundle directory or compile it again")
         if sha256_file(path) != digest:
-            raise BundleError(f"shard {path} does not match its SHA-256 in the manifest (corrupted or "
+            raise BundleError(f"bundle file {path} does not match its SHA-256 in the manifest (corrupted or "
                               f"modified); copy it again or compile the bundle again")

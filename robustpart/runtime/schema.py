@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _INT_LIST = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _NAME_LIST = {"type": "array", "items": {"type": "string"}}
@@ -22,7 +22,8 @@ MANIFEST_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "robustpart bundle manifest",
     "type": "object",
-    "required": ["schema_version", "model", "input", "output", "boards", "fill", "provenance", "stages", "head"],
+    "required": ["schema_version", "model", "input", "output", "boards", "fill", "compensation", "provenance",
+                 "stages", "head"],
     "properties": {
         "schema_version": {"type": "integer"},
         "model": {"type": "object", "required": ["name", "source_hash"],
@@ -38,6 +39,12 @@ MANIFEST_SCHEMA = {
                                   "labels": {"type": "array", "items": {"type": "string"}}}},
         "boards": {"type": "integer", "minimum": 1},
         "fill": {"type": "object", "required": ["policy"], "properties": {"policy": {"type": "string"}}},
+        "compensation": {"type": ["object", "null"],
+                         "required": ["file", "sha256", "policy", "max_failures", "sets", "affine_inputs"],
+                         "properties": {"file": {"type": "string"}, "sha256": _SHA256, "policy": {"type": "object"},
+                                        "max_failures": {"type": "integer", "minimum": 1},
+                                        "sets": {"type": "array", "items": _INT_LIST},
+                                        "affine_inputs": _NAME_LIST}},
         "provenance": {"type": "object", "required": ["method", "options"],
                        "properties": {"method": {"type": "string"}, "options": {"type": "object"}}},
         "stages": {"type": "array", "items": {

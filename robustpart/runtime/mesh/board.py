@@ -91,6 +91,7 @@ class DeviceServer:
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
         self.assemblers = [StageAssembler(s, self.n) for s in self.stages]
+        self.compensation = self.manifest.compensation_tables(board=self.me)    # only the sets it survives
         self.slice_shapes = [[wire.slice_shape(s, b) for b in range(self.n)] for s in self.stages]
         self.input_shape = tuple(self.manifest.input["shape"])
 
@@ -333,7 +334,9 @@ class DeviceServer:
             self._result(req, s, self.head.run(None, feeds)[0])
             return
         stage = self.stages[s]
-        outputs = self.sessions[s].run(None, {name: req.env[name] for name in stage["inputs"]})
+        feeds = {name: req.env[name] for name in stage["inputs"]}
+        feeds.update(self.compensation.affine_feeds(s, self.me, self._failed(req.members & ~req.excluded)))
+        outputs = self.sessions[s].run(None, feeds)
         for meta, value in zip(stage["extras"], outputs[1:]):
             req.env[meta["name"]] = value
         if s == len(self.stages) - 1 and self.head is None:
@@ -373,10 +376,17 @@ class DeviceServer:
         used = wire.mask_of(slices)
         req.excluded |= req.members & ~used           # missing now: not waited for again in this request
         req.lineage = after_assembly(used, [req.lineage, *(lin for _, lin in got.values())])
-        req.env[self.stages[s]["tensor"]] = self.assemblers[s].assemble(slices, req.batch)
+        prepared = self.compensation.exit_data(s, self._failed(used))
+        req.env[self.stages[s]["tensor"]] = self.assemblers[s].assemble(slices, req.batch, prepared)
         req.used.append(used)
         req.own, req.waiting, req.stage = None, False, s + 1
         self.ready.append(req)
+
+    def _failed(self, answering: int) -> frozenset:
+        """The failure set this board compensates for: every board outside `answering` (a bit mask). The
+        affine of a stage follows the boards the request still counts on; the fill at an assembly follows
+        the boards whose slices it has, so a view that differs between boards still gives an answer."""
+        return frozenset(b for b in range(self.n) if not answering >> b & 1)
 
     def _result(self, req: Request, stage: int, output: np.ndarray) -> None:
         lineage = req.lineage

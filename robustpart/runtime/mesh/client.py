@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from ...errors import DataError, RobustpartError
+from ..compensation import CompensationTables
 from ..executor import StageAssembler
 from ..manifest import MANIFEST, load_manifest
 from . import protocol as wire
@@ -98,6 +99,7 @@ class MeshClient:
         last = self.manifest.stages[-1]
         self.has_head = self.manifest.head is not None
         self.final_assembler = StageAssembler(last, self.n)
+        self.compensation = self._compensation_tables()
         self.final_shapes = [wire.slice_shape(last, b) for b in range(self.n)]
         self.output_shape = tuple(self.manifest.data["output"]["shape"])
         self.input_shape = tuple(self.manifest.input["shape"])
@@ -323,6 +325,14 @@ class MeshClient:
             lineage = after_assembly(wire.mask_of(boards), lineages.values()) if boards else None
             self._answer(p, boards, lineage, now)
 
+    def _compensation_tables(self):
+        """The final assembly's compensation; a client given only the manifest goes without it (logged)."""
+        entry = self.manifest.compensation_entry
+        if entry is not None and not (self.manifest.root / entry["file"]).is_file():
+            log.warning("%s is missing: the final assembly runs without compensation", entry["file"])
+            return CompensationTables(self.manifest.stages, None, [])
+        return self.manifest.compensation_tables()
+
     def _answer(self, p: _Pending, boards: list[int], lineage: Lineage | None, now: float) -> None:
         del self.pending[p.rid]
         clean = lineage is not None and not lineage.mixed and bool(boards)
@@ -334,7 +344,9 @@ class MeshClient:
                 if clean:          # the head's output was computed from the boards its lineage names
                     boards = list(wire.boards_of(lineage.boards))
             else:
-                output = self.final_assembler.assemble({b: p.results[b][0] for b in boards}, p.batch)
+                missing = frozenset(b for b in range(self.n) if b not in boards)
+                prepared = self.compensation.exit_data(len(self.manifest.stages) - 1, missing)
+                output = self.final_assembler.assemble({b: p.results[b][0] for b in boards}, p.batch, prepared)
             if clean:
                 failed = tuple(b for b in range(self.n) if b not in boards)
         status = OK if clean else MIXED if boards else (NO_BOARDS if p.members == 0 else DEADLINE)

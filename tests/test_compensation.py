@@ -1,0 +1,187 @@
+"""Failure-aware compensation: fitted on calibration data, applied identically by the simulator, the
+LocalExecutor and the mesh boards; identity with no failure; refused when tampered."""
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from robustpart.compensate import CompensationPolicy, compute_compensation, default_max_failures
+from robustpart.compiler import CompileOptions, _write_bundle, compensation_for
+from robustpart.errors import BundleError, PlanError
+from robustpart.graph import pre_activation_point, trace
+from robustpart.models import ModelSource
+from robustpart.partition import make_plan
+from robustpart.runtime import LocalExecutor, load_manifest
+from robustpart.simulate import FailureSimulator
+from robustpart.spec import InputSpec
+
+from conftest import TINY_SPEC, TinyNet, randomized
+
+
+def close(out, ref, rel=1e-4):
+    return np.abs(out - ref).max() <= rel * np.abs(ref).max() + 1e-12
+
+
+def channels_of(graph):
+    return {u.name: u.channels for u in graph.units}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = randomized(TinyNet())
+    graph = trace(model, TINY_SPEC, "tiny")
+    g = torch.Generator().manual_seed(1)
+    calibration = torch.randn(48, 3, 8, 8, generator=g)
+    images = torch.randn(20, 3, 8, 8, generator=g)
+    return model, graph, calibration, images
+
+
+@pytest.fixture(scope="module")
+def compensated_bundle(tiny, tmp_path_factory):
+    model, graph, calibration, _ = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    prepared = compensation_for(graph, plan, CompileOptions(devices=3, compensate="ls"), calibration=calibration)
+    root = tmp_path_factory.mktemp("compensated")
+    _write_bundle(root, graph, ModelSource("file", "test", "default"), plan, None, compensation=prepared)
+    return root, graph, plan, prepared.data
+
+
+def test_no_failure_is_unchanged(tiny, compensated_bundle):
+    model, graph, _, images = tiny
+    bundle, _, plan, data = compensated_bundle
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert np.array_equal(FailureSimulator(graph, plan, data).logits(images).numpy(),
+                          FailureSimulator(graph, plan).logits(images).numpy())
+    assert close(FailureSimulator(graph, plan, data).logits(images).numpy(), expected)
+    assert close(LocalExecutor(bundle).run(images.numpy()), expected)
+    # and the data itself: no set has entries for the first unit's affine (nothing upstream is lost)
+    first = graph.units[0].name
+    assert all(units.get(first) is None or units[first].scale is None for units in data.sets.values())
+
+
+def test_simulator_and_executor_agree_for_every_failure_set(tiny, compensated_bundle):
+    _, graph, _, images = tiny
+    bundle, _, plan, data = compensated_bundle
+    sim, plain = FailureSimulator(graph, plan, data), FailureSimulator(graph, plan)
+    assert sorted(map(sorted, data.sets)) == [[0], [0, 1], [0, 2], [1], [1, 2], [2]]
+    for k in (1, 2):
+        for failed in itertools.combinations(range(3), k):
+            ref = sim.logits(images, failed).numpy()
+            assert close(LocalExecutor(bundle, failed).run(images.numpy()), ref), failed
+            assert not close(ref, plain.logits(images, failed).numpy(), rel=1e-3), failed   # it does something
+            assert close(LocalExecutor(bundle, failed, compensate=False).run(images.numpy()),
+                         plain.logits(images, failed).numpy())
+
+
+def test_affine_restores_calibration_statistics(tiny):
+    """Policy `restore`: at every pre-activation point downstream of a loss, the compensated network's
+    per-channel mean and variance on the calibration data equal the healthy network's."""
+    _, graph, calibration, _ = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    data = compute_compensation(graph, plan, calibration, 1, CompensationPolicy(affine="restore", fill="zero"))
+    unit = graph.units[-2]                          # fc1: its input lost channels of the grouped conv
+    point = pre_activation_point(graph, unit)
+    seen = {}
+
+    def record(name):
+        return lambda module, args, out: seen.__setitem__(name, out.detach().clone())
+
+    for failed, label in [((), "healthy"), ((1,), "compensated")]:
+        sim = FailureSimulator(graph, plan, data)
+        handle = sim.affines[unit.name].register_forward_hook(record(label))
+        sim.logits(calibration, failed)
+        handle.remove()
+    healthy, compensated = (seen[k].movedim(point.axis, -1).reshape(-1, unit.channels) for k in ("healthy", "compensated"))
+    assert torch.allclose(compensated.mean(0), healthy.mean(0), atol=1e-4)
+    assert torch.allclose(compensated.var(0), healthy.var(0), rtol=1e-3, atol=1e-5)
+
+
+def test_adabn_is_batchnorm_with_re_estimated_statistics(tiny):
+    """Policy `adabn` at a BatchNorm unit equals running that BN with mean/var measured on its corrupted input."""
+    _, graph, calibration, _ = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    data = compute_compensation(graph, plan, calibration, 1, CompensationPolicy(affine="adabn", fill="zero"))
+    bn = dict(graph.module.named_modules())["res_bn"]
+    seen = {}
+    handle = bn.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0].detach().clone()))
+    # the BN input under failure is the same with or without the res unit's own compensation (it sits after BN)
+    FailureSimulator(graph, plan, data).logits(calibration, (1,))
+    handle.remove()
+    x = seen["x"]
+    adapted = nn.BatchNorm2d(bn.num_features, eps=bn.eps).eval()
+    adapted.load_state_dict(bn.state_dict())
+    adapted.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    adapted.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    entry = data.for_failures((1,))["res"]
+    with torch.no_grad():
+        compensated = bn(x) * torch.as_tensor(entry.scale)[:, None, None] + torch.as_tensor(entry.shift)[:, None, None]
+        assert torch.allclose(compensated, adapted(x), atol=1e-4)
+
+
+class Redundant(nn.Module):
+    """fc1's channel 1 is exactly 2 x channel 0 and channel 3 = channel 2 - channel 0: losing 1 and 3
+    loses nothing a least-squares fill cannot rebuild."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 4)
+        self.fc2 = nn.Linear(4, 3)
+        with torch.no_grad():
+            w, b = self.fc1.weight, self.fc1.bias
+            w[1], b[1] = 2 * w[0], 2 * b[0]
+            w[3], b[3] = w[2] - w[0], b[2] - b[0]
+
+    def forward(self, x):
+        return self.fc2(self.fc1(torch.flatten(x, 1)))
+
+
+def test_least_squares_fill_rebuilds_redundant_channels():
+    torch.manual_seed(0)
+    spec = InputSpec(shape=(1, 2, 3), mean=(0.0,), std=(1.0,), num_classes=3)
+    graph = trace(Redundant().eval(), spec, "redundant")
+    plan = make_plan(channels_of(graph), 2, "lop")      # fc1: board 0 holds 0,1; board 1 holds 2,3
+    plan.units["fc1"].boards = [np.array([0, 2]), np.array([1, 3])]
+    plan.validate(channels_of(graph))
+    x = torch.randn(64, 1, 2, 3)
+    ls = compute_compensation(graph, plan, x, 1, CompensationPolicy(affine="none", fill="ls", ridge=1e-9))
+    zero = FailureSimulator(graph, plan).logits(x, (1,))
+    healthy = FailureSimulator(graph, plan).logits(x)
+    rebuilt = FailureSimulator(graph, plan, ls).logits(x, (1,))
+    assert torch.allclose(rebuilt, healthy, atol=1e-3)
+    assert not torch.allclose(zero, healthy, atol=1e-1)
+
+
+def test_tampered_or_missing_compensation_is_refused(compensated_bundle, tmp_path):
+    from robustpart.bundle import Bundle
+    source = compensated_bundle[0]
+    target = tmp_path / "copy"
+    shutil.copytree(source, target)
+    data = bytearray((target / "compensation.npz").read_bytes())
+    data[-40] ^= 1
+    (target / "compensation.npz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="compensation.npz does not match its SHA-256"):
+        load_manifest(target)
+    with pytest.raises(BundleError, match="does not match the SHA-256"):
+        Bundle.load(target).load_compensation()
+    (target / "compensation.npz").unlink()
+    with pytest.raises(BundleError, match="compensation.npz is missing"):
+        LocalExecutor(target, (1,))
+
+
+def test_options_are_checked(tiny):
+    _, graph, calibration, _ = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    with pytest.raises(PlanError, match="unknown compensation policy 'magic'"):
+        compensation_for(graph, plan, CompileOptions(devices=3, compensate="magic"), calibration=calibration)
+    with pytest.raises(PlanError, match="--compensate-up-to must be in 0..2"):
+        compensation_for(graph, plan, CompileOptions(devices=3, compensate="ls", compensate_up_to=3),
+                         calibration=calibration)
+    full = make_plan(channels_of(graph), 3, "full")
+    assert compensation_for(graph, full, CompileOptions(devices=3, compensate="ls"), calibration=calibration) is None
+    assert [default_max_failures(n) for n in (1, 2, 4, 8)] == [0, 1, 3, 7]
