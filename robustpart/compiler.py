@@ -222,7 +222,7 @@ def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan,
     cost = plan_cost(graph, plan)
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
-    (tmp / "report.txt").write_text(plan_report_text(graph, plan, cost))
+    text = plan_report_text(graph, plan, cost)
     entry = None
     if compensation is not None:
         from .bundle import COMPENSATION_DATA, COMPENSATION_INFO
@@ -230,10 +230,21 @@ def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan,
         (tmp / COMPENSATION_DATA).write_bytes(data)
         entry = {"file": COMPENSATION_DATA, "sha256": hashlib.sha256(data).hexdigest(), **compensation.info}
         (tmp / COMPENSATION_INFO).write_text(json.dumps(entry, indent=1))
+        text += _compensation_text(entry, graph.total_param_bytes)
+    (tmp / "report.txt").write_text(text)
     if shards:
         from .shards import write_shards
         manifest = write_shards(tmp, graph, plan, progress, entry)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _compensation_text(entry: dict, model_bytes: int) -> str:
+    sets, k = len(entry["sets"]), entry["max_failures"]
+    return (f"\ncompensation {entry['policy']['name']} for {sets} failure sets of 1..{k} boards: "
+            f"{entry['bytes'] / 1e6:.2f} MB in the bundle ({entry['bytes'] / model_bytes:.3f} x model), at most "
+            f"{entry['max_set_bytes'] / 1e6:.2f} MB ({entry['max_set_bytes'] / model_bytes:.3f} x model) for one "
+            f"set; computed in {entry['seconds']:.1f} s from {entry['policy']['calibration_images']} "
+            f"calibration images\n")
 
 
 def graph_of_bundle(bundle: Bundle) -> ModelGraph:

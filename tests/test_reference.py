@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from robustpart import zoo
+from robustpart.bundle import Bundle
 from robustpart.compiler import CompileOptions, compile_model, load_eval_data, load_graph
 from robustpart.plan import Plan
 from robustpart.runtime import LocalExecutor
@@ -34,7 +35,9 @@ def test_sharded_reference_model_matches_torch_and_the_simulator(name, tmp_path)
     out = LocalExecutor(bundle).run(data.images)
     assert np.abs(out - expected).max() <= 1e-4 * np.abs(expected).max()
     assert (out.argmax(1) == data.labels).mean() > 0.8        # trained weights, real data
-    sim = FailureSimulator(graph, plan)
+    compensation = Bundle.load(bundle).load_compensation()      # compiled with compensation (auto: ls)
+    assert compensation is not None and len(compensation.sets) == 14
+    sim = FailureSimulator(graph, plan, compensation)
     for k in (1, 2, 3):
         for failed in itertools.combinations(range(4), k):
             ref = sim.logits(x, failed).numpy()
