@@ -1,5 +1,6 @@
 """The reference models (trained on Fashion-MNIST) through the whole pipeline."""
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_demo_runs_as_documented(tmp_path):
     proc = subprocess.run([str(exe), "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr
-    methods = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[:1] in (["robust"], ["lop"], ["full"])]
-    assert methods == ["robust", "lop", "full"]
+    methods = [re.split(r"\s{2,}", line)[0] for line in proc.stdout.splitlines()
+               if line.split()[:1] in (["robust"], ["lop"], ["full"])]
+    assert methods == ["robust t=0.3", "robust t=0.3 +comp", "lop", "lop +comp", "full"]   # full loses nothing
     assert (tmp_path / "demo" / "manifest.json").is_file()
