@@ -132,10 +132,10 @@ class _Calibrator:
             point = self.points[unit]
             healthy, corrupted = _channels_last(x[:self.n], point.axis), _channels_last(x[self.n:], point.axis)
             scale, shift = self._affine(unit, healthy.double(), corrupted.double())
-            self.result.setdefault(unit, UnitCompensation()).__dict__.update(
-                scale=scale.float().numpy(), shift=shift.float().numpy())
+            entry = self.result.setdefault(unit, UnitCompensation())
+            entry.scale, entry.shift = scale.float().numpy(), shift.float().numpy()
             module = self.sim.affines[unit]
-            module.set(scale.float().numpy(), shift.float().numpy())
+            module.set(entry.scale, entry.shift)
             return torch.cat([x[:self.n], _unhooked(module, x[self.n:])])
         return hook
 
@@ -171,7 +171,8 @@ class _Calibrator:
             base = self.sim.fill_values[unit].clone()
             if fill is not None:
                 base[torch.as_tensor(lost)] = torch.as_tensor(fill)
-                self.result.setdefault(unit, UnitCompensation()).__dict__.update(lost=lost, fill=fill, recon=recon)
+                entry = self.result.setdefault(unit, UnitCompensation())
+                entry.lost, entry.fill, entry.recon = lost, fill, recon
             mask = self.sim.masks[unit]
             mask.set(keep, base, recon)
             self.dirty = True
