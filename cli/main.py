@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scores", type=_names, default=["l1", "taylor", "jsd"],
                    help="importance criteria, comma-separated (default l1,taylor,jsd)")
     c.add_argument("--jsd", choices=["auto", "exact", "fast"], default="auto",
-                   help="JSD scores by exact channel ablation, a fast gradient expansion, or auto: exact when "
+                   help="JSD scores by exact channel ablation, a fast linearised-logit approximation, or auto: exact when "
                         "affordable (default auto; the choice is shown)")
     c.add_argument("--calib", type=int, default=64, help="calibration images for data-driven scores")
     c.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")

@@ -1,8 +1,9 @@
 """The `jsd` criterion: Algorithm 1, line 9, JSD(y_complete || y_without_channel_j) averaged over the
 calibration images (natural log, so 0 <= JSD <= ln 2).
 
-Modes: `exact` ablates every channel (ablation.py); `fast` is the second-order gradient expansion
-(gradients.py); `auto` picks exact when it fits a compute budget (session.py) and says which it used.
+Modes: `exact` ablates every channel (ablation.py); `fast` linearises the logits with one gradient pass
+and computes the JSD exactly on them (gradients.py); `auto` picks exact when it fits a compute budget
+(session.py) and says which it used.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 JSD_MODES = ("auto", "exact", "fast")
 # `auto` ablates exactly up to this many multiply-accumulates (a few seconds on a 2-core CPU: exact
-# JSD of the reference VGG on 16 images) and uses the gradient expansion above it. A count, not a
+# JSD of the reference VGG on 16 images) and uses the fast (linearised-logit) mode above it. A count, not a
 # timing, so the choice is the same on every machine.
 EXACT_BUDGET_MACS = 50e9
 
