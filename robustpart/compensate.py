@@ -14,7 +14,9 @@ so each fit sees the inputs the earlier compensation already produces:
 - fill, at the unit's exit, for the channels no live board holds:
   `zero` (the paper), `mean` (the channel's healthy calibration mean), or
   `ls`: a ridge least-squares fit of each lost channel (healthy values) on the surviving channels
-  (corrupted values) at the same position: fill + recon @ surviving.
+  (corrupted values) at the same position: fill + recon @ surviving. A unit whose matrix would exceed
+  `max_recon_ratio` of its own parameters (MobileNetV2's expanded 1x1 units: lost x surviving grows with the
+  square of the expanded width) gets the `mean` fill instead, so the data stays small next to the model.
 
 The result is a `runtime.compensation.Compensation`; the simulator, the executor and the boards apply it.
 """
@@ -51,6 +53,8 @@ class CompensationPolicy:
     fill: str = "ls"
     ridge: float = 1e-3        # relative to the mean variance of the surviving channels
     max_scale: float = 10.0    # bound on the affine's scale (a channel that died upstream has ~0 variance)
+    max_recon_ratio: float = 1.0    # a unit's reconstruction matrix may take at most this fraction of the
+                                    # unit's own parameter bytes (per failure set); above it: mean fill
 
     def __post_init__(self):
         if self.affine not in AFFINES:
@@ -102,6 +106,7 @@ class _Calibrator:
         modules = dict(sim.graph.module.named_modules())
         nodes = {node.name: node for node in sim.graph.module.graph.nodes}
         self.points = {u.name: pre_activation_point(sim.graph, u) for u in sim.graph.units}
+        self.param_bytes = {u.name: u.param_bytes for u in sim.graph.units}
         self.bn = {}
         for u in sim.graph.units:
             node = nodes[self.points[u.name].node]
@@ -167,7 +172,7 @@ class _Calibrator:
             axis = self.sim.masks[unit].axis
             lost = np.flatnonzero(~keep)
             healthy, corrupted = _channels_last(x[:self.n], axis), _channels_last(x[self.n:], axis)
-            fill, recon = self._fill(healthy, corrupted, keep)
+            fill, recon = self._fill(healthy, corrupted, keep, self.param_bytes[unit])
             base = self.sim.fill_values[unit].clone()
             if fill is not None:
                 base[torch.as_tensor(lost)] = torch.as_tensor(fill)
@@ -179,13 +184,14 @@ class _Calibrator:
             return torch.cat([x[:self.n], _unhooked(mask, x[self.n:])])
         return hook
 
-    def _fill(self, healthy: torch.Tensor, corrupted: torch.Tensor, keep: np.ndarray
+    def _fill(self, healthy: torch.Tensor, corrupted: torch.Tensor, keep: np.ndarray, unit_bytes: int
               ) -> tuple[np.ndarray | None, np.ndarray | None]:
         lost, kept = torch.as_tensor(np.flatnonzero(~keep)), torch.as_tensor(np.flatnonzero(keep))
         if self.policy.fill == "zero":
             return None, None
         target = healthy[:, lost].double()
-        if self.policy.fill == "mean" or len(kept) == 0:
+        too_big = 4 * len(lost) * len(kept) > self.policy.max_recon_ratio * unit_bytes
+        if self.policy.fill == "mean" or len(kept) == 0 or too_big:
             return target.mean(0).float().numpy(), None
         source = corrupted[:, kept].double()
         if len(source) > LS_MAX_SAMPLES:
