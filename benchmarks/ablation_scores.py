@@ -29,7 +29,7 @@ from pathlib import Path
 
 from robustpart import zoo
 from robustpart.compiler import calibration_images, evaluation_arrays, load_eval_data, load_graph
-from robustpart.cost import plan_cost
+from robustpart.cost import threshold_for_memory
 from robustpart.evaluate import evaluate_plan
 from robustpart.partition import make_plan
 from robustpart.scores import compute_scores
@@ -61,18 +61,6 @@ class SharedAccuracy:
             self.cache[key] = (logits.argmax(dim=1) == self.labels).float().mean().item()
             self.runs += 1
         return self.cache[key]
-
-
-def threshold_for_memory(graph, scores, devices: int, target: float, steps: int = 14) -> float:
-    """The smallest threshold whose plan keeps the largest board at most `target` x the full model
-    (memory falls as the threshold grows: fewer, larger groups, fewer replicas)."""
-    channels = {u.name: u.channels for u in graph.units}
-    lo, hi = 0.0, float(len(scores.criteria)) ** 0.5 + 1e-6     # hi: every unit one group
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        memory = plan_cost(graph, make_plan(channels, devices, "robust", scores, mid)).memory_ratio_full
-        lo, hi = (lo, mid) if memory <= target else (mid, hi)
-    return hi
 
 
 def ablation(model: str, devices: int, thresholds: list[float], memories: list[float], n_calib: int,

@@ -24,21 +24,10 @@ import torch
 from robustpart import zoo
 from robustpart.compensate import CompensationPolicy, compute_compensation
 from robustpart.compiler import calibration_images, evaluation_arrays, load_eval_data, load_graph
-from robustpart.cost import plan_cost
+from robustpart.cost import threshold_for_memory
 from robustpart.evaluate import PlanEvaluator, evaluate_plan
 from robustpart.partition import make_plan
 from robustpart.scores import DEFAULT_CRITERIA, compute_scores
-
-
-def threshold_for_memory(graph, scores, devices: int, target: float, replicate: list[str], steps: int = 14) -> float:
-    """The smallest threshold whose robust plan keeps the largest board at most `target` x the full model."""
-    channels = {u.name: u.channels for u in graph.units}
-    lo, hi = 0.0, float(len(scores.criteria)) ** 0.5 + 1e-6
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        plan = make_plan(channels, devices, "robust", scores, mid, replicate=replicate)
-        lo, hi = (lo, mid) if plan_cost(graph, plan).memory_ratio_full <= target else (mid, hi)
-    return hi
 
 
 def parse_policies(text: str) -> list[tuple[str, CompensationPolicy | None]]:

@@ -7,9 +7,13 @@ ops, which run on every board.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .graph import ModelGraph
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .scores import Scores
 
 
 @dataclass
@@ -66,3 +70,17 @@ def plan_cost(graph: ModelGraph, plan: Plan) -> PlanCost:
     return PlanCost(boards=boards, full_param_bytes=graph.total_param_bytes,
                     even_param_bytes=graph.replicated_param_bytes + split_bytes / plan.n_boards,
                     full_macs=graph.total_macs)
+
+
+def threshold_for_memory(graph: ModelGraph, scores: Scores, devices: int, target: float,
+                         replicate: list[str] | None = None, steps: int = 14) -> float:
+    """The smallest threshold whose robust plan keeps the largest board at most `target` x the full model
+    (memory falls as the threshold grows: fewer, larger groups, fewer replicas), by bisection."""
+    from .partition import make_plan
+    channels = {u.name: u.channels for u in graph.units}
+    lo, hi = 0.0, float(len(scores.criteria)) ** 0.5 + 1e-6     # hi: every unit one group
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        plan = make_plan(channels, devices, "robust", scores, mid, replicate=replicate)
+        lo, hi = (lo, mid) if plan_cost(graph, plan).memory_ratio_full <= target else (mid, hi)
+    return hi
