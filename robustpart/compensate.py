@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .errors import PlanError
 from .graph import ModelGraph, pre_activation_point
@@ -103,15 +102,8 @@ class _Calibrator:
 
     def __init__(self, sim: FailureSimulator, policy: CompensationPolicy, n: int):
         self.sim, self.policy, self.n = sim, policy, n
-        modules = dict(sim.graph.module.named_modules())
-        nodes = {node.name: node for node in sim.graph.module.graph.nodes}
         self.points = {u.name: pre_activation_point(sim.graph, u) for u in sim.graph.units}
         self.param_bytes = {u.name: u.param_bytes for u in sim.graph.units}
-        self.bn = {}
-        for u in sim.graph.units:
-            node = nodes[self.points[u.name].node]
-            if node.op == "call_module" and isinstance(modules[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
-                self.bn[u.name] = modules[node.target]
 
     def fit(self, calibration: torch.Tensor, failed: tuple[int, ...]) -> dict[str, UnitCompensation]:
         self.sim.set_failures(())
@@ -146,7 +138,7 @@ class _Calibrator:
 
     def _affine(self, unit: str, healthy: torch.Tensor, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean_f, var_f = corrupted.mean(0), corrupted.var(0, unbiased=False)
-        bn = self.bn.get(unit) if self.policy.affine == "adabn" else None
+        bn = self.points[unit].batchnorm if self.policy.affine == "adabn" else None
         if bn is not None:
             # AdaBN: BN(x) with mean/var re-estimated on the corrupted x. With y = BN output,
             # var(x) = var(y) (rv + eps) / gamma^2, and the new output is a * (y - mean(y)) + beta.

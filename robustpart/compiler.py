@@ -151,7 +151,7 @@ def compensation_for(graph: ModelGraph, plan: Plan, options: CompileOptions, pro
 
     from .compensate import DEFAULT_POLICY, compensated_sets, compute_compensation, default_max_failures, policy_named
     name = options.compensate
-    if name == "none" or plan.n_boards < 2 or (options.compensate_up_to == 0 and name == "auto"):
+    if name == "none" or plan.n_boards < 2:
         return None
     policy = policy_named(DEFAULT_POLICY if name == "auto" else name)
     k = options.compensate_up_to if options.compensate_up_to is not None else default_max_failures(plan.n_boards)

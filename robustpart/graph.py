@@ -120,6 +120,7 @@ class PreActivationPoint:
     node: str      # fx node after which compensation applies its per-channel affine
     axis: int      # channel axis of that tensor (batch axis is 0)
     ndim: int      # its number of dimensions, batch included
+    batchnorm: nn.Module | None = None    # the BatchNorm whose output it is, if any
 
 
 def pre_activation_point(graph: ModelGraph, unit: PartitionUnit) -> PreActivationPoint:
@@ -127,14 +128,14 @@ def pre_activation_point(graph: ModelGraph, unit: PartitionUnit) -> PreActivatio
     output: the last point before any nonlinearity where a per-channel affine can restore statistics."""
     nodes = {n.name: n for n in graph.module.graph.nodes}
     modules = dict(graph.module.named_modules())
-    name = unit.node
+    name, batchnorm = unit.node, None
     if unit.chain:
         first = nodes[unit.chain[0]]
         if first.op == "call_module" and isinstance(modules[first.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
-            name = first.name
+            name, batchnorm = first.name, modules[first.target]
     shape = _tensor_shape(nodes[name])
     axis = 1 if unit.kind == "conv" else len(shape) - 1
-    return PreActivationPoint(name, axis, len(shape))
+    return PreActivationPoint(name, axis, len(shape), batchnorm)
 
 
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:

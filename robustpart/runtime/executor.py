@@ -67,10 +67,11 @@ class StageAssembler:
         self.held = [np.asarray(s["channels"], dtype=np.int64) for s in stage["shards"]]
         fill = stage["fill_values"]
         self.fill = None if fill is None else np.asarray(fill, dtype=np.float32)
-        self._plans: dict[frozenset, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        self._plans: dict[frozenset, tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]] = {}
 
-    def _plan(self, answered: frozenset) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """For each answering board: (board, positions in its slice, channels) it contributes first."""
+    def _plan(self, answered: frozenset) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]:
+        """For each answering board: (board, positions in its slice, channels) it contributes first; and the
+        channels none of them holds."""
         if answered not in self._plans:
             taken = np.zeros(self.channels, dtype=bool)
             plan = []
@@ -80,7 +81,7 @@ class StageAssembler:
                 if fresh.any():
                     plan.append((board, np.flatnonzero(fresh), held[fresh]))
                     taken[held[fresh]] = True
-            self._plans[answered] = plan
+            self._plans[answered] = (plan, np.flatnonzero(~taken))
         return self._plans[answered]
 
     def assemble(self, slices: dict[int, np.ndarray], batch: int, prepared: UnitCompensation | None = None
@@ -92,21 +93,16 @@ class StageAssembler:
             shape = [1] * full.ndim
             shape[self.axis] = self.channels
             full += self.fill.reshape(shape)
-        for board, positions, channels in self._plan(frozenset(slices)):
+        contributions, lost = self._plan(frozenset(slices))
+        for board, positions, channels in contributions:
             index = [slice(None)] * full.ndim
             index[self.axis] = channels
             src = [slice(None)] * full.ndim
             src[self.axis] = positions
             full[tuple(index)] = slices[board][tuple(src)]
-        if prepared is not None and np.array_equal(prepared.lost, self._lost(frozenset(slices))):
+        if prepared is not None and np.array_equal(prepared.lost, lost):
             reconstruct_lost(full, self.axis, prepared.lost, prepared.fill, prepared.recon)
         return full
-
-    def _lost(self, answered: frozenset) -> np.ndarray:
-        taken = np.zeros(self.channels, dtype=bool)
-        for _, _, channels in self._plan(answered):
-            taken[channels] = True
-        return np.flatnonzero(~taken)
 
 
 class LocalExecutor:
@@ -128,9 +124,7 @@ class LocalExecutor:
         self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
                          for stage in self.manifest.stages]
         self.assemblers = [StageAssembler(stage, n) for stage in self.manifest.stages]
-        self.tables = self.manifest.compensation_tables()
-        if not compensate:
-            self.tables.compensation = None
+        self.tables = self.manifest.compensation_tables(with_data=compensate)
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
 

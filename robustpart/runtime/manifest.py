@@ -65,10 +65,12 @@ class Manifest:
             comp.sets = {failed: units for failed, units in comp.sets.items() if board not in failed}
         return comp
 
-    def compensation_tables(self, board: int | None = None):
+    def compensation_tables(self, board: int | None = None, with_data: bool = True):
+        """What a runtime feeds the shards' affine inputs and applies at assemblies; `with_data=False`: the
+        identity (the inputs are still fed, the data file is not read)."""
         from .compensation import CompensationTables
         entry = self.compensation_entry
-        return CompensationTables(self.stages, self.load_compensation(board),
+        return CompensationTables(self.stages, self.load_compensation(board) if with_data else None,
                                   entry["affine_inputs"] if entry else [])
 
     def param_bytes(self, board: int) -> int:

@@ -27,7 +27,6 @@ import numpy as np
 import zmq
 
 from ...errors import DataError, RobustpartError
-from ..compensation import CompensationTables
 from ..executor import StageAssembler
 from ..manifest import MANIFEST, load_manifest
 from . import protocol as wire
@@ -330,7 +329,7 @@ class MeshClient:
         entry = self.manifest.compensation_entry
         if entry is not None and not (self.manifest.root / entry["file"]).is_file():
             log.warning("%s is missing: the final assembly runs without compensation", entry["file"])
-            return CompensationTables(self.manifest.stages, None, [])
+            return self.manifest.compensation_tables(with_data=False)
         return self.manifest.compensation_tables()
 
     def _answer(self, p: _Pending, boards: list[int], lineage: Lineage | None, now: float) -> None:
