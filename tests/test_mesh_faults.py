@@ -147,6 +147,17 @@ def detections(cluster, victim, since, boards):
     return found
 
 
+def bypassed_after_detection(cluster, answers, t, event, victim, observers):
+    """Every observer declares `victim` dead within the bound after `t[event]`; the answers submitted after
+    the last detection (plus one heartbeat) were all computed without it. Returns (detected, those answers)."""
+    found = detections(cluster, victim, t[event], observers)
+    assert all(d is not None and d <= DETECTION_BOUND for d in found.values()), found
+    detected = t[event] + max(found.values())
+    after = [a for a in answers if a.submitted_at > detected + SETTINGS.heartbeat]
+    assert after and all(a.failed == (victim,) for a in after)
+    return detected, after
+
+
 def latency_ratio(answers, paired, chosen) -> float:
     """Median over requests of (this request's latency / the healthy mesh's for the same image right
     after it): a burst of foreign load on this shared machine hits both sides of a pair."""
@@ -194,15 +205,9 @@ def test_kill_one_board_mid_stream(mesh, reference, refs, images):
     cluster, client = mesh
     answers, t, paired = drive(client, images, 3.0, [(1.2, "kill", lambda: cluster.kill(2))], reference)
     check_contract(answers, refs, len(images))
-
-    found = detections(cluster, 2, t["kill"], [0, 1, 3])
-    assert all(d is not None and d <= DETECTION_BOUND for d in found.values()), found
-    detected = t["kill"] + max(found.values())
-
+    detected, after = bypassed_after_detection(cluster, answers, t, "kill", 2, [0, 1, 3])
     before = [a for a in answers if a.submitted_at + a.latency < t["kill"]]
-    after = [a for a in answers if a.submitted_at > detected + SETTINGS.heartbeat]
     assert before and all(a.failed == () for a in before)
-    assert after and all(a.failed == (2,) for a in after)
     # answers that are neither: only requests in flight around the detection window, never unanswered
     window = [a for a in answers if a not in before and a not in after]
     assert all(a.status in ("ok", MIXED) for a in window)
@@ -237,11 +242,7 @@ def test_frozen_board_is_bypassed_then_rejoins_when_thawed(mesh, reference, refs
     cluster, client = mesh
     answers, t, paired = drive(client, images, 2.5, [(1.0, "freeze", lambda: cluster.freeze(1))], reference)
     check_contract(answers, refs, len(images))
-    found = detections(cluster, 1, t["freeze"], [0, 2, 3])
-    assert all(d is not None and d <= DETECTION_BOUND for d in found.values()), found
-    detected = t["freeze"] + max(found.values())
-    frozen = [a for a in answers if a.submitted_at > detected + SETTINGS.heartbeat]
-    assert frozen and all(a.failed == (1,) for a in frozen)
+    _, frozen = bypassed_after_detection(cluster, answers, t, "freeze", 1, [0, 2, 3])
     assert_latency_recovered(answers, paired, frozen, steady(client, images, reference, refs))
 
     thawed = cluster.thaw(1)
