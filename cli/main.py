@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "replication, large = even split (default 0.3)")
     c.add_argument("--thresholds-file", type=Path, help="JSON: unit name or pattern -> threshold, plus \"default\"")
     c.add_argument("--method", default="robust", help="robust, lop, full or random (default robust)")
-    c.add_argument("--scores", type=_names, default=["l1", "taylor", "jsd"],
-                   help="importance criteria, comma-separated (default l1,taylor,jsd)")
+    c.add_argument("--scores", type=_names,
+                   help="importance criteria, comma-separated (default l1,taylor,jsd; l1 alone when there are no "
+                        "calibration images)")
     c.add_argument("--jsd", choices=["auto", "exact", "fast"], default="auto",
                    help="JSD scores by exact channel ablation, a fast linearised-logit approximation, or auto: exact when "
                         "affordable (default auto; the choice is shown)")
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compensate-up-to", type=int,
                    help="prepare every failure set of 1..K boards (default N-1 while there are at most 256 sets)")
     c.add_argument("--compensate-calib", type=int, default=256, help="calibration images for compensation (256)")
+    c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
+                                                  "model's activation size)")
+    _torch_device_option(c)
 
     e = sub.add_parser("evaluate", help="accuracy of a bundle's plan under every k-board failure set")
     e.add_argument("bundle", type=Path)
@@ -110,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
     e.add_argument("--compensation", choices=["both", "with", "without"], default="both",
                    help="each method without and with failure-aware compensation (default both)")
+    e.add_argument("--batch-size", type=int,
+                   help="images per forward pass (default: from the model's activation size, at most 500)")
+    e.add_argument("--workers", type=int,
+                   help="processes decoding an image folder in parallel with compute; 0: in the main process "
+                        "(default min(2, CPU count))")
+    e.add_argument("--torch-device", default="auto",
+                   help="where the torch backend runs: auto (CUDA when available), cpu or cuda")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
@@ -156,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torch_device_option(p) -> None:
+    p.add_argument("--torch-device", default="auto", help="where the torch work runs: auto (CUDA when available), "
+                                                          "cpu or cuda (default auto)")
+
+
 def _mesh_options(p) -> None:
     p.add_argument("--peers", help="board inventory: a JSON file or host:port,host:port,... (default: boards.json "
                                    "next to the manifest, else 127.0.0.1:5550+K)")
@@ -174,23 +190,26 @@ def _mesh_settings(args):
 
 def _input_spec(args):
     from robustpart.spec import InputSpec
-    given = [args.input_shape, args.mean, args.std, args.num_classes]
-    if all(v is None for v in given):
+    given = [args.input_shape, args.mean, args.std]
+    if all(v is None for v in given) and args.num_classes is None:
         return None
     if any(v is None for v in given):
-        raise RobustpartError("give all of --input-shape, --mean, --std and --num-classes, or none of them")
+        raise RobustpartError("give all of --input-shape, --mean and --std (and --num-classes if the model's "
+                              "output does not show it), or none of them")
     return InputSpec(shape=tuple(args.input_shape), mean=args.mean, std=args.std, num_classes=args.num_classes)
 
 
 def cmd_compile(args, progress) -> int:
     from robustpart.compiler import CompileOptions, compile_model
+    from robustpart.device import resolve_device
     if args.threshold is not None and args.threshold < 0:
         raise RobustpartError(f"--threshold must be >= 0 (0 = full replication), got {args.threshold}")
     options = CompileOptions(devices=args.devices, threshold=args.threshold, thresholds_file=args.thresholds_file,
-                             method=args.method, criteria=tuple(args.scores), calib=args.calib,
+                             method=args.method, criteria=tuple(args.scores) if args.scores else None, calib=args.calib,
                              calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
                              shards=not args.no_shards, jsd=args.jsd, compensate=args.compensate,
-                             compensate_up_to=args.compensate_up_to, compensate_calib=args.compensate_calib)
+                             compensate_up_to=args.compensate_up_to, compensate_calib=args.compensate_calib,
+                             batch_size=args.batch_size, torch_device=str(resolve_device(args.torch_device)))
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")
@@ -207,13 +226,16 @@ def cmd_evaluate(args, progress) -> int:
         n = Bundle.load(args.bundle).plan.n_boards
         fail_probs = {"custom": parse_fail_probs(args.fail_prob, n)}
     result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress,
-                             args.backend, args.provider, args.compensation)
+                             args.backend, args.provider, args.compensation, batch_size=args.batch_size,
+                             workers=args.workers, torch_device=args.torch_device)
     progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
         print(f"model {result.model}")
         print(evaluation_text(result.reports, result.ks, result.data), end="")
+        print(f"{result.images} images read once in batches of {result.batch_size}: {result.passes_per_batch} "
+              f"forward passes per batch, {result.seconds:.1f} s")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Compute failure-aware compensation from label-free calibration images (no gradients, no training).
 
-For each failure set F, one forward pass runs the calibration images twice in one batch: the first half
-healthy, the second half with F's channels removed. At every unit, in graph order, the corrupted half is
-compared with the healthy half and the unit's compensation is fitted and applied before the pass goes on,
-so each fit sees the inputs the earlier compensation already produces:
+For each failure set F the calibration images go through the model with F's channels removed, unit by
+unit in graph order; at every unit the corrupted activations are compared with the healthy ones and the
+unit's compensation is fitted and applied before the pass goes on, so each fit sees the inputs the earlier
+compensation already produces:
 
 - affine, at the unit's pre-activation point (see `graph.pre_activation_point`):
   `adabn`: a BatchNorm unit gets its BN statistics re-estimated on the corrupted inputs (AdaBN), written
@@ -14,9 +14,19 @@ so each fit sees the inputs the earlier compensation already produces:
 - fill, at the unit's exit, for the channels no live board holds:
   `zero` (the paper), `mean` (the channel's healthy calibration mean), or
   `ls`: a ridge least-squares fit of each lost channel (healthy values) on the surviving channels
-  (corrupted values) at the same position: fill + recon @ surviving. A unit whose matrix would exceed
-  `max_recon_ratio` of its own parameters (MobileNetV2's expanded 1x1 units: lost x surviving grows with the
-  square of the expanded width) gets the `mean` fill instead, so the data stays small next to the model.
+  (corrupted values) at the same positions (a fixed, evenly spaced subset of them): fill + recon @ surviving.
+  A unit whose matrix would exceed `max_recon_ratio` of its own parameters (MobileNetV2's expanded 1x1
+  units: lost x surviving grows with the square of the expanded width) gets the `mean` fill instead, so
+  the data stays small next to the model.
+
+Streaming, with memory bounded by the batch and the calibration set's activations at one cut:
+- One healthy pass, batch by batch, gathers everything the fits need from the healthy model (per-channel
+  moments at every fit point, the healthy values at the least-squares positions); every failure set shares it.
+- Per failure set, the graph runs fit point by fit point ("layer-wise", as post-training quantizers do):
+  every batch is advanced to the next fit point, the statistics are accumulated over the batches (moments
+  merged exactly, Gram matrices and cross-products summed in float64), the fit is made and applied, and
+  the batches go on. Only the values still read further on are kept. The result equals fitting on all
+  images in one batch, to float tolerance, for any batch size.
 
 The result is a `runtime.compensation.Compensation`; the simulator, the executor and the boards apply it.
 """
@@ -31,12 +41,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.fx as fx
 
+from .batching import batch_size_for
+from .criteria.fx_exec import OutOfPlaceInterpreter, last_uses
+from .device import resolve_device
 from .errors import PlanError
 from .graph import ModelGraph, pre_activation_point
 from .plan import Plan
 from .runtime.compensation import Compensation, UnitCompensation
-from .simulate import FailureSimulator
+from .simulate import AFFINE_PREFIX, MASK_PREFIX, FailureSimulator
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,7 @@ AFFINES = ("adabn", "restore", "none")
 FILLS = ("zero", "mean", "ls")
 MAX_SETS = 256                 # default K stops before the number of failure sets passes this
 LS_MAX_SAMPLES = 200_000       # positions used for one least-squares fit (a fixed, evenly spaced subset)
+LS_SAMPLE_BYTES = 64 << 20     # and at most this many bytes of healthy values kept per unit for it
 
 
 @dataclass(frozen=True)
@@ -93,51 +108,204 @@ def compensated_sets(n_boards: int, max_failures: int) -> list[tuple[int, ...]]:
     return [s for k in range(1, max_failures + 1) for s in itertools.combinations(range(n_boards), k)]
 
 
-def _channels_last(x: torch.Tensor, axis: int) -> torch.Tensor:
-    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+def _rows(x: torch.Tensor, axis: int, rows: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(rows), channels) values of x at the channels-last rows `rows` (image-major: row = image x
+    positions per image + position), gathered without a channels-last copy of the whole tensor."""
+    y = x.movedim(axis, 1)
+    y = y.reshape(y.shape[0], y.shape[1], -1)                         # a view for NCHW and (N, C)
+    image, position = rows // y.shape[2], rows % y.shape[2]
+    if channels is None:
+        return y[image[:, None], torch.arange(y.shape[1], device=y.device)[None, :], position[:, None]]
+    return y[image[:, None], channels[None, :], position[:, None]]
+
+
+class Moments:
+    """Per-channel count, mean and sum of squared deviations over every position of a tensor's channel
+    axis, merged batch by batch in float64 (Chan et al.'s parallel update)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: torch.Tensor, axis: int) -> None:
+        dims = [d for d in range(x.dim()) if d != axis]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        n = x.numel() // x.shape[axis]
+        mean, m2 = mean.double(), var.double() * n
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
+        self.n = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.n
+
+
+class CrossMoments:
+    """Sums for a least-squares fit of targets T on sources S over rows seen batch by batch (float64)."""
+
+    def __init__(self):
+        self.n, self.s, self.t, self.ss, self.st = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        source, target = source.double(), target.double()
+        self.n += len(source)
+        self.s = self.s + source.sum(0)
+        self.t = self.t + target.sum(0)
+        self.ss = self.ss + source.T @ source
+        self.st = self.st + source.T @ target
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mean of S, mean of T, Cov(S, S), Cov(S, T) (population)."""
+        mean_s, mean_t = self.s / self.n, self.t / self.n
+        return (mean_s, mean_t, self.ss / self.n - torch.outer(mean_s, mean_s),
+                self.st / self.n - torch.outer(mean_s, mean_t))
+
+
+@dataclass(frozen=True)
+class FitPoint:
+    """A node of the simulator's graph where compensation is fitted: a unit's ChannelAffine (`affine`) or
+    ChannelMask (`exit`); the fit reads the node's input."""
+
+    node: fx.Node
+    unit: str
+    kind: str                    # "affine" or "exit"
+    axis: int                    # channel axis of the input
+
+
+class Program:
+    """The simulator's graph as the ordered nodes to run, its fit points, and when each value is last read."""
+
+    def __init__(self, sim: FailureSimulator):
+        self.nodes = list(sim.module.graph.nodes)
+        self.input = next(n for n in self.nodes if n.op == "placeholder")
+        by_target = {}
+        for i, unit in enumerate(sim.graph.units):
+            by_target[f"{AFFINE_PREFIX}{i}"] = (unit.name, "affine", sim.affines[unit.name].axis)
+            by_target[f"{MASK_PREFIX}{i}"] = (unit.name, "exit", sim.masks[unit.name].axis)
+        self.points = [FitPoint(n, *by_target[n.target]) for n in self.nodes
+                       if n.op == "call_module" and n.target in by_target]
+        self.last_use = last_uses(self.nodes)
+        self.interpreter = OutOfPlaceInterpreter(sim.module)
+
+    def segments(self):
+        """(nodes to run before the fit point, the fit point) in graph order."""
+        position = {n: i for i, n in enumerate(self.nodes)}
+        start = position[self.input] + 1
+        for point in self.points:
+            end = position[point.node]
+            yield self.nodes[start:end], point
+            start = end + 1
+
+    def run(self, nodes: list[fx.Node], env: dict) -> None:
+        self.interpreter.evaluate(nodes, env, self.last_use)
+
+
+class Rows:
+    """The evenly spaced subset of a fit point's channels-last rows (image x position) the least-squares
+    fit uses: at most LS_MAX_SAMPLES rows and LS_SAMPLE_BYTES of float32 values, the same rows whatever the
+    batch size."""
+
+    def __init__(self, n_images: int, per_image: int, channels: int):
+        self.per_image = per_image
+        total = n_images * per_image
+        count = min(total, LS_MAX_SAMPLES, max(1, LS_SAMPLE_BYTES // (4 * channels)))
+        self.index = torch.linspace(0, total - 1, count).long() if count < total else torch.arange(total)
+
+        self._batches: dict[tuple[int, int], torch.Tensor] = {}
+
+    def in_batch(self, first_image: int, n_images: int, device: torch.device) -> torch.Tensor:
+        """The chosen rows within the batch of `n_images` starting at image `first_image`."""
+        key = (first_image, n_images)
+        if key not in self._batches:
+            lo, hi = first_image * self.per_image, (first_image + n_images) * self.per_image
+            chosen = self.index[(self.index >= lo) & (self.index < hi)]
+            self._batches[key] = (chosen - lo).to(device)
+        return self._batches[key]
+
+
+@dataclass
+class HealthyStats:
+    """What the fits need from the healthy model, gathered once for every failure set."""
+
+    moments: dict[tuple[str, str], Moments]          # (unit, kind) -> per-channel moments of the input
+    rows: dict[str, Rows]                            # unit -> least-squares rows at its exit
+    values: dict[str, torch.Tensor]                  # unit -> healthy exit values at those rows (R, C)
 
 
 class _Calibrator:
-    """Fits one failure set's compensation during one forward pass (hooks on the simulator's modules)."""
+    """Fits every failure set's compensation, streaming the calibration images in batches."""
 
-    def __init__(self, sim: FailureSimulator, policy: CompensationPolicy, n: int):
-        self.sim, self.policy, self.n = sim, policy, n
+    def __init__(self, sim: FailureSimulator, policy: CompensationPolicy, batches: list[torch.Tensor]):
+        self.sim, self.policy, self.batches = sim, policy, batches
+        self.program = Program(sim)
         self.points = {u.name: pre_activation_point(sim.graph, u) for u in sim.graph.units}
         self.param_bytes = {u.name: u.param_bytes for u in sim.graph.units}
+        self.starts = np.cumsum([0] + [len(b) for b in batches[:-1]]).tolist()
+        self.n_images = sum(len(b) for b in batches)
 
-    def fit(self, calibration: torch.Tensor, failed: tuple[int, ...]) -> dict[str, UnitCompensation]:
+    def healthy(self, ls_units: set[str]) -> HealthyStats:
+        """One pass of the healthy model over the batches."""
         self.sim.set_failures(())
-        self.result: dict[str, UnitCompensation] = {}
-        self.dirty = False            # has an earlier exit lost channels in this pass?
-        for unit in self.sim.graph.units:
-            keep = self.sim.plan.surviving(unit.name, failed)
-            self.sim.affines[unit.name].hook = self._affine_hook(unit.name)
-            self.sim.masks[unit.name].hook = self._exit_hook(unit.name, keep)
-        try:
-            with torch.no_grad():
-                self.sim.module(torch.cat([calibration, calibration]))
-        finally:
-            for unit in self.sim.graph.units:
-                self.sim.affines[unit.name].hook = self.sim.masks[unit.name].hook = None
-        return self.result
+        stats = HealthyStats({(p.unit, p.kind): Moments() for p in self.program.points}, {}, {})
+        values: dict[str, list[torch.Tensor]] = {u: [] for u in ls_units}
+        with torch.no_grad():
+            for first, batch in zip(self.starts, self.batches):
+                env = {self.program.input: batch.to(self.sim.device)}
+                for nodes, point in self.program.segments():
+                    self.program.run(nodes, env)
+                    x = env[point.node.args[0]]
+                    stats.moments[(point.unit, point.kind)].add(x, point.axis)
+                    if point.kind == "exit" and point.unit in ls_units:
+                        if point.unit not in stats.rows:
+                            channels = x.shape[point.axis]
+                            stats.rows[point.unit] = Rows(self.n_images, x.numel() // (len(x) * channels), channels)
+                        chosen = stats.rows[point.unit].in_batch(first, len(batch), x.device)
+                        values[point.unit].append(_rows(x, point.axis, chosen))
+                    self.program.run([point.node], env)
+        stats.values = {u: torch.cat(v) for u, v in values.items()}
+        return stats
+
+    def fit(self, failed: tuple[int, ...], healthy: HealthyStats) -> dict[str, UnitCompensation]:
+        """One failure set: the batches advance together from fit point to fit point."""
+        self.sim.set_failures(())
+        result: dict[str, UnitCompensation] = {}
+        dirty = False                 # has an earlier exit lost channels in this pass?
+        envs = [{self.program.input: batch.to(self.sim.device)} for batch in self.batches]
+        with torch.no_grad():
+            for nodes, point in self.program.segments():
+                for env in envs:
+                    self.program.run(nodes, env)
+                inputs = [env[point.node.args[0]] for env in envs]
+                if point.kind == "affine" and dirty and self.policy.affine != "none":
+                    self._fit_affine(point, inputs, healthy, result)
+                elif point.kind == "exit":
+                    keep = self.sim.plan.surviving(point.unit, failed)
+                    if not keep.all():
+                        self._fit_exit(point, inputs, keep, healthy, result)
+                        dirty = True
+                for env in envs:
+                    self.program.run([point.node], env)
+        self.sim.set_failures(())
+        return result
 
     # ---- the affine at the pre-activation point -----------------------------------------------------
-    def _affine_hook(self, unit: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(x: torch.Tensor) -> torch.Tensor:
-            if not self.dirty or self.policy.affine == "none":
-                return x
-            point = self.points[unit]
-            healthy, corrupted = _channels_last(x[:self.n], point.axis), _channels_last(x[self.n:], point.axis)
-            scale, shift = self._affine(unit, healthy.double(), corrupted.double())
-            entry = self.result.setdefault(unit, UnitCompensation())
-            entry.scale, entry.shift = scale.float().numpy(), shift.float().numpy()
-            module = self.sim.affines[unit]
-            module.set(entry.scale, entry.shift)
-            return torch.cat([x[:self.n], _unhooked(module, x[self.n:])])
-        return hook
+    def _fit_affine(self, point: FitPoint, inputs: list[torch.Tensor], healthy: HealthyStats,
+                    result: dict[str, UnitCompensation]) -> None:
+        corrupted = Moments()
+        for x in inputs:
+            corrupted.add(x, point.axis)
+        scale, shift = self._affine(point.unit, healthy.moments[(point.unit, "affine")], corrupted)
+        entry = result.setdefault(point.unit, UnitCompensation())
+        entry.scale, entry.shift = scale.float().cpu().numpy(), shift.float().cpu().numpy()
+        self.sim.affines[point.unit].set(entry.scale, entry.shift)
 
-    def _affine(self, unit: str, healthy: torch.Tensor, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean_f, var_f = corrupted.mean(0), corrupted.var(0, unbiased=False)
+    def _affine(self, unit: str, healthy: Moments, corrupted: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_f, var_f = corrupted.mean, corrupted.var
         bn = self.points[unit].batchnorm if self.policy.affine == "adabn" else None
         if bn is not None:
             # AdaBN: BN(x) with mean/var re-estimated on the corrupted x. With y = BN output,
@@ -145,79 +313,81 @@ class _Calibrator:
             gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean_f)
             beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean_f)
             rv = bn.running_var.detach().double() + bn.eps
+            gamma, beta, rv = gamma.to(mean_f.device), beta.to(mean_f.device), rv.to(mean_f.device)
             var_x = var_f * rv / gamma.square().clamp_min(1e-12)
             scale = torch.sqrt(rv / (var_x + bn.eps))
             target_mean = beta
         else:
-            var_h = healthy.var(0, unbiased=False)
+            var_h = healthy.var
             eps = 1e-6 * float(var_h.mean()) + 1e-12
             scale = torch.sqrt((var_h + eps) / (var_f + eps))
-            target_mean = healthy.mean(0)
+            target_mean = healthy.mean
         scale = scale.clamp(max=self.policy.max_scale)
         return scale, target_mean - scale * mean_f
 
     # ---- the fill at the exit -----------------------------------------------------------------------
-    def _exit_hook(self, unit: str, keep: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(x: torch.Tensor) -> torch.Tensor:
-            if keep.all():
-                return x
-            axis = self.sim.masks[unit].axis
-            lost = np.flatnonzero(~keep)
-            healthy, corrupted = _channels_last(x[:self.n], axis), _channels_last(x[self.n:], axis)
-            fill, recon = self._fill(healthy, corrupted, keep, self.param_bytes[unit])
-            base = self.sim.fill_values[unit].clone()
-            if fill is not None:
-                base[torch.as_tensor(lost)] = torch.as_tensor(fill)
-                entry = self.result.setdefault(unit, UnitCompensation())
-                entry.lost, entry.fill, entry.recon = lost, fill, recon
-            mask = self.sim.masks[unit]
-            mask.set(keep, base, recon)
-            self.dirty = True
-            return torch.cat([x[:self.n], _unhooked(mask, x[self.n:])])
-        return hook
+    def _fit_exit(self, point: FitPoint, inputs: list[torch.Tensor], keep: np.ndarray, healthy: HealthyStats,
+                  result: dict[str, UnitCompensation]) -> None:
+        unit = point.unit
+        lost = np.flatnonzero(~keep)
+        fill, recon = None, None
+        if self.policy.fill != "zero":
+            if _uses_ls(self.policy, keep, self.param_bytes[unit]):
+                fill, recon = self._least_squares(point, inputs, keep, healthy)
+            else:
+                fill = healthy.moments[(unit, "exit")].mean[torch.as_tensor(lost)].float().cpu().numpy()
+        base = self.sim.fill_values[unit].clone()
+        if fill is not None:
+            base[torch.as_tensor(lost)] = torch.as_tensor(fill)
+            entry = result.setdefault(unit, UnitCompensation())
+            entry.lost, entry.fill, entry.recon = lost, fill, recon
+        self.sim.masks[unit].set(keep, base, recon)
 
-    def _fill(self, healthy: torch.Tensor, corrupted: torch.Tensor, keep: np.ndarray, unit_bytes: int
-              ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        lost, kept = torch.as_tensor(np.flatnonzero(~keep)), torch.as_tensor(np.flatnonzero(keep))
-        if self.policy.fill == "zero":
-            return None, None
-        target = healthy[:, lost].double()
-        too_big = 4 * len(lost) * len(kept) > self.policy.max_recon_ratio * unit_bytes
-        if self.policy.fill == "mean" or len(kept) == 0 or too_big:
-            return target.mean(0).float().numpy(), None
-        source = corrupted[:, kept].double()
-        if len(source) > LS_MAX_SAMPLES:
-            rows = torch.linspace(0, len(source) - 1, LS_MAX_SAMPLES).long()
-            source, target = source[rows], target[rows]
-        mean_s, mean_t = source.mean(0), target.mean(0)
-        s, t = source - mean_s, target - mean_t
-        gram = s.T @ s / len(s)
+    def _least_squares(self, point: FitPoint, inputs: list[torch.Tensor], keep: np.ndarray,
+                       healthy: HealthyStats) -> tuple[np.ndarray, np.ndarray]:
+        rows, targets = healthy.rows[point.unit], healthy.values[point.unit]
+        device = targets.device
+        lost, kept = torch.as_tensor(np.flatnonzero(~keep), device=device), torch.as_tensor(np.flatnonzero(keep), device=device)
+        sums, taken = CrossMoments(), 0
+        for first, x in zip(self.starts, inputs):
+            chosen = rows.in_batch(first, len(x), device)
+            sums.add(_rows(x, point.axis, chosen, kept), targets[taken:taken + len(chosen)][:, lost])
+            taken += len(chosen)
+        mean_s, mean_t, gram, cross = sums.centred()
         ridge = self.policy.ridge * float(torch.diagonal(gram).mean()) + 1e-12
-        coef = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype), s.T @ t / len(s))
+        coef = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype, device=device), cross)
         fill = mean_t - mean_s @ coef
-        return fill.float().numpy(), coef.T.contiguous().float().numpy()
+        return fill.float().cpu().numpy(), coef.T.contiguous().float().cpu().numpy()
 
 
-def _unhooked(module, x: torch.Tensor) -> torch.Tensor:
-    """The module's normal forward (as set) while its calibration hook is in place."""
-    saved, module.hook = module.hook, None
-    try:
-        return module(x)
-    finally:
-        module.hook = saved
+def _uses_ls(policy: CompensationPolicy, keep: np.ndarray, unit_bytes: int) -> bool:
+    """Whether a unit losing ~keep gets the least-squares fill (else the mean): asked for, something survives
+    to regress on, and the matrix stays within `max_recon_ratio` of the unit's parameter bytes."""
+    n_lost, n_kept = int((~keep).sum()), int(keep.sum())
+    return (policy.fill == "ls" and n_lost > 0 and n_kept > 0
+            and 4 * n_lost * n_kept <= policy.max_recon_ratio * unit_bytes)
 
 
 def compute_compensation(graph: ModelGraph, plan: Plan, calibration: torch.Tensor, max_failures: int,
-                         policy: CompensationPolicy, progress: Callable[[str], None] | None = None) -> Compensation:
-    """Compensation for every failure set of 1..max_failures boards, fitted on `calibration` (no labels)."""
+                         policy: CompensationPolicy, progress: Callable[[str], None] | None = None,
+                         batch_size: int | None = None, device: torch.device | str | None = None) -> Compensation:
+    """Compensation for every failure set of 1..max_failures boards, fitted on `calibration` (no labels),
+    `batch_size` images at a time (default from the model's activation size), on `device` (default CPU)."""
     sets = compensated_sets(plan.n_boards, max_failures)
-    sim = FailureSimulator(graph, plan)
-    calibrator = _Calibrator(sim, policy, len(calibration))
-    prepared = {}
+    size = batch_size_for(graph, batch_size)
+    batches = [calibration[i:i + size] for i in range(0, len(calibration), size)]
+    sim = FailureSimulator(graph, plan, device=resolve_device(device or "cpu"))
+    calibrator = _Calibrator(sim, policy, batches)
+    ls_units = {u.name for u in graph.units for failed in sets
+                if _uses_ls(policy, plan.surviving(u.name, failed), u.param_bytes)}
     start = time.perf_counter()
+    if progress:
+        progress(f"compensation: healthy pass over {len(calibration)} images ({len(batches)} batches of {size})")
+    healthy = calibrator.healthy(ls_units)
+    prepared = {}
     for i, failed in enumerate(sets):
         if progress:
             progress(f"compensation: failure set {i + 1}/{len(sets)} {list(failed)}")
-        prepared[frozenset(failed)] = calibrator.fit(calibration, failed)
+        prepared[frozenset(failed)] = calibrator.fit(failed, healthy)
     log.info("compensation for %d failure sets in %.1f s", len(sets), time.perf_counter() - start)
     return Compensation(prepared)

@@ -18,8 +18,11 @@ import torch
 from .bundle import BUNDLE_SCHEMA, Bundle, write_atomically
 from .cost import plan_cost
 from .errors import BundleError, DataError, PlanError
+from .evaldata import evaluation_arrays, folder_transform as _folder_transform, load_eval_data  # noqa: F401  (re-exported)
+from .batching import batch_size_for
+from .device import resolve_device
 from .graph import ModelGraph, trace
-from .models import ModelSource, load_model, weights_transforms
+from .models import ModelSource, load_model
 from .partition import load_thresholds, make_plan
 from .plan import Plan
 from .report import plan_report_text
@@ -32,6 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
+# Without calibration data, a model with BatchNorm is calibrated on images synthesized from its BN statistics
+# (see synthesize.py and the measurement in benchmarks/bench_datafree.py), this many, reused for scores and
+# compensation; DATAFREE_DEFAULT False means the weight-only fallback instead.
+DATAFREE_DEFAULT = False
+DATAFREE_IMAGES = 64
+
 
 @dataclass
 class CompileOptions:
@@ -39,7 +48,7 @@ class CompileOptions:
     threshold: float | None = 0.3
     thresholds_file: Path | None = None
     method: str = "robust"
-    criteria: tuple[str, ...] = DEFAULT_CRITERIA
+    criteria: tuple[str, ...] | None = None   # None: DEFAULT_CRITERIA, or l1 alone when no calibration images
     jsd: str = "auto"              # JSD mode: exact ablation, fast gradient expansion, or auto
     calib: int = 64
     calib_data: Path | None = None
@@ -51,12 +60,53 @@ class CompileOptions:
                                  # policy when calibration images are at hand, else none
     compensate_up_to: int | None = None     # largest failure set prepared (default: compensate.default_max_failures)
     compensate_calib: int = 256  # calibration images for compensation
+    batch_size: int | None = None    # images per batch in scoring and compensation (default: batching.py)
+    torch_device: str = "cpu"        # where scoring and compensation run: cpu, cuda or auto
 
 
 def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = None
                ) -> tuple[ModelGraph, ModelSource]:
     module, spec, source = load_model(name, weights, spec)
     return trace(module, spec, source.display_name), source
+
+
+class CalibrationSource:
+    """Where one compile's label-free calibration images come from: the user's image folder, the bundled
+    Fashion-MNIST images for a 1x28x28 model, images synthesized from the model's BatchNorm statistics when
+    it has BatchNorm (`synthesize.py`), or nowhere (then compile scores from the weights alone and does
+    not compensate, and says so)."""
+
+    def __init__(self, graph: ModelGraph, options: CompileOptions, progress: Progress):
+        from .synthesize import has_batchnorm
+        self.graph, self.options, self.progress = graph, options, progress
+        self._synthesized: torch.Tensor | None = None
+        if options.calib_data is not None or tuple(graph.input_spec.shape) == (1, 28, 28):
+            self.kind = "data"
+        elif DATAFREE_DEFAULT and has_batchnorm(graph):
+            self.kind = "synthesized"
+        else:
+            self.kind = None
+
+    def images(self, n: int) -> torch.Tensor:
+        if self.kind != "synthesized":
+            return calibration_images(self.graph.input_spec, n, self.options.calib_data, self.options.seed)
+        if self._synthesized is None:
+            from .synthesize import synthesize_calibration
+            count = min(DATAFREE_IMAGES, max(self.options.calib, self.options.compensate_calib))
+            self.progress(f"no calibration data: synthesizing {count} images from the model's BatchNorm statistics")
+            self._synthesized = synthesize_calibration(self.graph, count, seed=self.options.seed,
+                                                       device=self.options.torch_device, progress=self.progress)
+        return self._synthesized[:n]
+
+    def describe(self) -> str:
+        if self.kind is None:
+            return (f"no calibration images for a {list(self.graph.input_spec.shape)} input: scored from the "
+                    f"weights alone (l1), no compensation; --calib-data DIR (an image folder) adds the taylor and "
+                    f"jsd scores and failure compensation")
+        if self.kind == "synthesized":
+            return ("no calibration data: taylor/jsd scores and compensation fitted on images synthesized from the "
+                    "model's BatchNorm statistics; --calib-data DIR (an image folder) fits them on real images")
+        return f"calibration images: {self.options.calib_data or 'bundled Fashion-MNIST train images'}"
 
 
 def calibration_images(spec: InputSpec, n: int, data: Path | None = None, seed: int = 0) -> torch.Tensor:
@@ -66,56 +116,11 @@ def calibration_images(spec: InputSpec, n: int, data: Path | None = None, seed: 
     if n < 1:
         raise DataError(f"--calib must be >= 1, got {n}")
     if data is not None:
-        return torch.from_numpy(load_eval_data(spec, data, limit=n).images)
+        return torch.from_numpy(load_eval_data(spec, data, limit=n, spread=True).images)
     if tuple(spec.shape) == (1, 28, 28):
         return torch.from_numpy(datasets.normalize(datasets.bundled_calibration(n, seed), spec))
     raise DataError(f"scoring needs calibration images for a {list(spec.shape)} input: pass --calib-data DIR "
                     f"(an image folder), or score from the weights alone with --scores l1")
-
-
-def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int | None = None,
-                   source: ModelSource | None = None):
-    """Labelled evaluation data for the model. `path` is a Fashion-MNIST idx folder, an ImageFolder tree, or
-    "bundled" (the 2000-image Fashion-MNIST slice in the package); without it a 1x28x28 model uses the
-    Debian Fashion-MNIST test split if installed, else the bundled slice."""
-    from . import data as datasets
-    if path is None or str(path) == "bundled":
-        if tuple(spec.shape) != (1, 28, 28):
-            raise DataError(f"no evaluation data for a {list(spec.shape)} input: pass --data DIR (an image "
-                            f"folder with one sub-folder per class)")
-        if path is None and datasets.FASHION_MNIST_DIR.is_dir():
-            images, labels = datasets.load_fashion_mnist("test")
-            source = f"fashion-mnist test ({datasets.FASHION_MNIST_DIR})"
-        else:
-            images, labels = datasets.bundled_eval_slice()
-            source = "bundled fashion-mnist test slice"
-    else:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"data path {path} does not exist")
-        if any(path.glob("t10k-images-idx3-ubyte*")):
-            images, labels = datasets.load_fashion_mnist("test", path)
-            source = f"fashion-mnist test ({path})"
-        else:
-            batch, labels = datasets.load_image_folder(path, _folder_transform(spec, source), limit)
-            return datasets.EvalData(batch, labels, f"image folder {path} ({len(labels)})")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return datasets.EvalData(datasets.normalize(images, spec), labels, f"{source}, {len(labels)} images")
-
-
-def _folder_transform(spec: InputSpec, source: ModelSource | None):
-    """The weights' own transform for torchvision weights; otherwise the usual ImageNet evaluation
-    transform at the model's input size: resize, centre crop, normalise."""
-    from torchvision import transforms as T
-    own = weights_transforms(source) if source is not None else None
-    if own is not None:
-        return own
-    channels, height, width = spec.shape
-    steps = [T.Resize(int(round(min(height, width) * 256 / 224))), T.CenterCrop((height, width))]
-    if channels == 1:
-        steps.append(T.Grayscale(1))
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 def compile_model(name: str, options: CompileOptions, out: Path | None = None, weights: str | None = None,
@@ -128,13 +133,19 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     progress(f"loading {name}")
     graph, source = load_graph(name, weights, spec)
     progress(f"traced {graph.name}: {len(graph.units)} partition units")
-    scores = _scores_for(graph, options, reuse_scores, progress)
+    batch_size_for(graph, options.batch_size)       # bad options fail here, not after minutes of scoring
+    resolve_device(options.torch_device)
+    calibration = CalibrationSource(graph, options, progress)
+    if calibration.kind != "data":
+        progress(calibration.describe())
+    scores = _scores_for(graph, options, reuse_scores, progress, calibration)
     plan = plan_for(graph, options, scores)
-    compensation = compensation_for(graph, plan, options, progress)
+    compensation = compensation_for(graph, plan, options, progress, source=calibration)
     out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
     progress(f"writing {out}")
     return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores,
-                                                           options.shards, progress, compensation))
+                                                           options.shards, progress, compensation,
+                                                           calibration.describe()))
 
 
 @dataclass
@@ -144,9 +155,11 @@ class PreparedCompensation:
 
 
 def compensation_for(graph: ModelGraph, plan: Plan, options: CompileOptions, progress: Progress | None = None,
-                     calibration: torch.Tensor | None = None) -> PreparedCompensation | None:
+                     calibration: torch.Tensor | None = None, source: CalibrationSource | None = None
+                     ) -> PreparedCompensation | None:
     """Compensation for the plan's failure sets per `options.compensate`, or None (none asked, nothing to
-    compensate, or "auto" without calibration images). `calibration` overrides the images the options name."""
+    compensate, or "auto" without calibration images). `calibration` overrides the images `source` (default:
+    the images the options name) gives."""
     import time
 
     from .compensate import DEFAULT_POLICY, compensated_sets, compute_compensation, default_max_failures, policy_named
@@ -158,21 +171,28 @@ def compensation_for(graph: ModelGraph, plan: Plan, options: CompileOptions, pro
     sets = compensated_sets(plan.n_boards, k)
     if not any((~plan.surviving(u, failed)).any() for failed in sets for u in plan.units):
         return None              # e.g. full replication: no prepared failure set loses a channel
+    if source is not None and source.kind is None and calibration is None:
+        if name != "auto":
+            raise DataError(f"--compensate {name} needs calibration images: {source.describe()}")
+        return None
     try:
         if calibration is None:
-            calibration = calibration_images(graph.input_spec, options.compensate_calib, options.calib_data,
-                                             options.seed)
+            calibration = (source.images(options.compensate_calib) if source is not None else
+                           calibration_images(graph.input_spec, options.compensate_calib, options.calib_data,
+                                              options.seed))
     except DataError as exc:
         if name != "auto":
             raise DataError(f"compensation needs calibration images: {exc}") from exc
         log.warning("no compensation: %s", exc)
         return None
     start = time.perf_counter()
-    data = compute_compensation(graph, plan, calibration, k, policy, progress)
+    data = compute_compensation(graph, plan, calibration, k, policy, progress, options.batch_size,
+                                options.torch_device)
     seconds = time.perf_counter() - start
     info = {"policy": {"name": DEFAULT_POLICY if name == "auto" else name, **policy.to_json(),
                        "calibration_images": len(calibration), "seed": options.seed,
-                       "calibration_data": None if options.calib_data is None else str(options.calib_data)},
+                       "calibration_data": None if options.calib_data is None else str(options.calib_data),
+                       "synthesized": source is not None and source.kind == "synthesized"},
             "max_failures": k, "sets": [list(failed) for failed in sets], "seconds": round(seconds, 3),
             "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes()}
     progress = progress or (lambda msg: log.info(msg))
@@ -187,12 +207,13 @@ def plan_for(graph: ModelGraph, options: CompileOptions, scores: Scores | None) 
         default, per_unit = load_thresholds(options.thresholds_file)
         threshold = default if default is not None else threshold
     return make_plan({u.name: u.channels for u in graph.units}, options.devices, options.method,
-                     scores.select(options.criteria) if scores is not None else None, threshold, per_unit,
+                     scores.select(options.criteria or scores.criteria) if scores is not None else None,
+                     threshold, per_unit,
                      options.seed, options.replicate, graph.identity(), options.fill)
 
 
-def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None,
-                progress: Progress) -> Scores | None:
+def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None, progress: Progress,
+                source: CalibrationSource) -> Scores | None:
     if options.method != "robust":
         return None
     if reuse is not None:
@@ -201,16 +222,20 @@ def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None,
             raise PlanError(f"--reuse-scores {reuse}: that bundle was compiled from another model or has no "
                             f"scores; compile without --reuse-scores")
         progress(f"reusing scores from {reuse}")
-        return bundle.scores.select(options.criteria)
+        return bundle.scores.select(options.criteria or bundle.scores.criteria)
+    criteria = options.criteria or (DEFAULT_CRITERIA if source.kind is not None else ("l1",))
     calibration = None
-    if any(criterion_needs_data(c) for c in options.criteria):
-        calibration = calibration_images(graph.input_spec, options.calib, options.calib_data, options.seed)
-    return compute_scores(graph, options.criteria, calibration, progress, jsd_mode=options.jsd, seed=options.seed)
+    if any(criterion_needs_data(c) for c in criteria):
+        if source.kind is None:
+            raise DataError(f"--scores {','.join(criteria)} needs calibration images: {source.describe()}")
+        calibration = source.images(options.calib)
+    return compute_scores(graph, criteria, calibration, progress, device=options.torch_device,
+                          jsd_mode=options.jsd, seed=options.seed)
 
 
 def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                   shards: bool = True, progress: Progress | None = None,
-                  compensation: PreparedCompensation | None = None) -> None:
+                  compensation: PreparedCompensation | None = None, calibration: str | None = None) -> None:
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
              "units": [u.to_json() for u in graph.units],
              "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
@@ -222,7 +247,7 @@ def _write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan,
     cost = plan_cost(graph, plan)
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
-    text = plan_report_text(graph, plan, cost)
+    text = plan_report_text(graph, plan, cost) + (f"\n{calibration}\n" if calibration else "")
     entry = None
     if compensation is not None:
         from .bundle import COMPENSATION_DATA, COMPENSATION_INFO
@@ -256,7 +281,3 @@ def graph_of_bundle(bundle: Bundle) -> ModelGraph:
         raise BundleError(f"the model {source.name} (weights {source.weights}) has changed since bundle "
                           f"{bundle.path} was compiled; compile it again")
     return graph
-
-
-def evaluation_arrays(data) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(data.images)), torch.from_numpy(data.labels)

@@ -1,6 +1,8 @@
 """Which torch device the compiler's torch code runs on: `--torch-device auto|cpu|cuda`."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import RobustpartError
@@ -24,3 +26,16 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
                                   f"--torch-device cpu (or auto)")
         return torch.device(name)
     raise RobustpartError(f"unknown --torch-device '{name}'; choose one of {', '.join(TORCH_DEVICES)}")
+
+
+@contextlib.contextmanager
+def module_on(module: torch.nn.Module, device: torch.device):
+    """Run `module` on `device` for the duration (the CPU copy is what the compiler exports and hashes)."""
+    if device.type == "cpu":
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")

@@ -10,15 +10,19 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .cost import plan_cost
-from .errors import PlanError
+from .errors import DataError, PlanError
 from .graph import ModelGraph
 from .plan import Plan
 from .simulate import FailureSimulator
+
+if TYPE_CHECKING:
+    from .runtime.compensation import Compensation
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +114,22 @@ class PlanEvaluator:
 
 
 class OnnxPlanEvaluator:
-    """Like PlanEvaluator, but runs the bundle's ONNX shards with the LocalExecutor."""
+    """Like PlanEvaluator, but runs the bundle's ONNX shards with one LocalExecutor (sessions opened once)."""
 
     def __init__(self, bundle_path, plan: Plan, images, labels, batch_size: int = 500, provider: str = "cpu",
                  compensate: bool = True):
-        from .runtime import load_manifest
+        from .runtime import LocalExecutor, load_manifest
         self.manifest = load_manifest(bundle_path)
-        self.compensate = compensate
-        self.plan, self.provider, self.batch_size = plan, provider, batch_size
+        self.executor = LocalExecutor(self.manifest.root, (), provider, manifest=self.manifest,
+                                      compensate=compensate)
+        self.plan, self.batch_size = plan, batch_size
         self.images = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
         self.labels = np.asarray(labels)
         self._cache: dict[tuple, float] = {}
         self.runs = 0
 
     def logits(self, failed: tuple[int, ...] = ()) -> np.ndarray:
-        from .runtime import LocalExecutor
-        executor = LocalExecutor(self.manifest.root, failed, self.provider, manifest=self.manifest,
-                                 compensate=self.compensate)
-        return np.concatenate([executor.run(self.images[i:i + self.batch_size])
+        return np.concatenate([self.executor.run(self.images[i:i + self.batch_size], failed)
                                for i in range(0, len(self.images), self.batch_size)])
 
     def accuracy(self, failed: tuple[int, ...] = ()) -> float:
@@ -145,9 +147,7 @@ def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], 
     accuracy for each named list of per-board failure probabilities, and the per-board cost. `evaluator`
     (default: the torch simulator) answers accuracy(failed)."""
     n = plan.n_boards
-    bad = [k for k in ks if not 1 <= k <= n - 1]
-    if bad:
-        raise PlanError(f"--failures {bad} impossible with {n} boards: use sizes 1..{n - 1}")
+    check_failure_sizes(ks, n)
     ev = evaluator or PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
     label = label or plan.method
     report = MethodReport(label=label, plan=plan, accuracy=ev.accuracy(), by_k={},
@@ -189,38 +189,201 @@ class BundleEvaluation:
     data: str
     ks: list[int]
     reports: list[MethodReport]
+    images: int = 0                  # evaluated, in one streaming pass
+    passes_per_batch: int = 0        # distinct forward passes run on each batch (healthy + every variant's sets)
+    batch_size: int = 0
+    seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {"model": self.model, "data": self.data, "failures": self.ks,
-                "methods": [r.to_json() for r in self.reports]}
+                "methods": [r.to_json() for r in self.reports],
+                "work": {"images": self.images, "passes_per_batch": self.passes_per_batch,
+                         "batch_size": self.batch_size, "seconds": round(self.seconds, 3)}}
+
+
+@dataclass
+class MethodVariant:
+    """One row of the evaluation: a plan, with or without compensation."""
+    label: str
+    plan: Plan
+    compensation: Compensation | None = None
+
+
+class SimulatorRunner:
+    """Predicted classes of a batch under a failure set, by the torch failure simulator."""
+
+    def __init__(self, graph: ModelGraph, variant: MethodVariant, device: torch.device | None = None):
+        kwargs = {} if device is None else {"device": device}
+        self.sim = FailureSimulator(graph, variant.plan, variant.compensation, **kwargs)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, failed: tuple[int, ...]) -> torch.Tensor:
+        self.sim.set_failures(failed)
+        return self.sim.batch_logits(images).argmax(dim=1)
+
+
+class ExecutorRunner:
+    """Predicted classes by the bundle's ONNX shards; every runner of a bundle shares one executor (its
+    sessions are opened once, not per failure set)."""
+
+    def __init__(self, executor, compensate: bool):
+        self.executor, self.compensate = executor, compensate
+
+    def predict(self, images: torch.Tensor, failed: tuple[int, ...]) -> torch.Tensor:
+        out = self.executor.run(images.cpu().numpy(), failed, self.compensate)
+        return torch.from_numpy(out.argmax(axis=1)).to(images.device)
+
+
+def needed_failure_sets(n_boards: int, ks: list[int], expected: bool) -> list[tuple[int, ...]]:
+    """Every failure set the reports read, in the order the per-set evaluation visited them (no failure,
+    then each size in `ks`, then the sizes 1..N-1 the expected accuracy needs), each once."""
+    sizes = list(ks) + (list(range(1, n_boards)) if expected else [])
+    sets = [()] + [failed for k in sizes for failed in failure_sets(n_boards, k)]
+    return list(dict.fromkeys(sets))
+
+
+def distinct_sets(plan: Plan, sets: list[tuple[int, ...]]) -> tuple[dict[tuple, tuple[int, ...]], dict]:
+    """(signature -> the first set losing those channels, set -> its signature): sets that lose the same
+    channels give the same output and are run once."""
+    signature_of = {failed: plan.lost_signature(failed) for failed in sets}
+    first: dict[tuple, tuple[int, ...]] = {}
+    for failed, signature in signature_of.items():
+        first.setdefault(signature, failed)
+    return first, signature_of
+
+
+class StreamingEvaluator:
+    """Accuracy of every variant under every failure set in ONE pass over the data: each batch is run for
+    the healthy model (shared: no failure means no mask and no compensation) and for each variant's distinct
+    failure-set signatures while it is in memory. Only correct counts are kept across batches."""
+
+    def __init__(self, variants: list[MethodVariant], runners: list, sets: list[tuple[int, ...]],
+                 device: torch.device | None = None):
+        self.variants, self.runners, self.device = variants, runners, device
+        self.groups = [distinct_sets(v.plan, sets) for v in variants]
+        self.images = 0
+
+    @property
+    def passes_per_batch(self) -> int:
+        return 1 + sum(len(first) - 1 for first, _ in self.groups)
+
+    def run(self, stream, progress: Callable[[str], None] | None = None) -> None:
+        self._healthy_correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._correct = [{sig: torch.zeros((), dtype=torch.int64, device=self.device) for sig in first}
+                         for first, _ in self.groups]
+        batches, done = _batch_count(stream), 0
+        for images, labels in stream:   # not enumerate(): its cached result tuple would keep the last batch alive
+            self._run_batch(images, labels)
+            self.images += len(labels)
+            done += 1
+            del images, labels          # free the batch before the stream builds the next one
+            if progress:
+                progress(f"evaluate: batch {done}/{batches}, {self.passes_per_batch} passes per batch")
+
+    def _run_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        self._healthy_correct += (self.runners[0].predict(images, ()) == labels).sum()
+        for runner, (first, _), correct in zip(self.runners, self.groups, self._correct):
+            for signature, failed in first.items():
+                if failed:              # the first set of each signature; () is the shared healthy pass
+                    correct[signature] += (runner.predict(images, failed) == labels).sum()
+
+    def accuracies(self) -> list[dict[tuple[int, ...], float]]:
+        """Per variant: failure set -> accuracy, for every set asked for (counts brought to the CPU)."""
+        if self.images == 0:
+            raise DataError("the evaluation data holds no images")
+        healthy = int(self._healthy_correct.item())
+        result = []
+        for (first, signature_of), correct in zip(self.groups, self._correct):
+            counts = {sig: healthy if not first[sig] else int(c.item()) for sig, c in correct.items()}
+            result.append({failed: counts[sig] / self.images for failed, sig in signature_of.items()})
+        return result
+
+    def runs(self, variant: int) -> int:
+        return len(self.groups[variant][0])
+
+
+def _batch_count(stream) -> int | str:
+    size = getattr(stream, "batch_size", None)
+    return -(-len(stream) // size) if size else "?"
+
+
+class _Lookup:
+    """evaluate_plan's evaluator over accuracies already counted."""
+
+    def __init__(self, accuracy: dict[tuple[int, ...], float], runs: int):
+        self._accuracy, self.runs = accuracy, runs
+
+    def accuracy(self, failed: tuple[int, ...] = ()) -> float:
+        return self._accuracy[tuple(failed)]
 
 
 def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | None = None,
                     compare: list[str] = (), fail_probs: dict[str, list[float]] | None = None,
                     progress: Callable[[str], None] | None = None, backend: str = "torch",
-                    provider: str = "cpu", compensation: str = "both") -> BundleEvaluation:
+                    provider: str = "cpu", compensation: str = "both", batch_size: int | None = None,
+                    workers: int | None = None, torch_device: str | torch.device | None = None
+                    ) -> BundleEvaluation:
     """Evaluate a bundle's plan, and the plans `compare` names (e.g. lop, full, random, robust@0.1) made
     for the same model, board count and scores, on the same data. Backend `torch` is the simulator;
     `onnx` runs the bundle's shards with ONNX Runtime (the bundle's own plan only). `compensation`:
     each method without it, with it (the bundle's data; for compared plans, computed now with the bundle's
-    policy), or both (a "+comp" row after each)."""
+    policy), or both (a "+comp" row after each). The data is read once, in batches of `batch_size`
+    (default from the model's activation size), image folders decoded by `workers` processes; the torch
+    backend runs on `torch_device` (auto: CUDA when available)."""
     if backend not in ("torch", "onnx"):
         raise PlanError(f"unknown backend '{backend}': use torch (the simulator) or onnx (the shards)")
     if compensation not in ("both", "with", "without"):
         raise PlanError(f"--compensation must be both, with or without, got '{compensation}'")
     if backend == "onnx" and compare:
         raise PlanError("--compare plans have no shards; evaluate them with --backend torch")
+    import time
+
+    from .batching import batch_size_for
     from .bundle import Bundle
-    from .compiler import CompileOptions, evaluation_arrays, graph_of_bundle, load_eval_data, plan_for
+    from .compiler import graph_of_bundle
+    from .device import resolve_device
+    from .evaldata import open_eval_stream
     from .models import ModelSource
+    device = resolve_device(torch_device) if backend == "torch" else torch.device("cpu")
     bundle = Bundle.load(path)
     plan = bundle.plan
     ks = list(ks) if ks else list(range(1, plan.n_boards))
+    check_failure_sizes(ks, plan.n_boards)
     graph = graph_of_bundle(bundle)
-    eval_data = load_eval_data(graph.input_spec, data, limit, ModelSource.from_json(bundle.model["source"]))
-    images, labels = evaluation_arrays(eval_data)
+    batch_size = batch_size_for(graph, batch_size)
+    stream = open_eval_stream(graph.input_spec, data, limit, ModelSource.from_json(bundle.model["source"]),
+                              batch_size, workers, pin_memory=device.type == "cuda")
     if fail_probs is None:
         fail_probs = {name: [p] * plan.n_boards for name, p in FAILURE_SETTINGS.items()}
+    variants = _variants(bundle, graph, _plans(bundle, graph, compare), compensation, progress, device)
+    runners = _runners(bundle, graph, variants, backend, provider, None if device.type == "cpu" else device)
+    expected = bool(fail_probs) and plan.n_boards <= MAX_EXPECTED_BOARDS
+    evaluator = StreamingEvaluator(variants, runners, needed_failure_sets(plan.n_boards, ks, expected),
+                                   None if device.type == "cpu" else device)
+    start = time.perf_counter()
+    evaluator.run(stream, progress)
+    seconds = time.perf_counter() - start
+    log.info("evaluate: %d images in batches of %d, %d distinct forward passes per batch, %.1f s (%s)",
+             evaluator.images, batch_size, evaluator.passes_per_batch, seconds, device)
+    reports = [evaluate_plan(graph, v.plan, None, None, ks, v.label, fail_probs, None, _Lookup(acc, evaluator.runs(i)))
+               for i, (v, acc) in enumerate(zip(variants, evaluator.accuracies()))]
+    return BundleEvaluation(model=graph.name, data=stream.source, ks=ks, reports=reports, images=evaluator.images,
+                            passes_per_batch=evaluator.passes_per_batch, batch_size=batch_size, seconds=seconds)
+
+
+def check_failure_sizes(ks: list[int], n_boards: int) -> None:
+    bad = [k for k in ks if not 1 <= k <= n_boards - 1]
+    if bad:
+        raise PlanError(f"--failures {bad} impossible with {n_boards} boards: use sizes 1..{n_boards - 1}")
+
+
+def _plans(bundle, graph: ModelGraph, compare: list[str]) -> list[tuple[str, Plan]]:
+    """The bundle's plan, then one plan per `compare` spec made for the same model, boards and scores."""
+    from .compiler import CompileOptions, plan_for
+    plan = bundle.plan
     plans = [(_label(plan), plan)]
     for spec in compare:
         method, threshold = parse_method(spec)
@@ -232,34 +395,45 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
                                                                                 if bundle.scores else ("l1",))))
         other = plan_for(graph, options, bundle.scores if method == "robust" else None)
         plans.append((_label(other), other))
-    reports = []
-    for label, p in plans:
+    return plans
+
+
+def _variants(bundle, graph: ModelGraph, plans: list[tuple[str, Plan]], compensation: str,
+              progress, device: torch.device) -> list[MethodVariant]:
+    """Each plan without and/or with compensation, as `compensation` asks (a plan with none: one row)."""
+    variants = []
+    for i, (label, p) in enumerate(plans):
         prepared = None
-        if compensation != "without":
-            prepared = bundle.load_compensation() if p is plan else _compensation_like(bundle, graph, p, progress)
-        variants = ([(label, None)] if compensation != "with" or prepared is None else []) + \
-                   ([(f"{label} +comp", prepared)] if prepared is not None else [])
-        for name, comp in variants:
-            if backend == "onnx":
-                evaluator = OnnxPlanEvaluator(bundle.path, plan, images.numpy(), labels.numpy(), provider=provider,
-                                              compensate=comp is not None)
-            else:
-                evaluator = PlanEvaluator(graph, p, images, labels, compensation=comp)
-            reports.append(evaluate_plan(graph, p, images, labels, ks, name, fail_probs, progress, evaluator))
-    return BundleEvaluation(model=graph.name, data=eval_data.source, ks=ks, reports=reports)
+        if compensation != "without":      # plans[0] is the bundle's own plan, with the bundle's compensation
+            prepared = (bundle.load_compensation() if i == 0 else
+                        _compensation_like(bundle, graph, p, progress, device))
+        if compensation != "with" or prepared is None:
+            variants.append(MethodVariant(label, p))
+        if prepared is not None:
+            variants.append(MethodVariant(f"{label} +comp", p, prepared))
+    return variants
 
 
-def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress):
+def _runners(bundle, graph: ModelGraph, variants: list[MethodVariant], backend: str, provider: str,
+             device: torch.device | None) -> list:
+    if backend == "torch":
+        return [SimulatorRunner(graph, v, device) for v in variants]
+    from .runtime import LocalExecutor, load_manifest
+    executor = LocalExecutor(bundle.path, (), provider, manifest=load_manifest(bundle.path))
+    return [ExecutorRunner(executor, v.compensation is not None) for v in variants]
+
+
+def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress, device: torch.device):
     """Compensation for a compared plan, made as the bundle's was (None when the bundle has none)."""
-    from .compiler import CompileOptions, compensation_for
+    from .compiler import CalibrationSource, CompileOptions, compensation_for
     info = bundle.compensation_info
     if info is None:
         return None
     options = CompileOptions(devices=plan.n_boards, compensate=info["policy"]["name"],
                              compensate_up_to=info["max_failures"],
                              compensate_calib=info["policy"]["calibration_images"], seed=info["policy"]["seed"],
-                             calib_data=info["policy"]["calibration_data"])
-    prepared = compensation_for(graph, plan, options, progress)
+                             calib_data=info["policy"]["calibration_data"], torch_device=str(device))
+    prepared = compensation_for(graph, plan, options, progress, source=CalibrationSource(graph, options, progress))
     return prepared.data if prepared is not None else None
 
 

@@ -5,6 +5,7 @@ bundle keeps it, so `evaluate BUNDLE` rebuilds exactly the compiled model and ch
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -48,7 +49,31 @@ def torchvision_classifiers() -> list[str]:
 def load_model(name: str, weights: str | None = None, spec: InputSpec | None = None
                ) -> tuple[nn.Module, InputSpec, ModelSource]:
     """Resolve `name` (see module doc). `spec` overrides or supplies the input spec (required for a
-    model file unless a `<file>.json` spec sits beside it)."""
+    model file unless a `<file>.json` spec sits beside it); a spec without `num_classes` gets it from the
+    model's output."""
+    module, spec, source = _resolve(name, weights, spec)
+    if spec.num_classes is None:
+        spec = dataclasses.replace(spec, num_classes=_output_classes(module, spec, name))
+    return module, spec, source
+
+
+def _output_classes(module: nn.Module, spec: InputSpec, name: str) -> int:
+    """The number of classes: the size of the model's (1, K) output on one input of the spec's shape."""
+    try:
+        with torch.no_grad():
+            out = module.eval()(torch.zeros((1,) + tuple(spec.shape)))
+    except Exception as exc:        # any layer may reject the shape
+        raise ModelError(f"model '{name}' does not run on an input of shape {list(spec.shape)} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check "
+                         f"--input-shape") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 1:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model '{name}' returns {shape}, not (batch, classes) logits; give --num-classes")
+    return int(out.shape[1])
+
+
+def _resolve(name: str, weights: str | None, spec: InputSpec | None
+             ) -> tuple[nn.Module, InputSpec, ModelSource]:
     from . import zoo
     if name in zoo.reference_names():
         if weights not in (None, "default", "DEFAULT", "none"):

@@ -92,13 +92,22 @@ class Scores:
 
 
 def compute_scores(graph, criteria: tuple[str, ...] = DEFAULT_CRITERIA, calibration=None,
-                   progress: Callable[[str], None] | None = None, **options) -> Scores:
+                   progress: Callable[[str], None] | None = None, device=None, **options) -> Scores:
     """Score every unit of `graph` under each criterion. `calibration` is a float tensor (N, C, H, W)
-    of normalised, unlabeled images; criteria that need data refuse to run without it. A criterion
-    also gets, as keyword arguments it declares: `progress`, `shared` (a dict the criteria of this call
-    share work through) and any of `options` (e.g. jsd_mode="fast", seed=0)."""
+    of normalised, unlabeled images; criteria that need data refuse to run without it. The criteria run
+    on `device` (default: the CPU). A criterion also gets, as keyword arguments it declares: `progress`,
+    `shared` (a dict the criteria of this call share work through) and any of `options` (e.g.
+    jsd_mode="fast", seed=0)."""
+    from .device import module_on, resolve_device
     if not criteria:
         raise PlanError("no importance criterion given; use e.g. --scores l1")
+    device = resolve_device(device or "cpu")
+    with module_on(graph.module, device):
+        return _score_all(graph, tuple(criteria), None if calibration is None else calibration.to(device),
+                          progress, options)
+
+
+def _score_all(graph, criteria: tuple[str, ...], calibration, progress, options: dict) -> Scores:
     columns: dict[str, list[np.ndarray]] = {u.name: [] for u in graph.units}
     shared: dict = {"criteria": tuple(criteria)}
     for name in criteria:
@@ -134,7 +143,7 @@ def l1_importance(graph, calibration=None) -> dict[str, np.ndarray]:
         w = mod.weight.detach().abs().reshape(unit.channels, -1).sum(dim=1)
         if mod.bias is not None:
             w = w + mod.bias.detach().abs()
-        result[unit.name] = w.double().numpy()
+        result[unit.name] = w.double().cpu().numpy()
     return result
 
 

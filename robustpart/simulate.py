@@ -25,6 +25,8 @@ if TYPE_CHECKING:      # the runtime package imports onnxruntime; the simulator 
 
 FILLS: Registry[Callable[[ModelGraph, Plan], dict[str, torch.Tensor]]] = Registry("fill policy")
 register_fill = FILLS.register
+CPU = torch.device("cpu")
+AFFINE_PREFIX, MASK_PREFIX = "_robustpart_affine_", "_robustpart_mask_"   # names of the inserted modules
 
 
 @register_fill("zero")
@@ -40,51 +42,58 @@ def fill_values(graph: ModelGraph, plan: Plan) -> dict[str, np.ndarray]:
 
 class ChannelMask(nn.Module):
     """At a unit's exit: the channels where `keep` is False become `fill` (+ `recon` @ the kept channels,
-    when compensation reconstructs them) along `axis`; a no-op while `keep` is None."""
+    when compensation reconstructs them) along `axis`; a no-op while nothing is lost. The other channels
+    pass through untouched."""
 
-    def __init__(self, axis: int, ndim: int):
+    def __init__(self, axis: int, ndim: int, device: torch.device = CPU):
         super().__init__()
-        self.axis, self.ndim = axis, ndim
-        self.keep: torch.Tensor | None = None
-        self.fill: torch.Tensor | None = None
-        self.recon: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # lost, kept, matrix
-        self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None            # calibration
+        self.axis, self.ndim, self.device = axis, ndim, device
+        self.lost: torch.Tensor | None = None            # indices of the lost channels
+        self.fill: torch.Tensor | None = None            # their fill values
+        self.recon: tuple[torch.Tensor, torch.Tensor] | None = None   # kept channel indices, matrix [lost, kept]
 
     def set(self, keep: np.ndarray | None, fill: torch.Tensor, recon: np.ndarray | None = None) -> None:
         """`fill`: one value per channel (only the lost ones matter); `recon`: [lost, kept] or None."""
         self.recon = None
         if keep is None or keep.all():
-            self.keep = self.fill = None
+            self.lost = self.fill = None
             return
-        self.keep = torch.as_tensor(keep, dtype=torch.float32)
-        self.fill = (1.0 - self.keep) * torch.as_tensor(fill, dtype=torch.float32).reshape(-1)
+        on = {"device": self.device}
+        lost = np.flatnonzero(~keep)
+        self.lost = torch.as_tensor(lost, **on)
+        self.fill = torch.as_tensor(fill, dtype=torch.float32).reshape(-1)[torch.as_tensor(lost)].to(**on)
         if recon is not None:
-            self.recon = (torch.as_tensor(np.flatnonzero(~keep)), torch.as_tensor(np.flatnonzero(keep)),
-                          torch.as_tensor(recon, dtype=torch.float32))
+            self.recon = (torch.as_tensor(np.flatnonzero(keep), **on), torch.as_tensor(recon, dtype=torch.float32, **on))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook is not None:
-            return self.hook(x)
-        if self.keep is None:
+        if self.lost is None:
             return x
-        moved = x.movedim(self.axis, -1)
-        out = moved * self.keep + self.fill
+        shape, size = [1] * x.dim(), list(x.shape)
+        shape[self.axis], size[self.axis] = -1, len(self.lost)
+        values = self.fill.reshape(shape).expand(size)
         if self.recon is not None:
-            lost, kept, matrix = self.recon
-            out = out.index_add(-1, lost, moved.index_select(-1, kept) @ matrix.T)
-        return out.movedim(-1, self.axis)
+            kept, matrix = self.recon
+            values = values + recombine(x.index_select(self.axis, kept), matrix, self.axis)
+        return x.index_copy(self.axis, self.lost, values.contiguous())
+
+
+def recombine(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    """`matrix` [out, in] applied along the channel `axis` of x."""
+    y = x.movedim(axis, 1)
+    flat = y.reshape(y.shape[0], y.shape[1], -1)                     # a view for NCHW and (N, C)
+    out = torch.matmul(matrix, flat).reshape(y.shape[0], matrix.shape[0], *y.shape[2:])
+    return out.movedim(1, axis)
 
 
 class ChannelAffine(nn.Module):
     """x * scale + shift per channel along `axis` (compensation at a unit's pre-activation point);
     a no-op while unset."""
 
-    def __init__(self, axis: int, ndim: int):
+    def __init__(self, axis: int, ndim: int, device: torch.device = CPU):
         super().__init__()
-        self.axis, self.ndim = axis, ndim
+        self.axis, self.ndim, self.device = axis, ndim, device
         self.scale: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
-        self.hook: Callable[[torch.Tensor], torch.Tensor] | None = None            # calibration
 
     def set(self, scale: np.ndarray | None, shift: np.ndarray | None) -> None:
         if scale is None:
@@ -92,12 +101,10 @@ class ChannelAffine(nn.Module):
             return
         shape = [1] * self.ndim
         shape[self.axis] = -1
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(shape)
-        self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(shape)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device).reshape(shape)
+        self.shift = torch.as_tensor(shift, dtype=torch.float32, device=self.device).reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook is not None:
-            return self.hook(x)
         if self.scale is None:
             return x
         return x * self.scale + self.shift
@@ -105,13 +112,16 @@ class ChannelAffine(nn.Module):
 
 class FailureSimulator:
     """Evaluate `graph`'s model as partitioned by `plan` under any failure set, with the plan's fill and,
-    when given, the compensation prepared for that failure set."""
+    when given, the compensation prepared for that failure set. On a `device` other than the CPU it runs a
+    copy of the model there (the graph's own module stays on the CPU for export)."""
 
-    def __init__(self, graph: ModelGraph, plan: Plan, compensation: Compensation | None = None):
+    def __init__(self, graph: ModelGraph, plan: Plan, compensation: Compensation | None = None,
+                 device: torch.device | str | None = None):
         plan.validate({u.name: u.channels for u in graph.units})
         self.graph, self.plan, self.compensation = graph, plan, compensation
+        self.device = torch.device(device or "cpu")
         self.fill_values = FILLS.get(plan.fill)(graph, plan)
-        self.module, self.masks, self.affines = _with_masks(graph)
+        self.module, self.masks, self.affines = _with_masks(graph, self.device)
         self.module.eval()
 
     def set_failures(self, failed: Iterable[int]) -> None:
@@ -132,17 +142,24 @@ class FailureSimulator:
             self.affines[unit.name].set(*((data.scale, data.shift) if data is not None else (None, None)))
 
     @torch.no_grad()
+    def batch_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's output for one batch under the failure set last set (on the simulator's device)."""
+        return self.module(images.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
     def logits(self, images: torch.Tensor | np.ndarray, failed: Iterable[int] = (),
                batch_size: int = 500) -> torch.Tensor:
+        """Outputs (on the CPU) for `images` under failure set `failed`, `batch_size` images at a time."""
         self.set_failures(failed)
         images = torch.as_tensor(images)
-        outs = [self.module(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        outs = [self.batch_logits(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(outs)
 
 
-def _with_masks(graph: ModelGraph) -> tuple[fx.GraphModule, dict[str, ChannelMask], dict[str, ChannelAffine]]:
-    """A copy of the traced graph (sharing the weights) with a ChannelMask after every unit's exit and a
-    ChannelAffine after its pre-activation point."""
+def _with_masks(graph: ModelGraph, device: torch.device = CPU
+                ) -> tuple[fx.GraphModule, dict[str, ChannelMask], dict[str, ChannelAffine]]:
+    """A copy of the traced graph (sharing the weights on the CPU, a copy of them elsewhere) with a
+    ChannelMask after every unit's exit and a ChannelAffine after its pre-activation point."""
     new_graph = copy.deepcopy(graph.module.graph)
     root = nn.Module()
     for name, child in graph.module.named_children():
@@ -165,9 +182,14 @@ def _with_masks(graph: ModelGraph) -> tuple[fx.GraphModule, dict[str, ChannelMas
 
     for i, unit in enumerate(graph.units):
         point = pre_activation_point(graph, unit)
-        affines[unit.name] = ChannelAffine(point.axis, point.ndim)
-        insert_after(point.node, affines[unit.name], f"_robustpart_affine_{i}")
-        masks[unit.name] = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1)
-        insert_after(unit.exit_node, masks[unit.name], f"_robustpart_mask_{i}")
+        affines[unit.name] = ChannelAffine(point.axis, point.ndim, device)
+        insert_after(point.node, affines[unit.name], f"{AFFINE_PREFIX}{i}")
+        masks[unit.name] = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1, device)
+        insert_after(unit.exit_node, masks[unit.name], f"{MASK_PREFIX}{i}")
     new_graph.lint()
-    return fx.GraphModule(root, new_graph), masks, affines
+    module = fx.GraphModule(root, new_graph)
+    if device.type != "cpu":
+        module = copy.deepcopy(module).to(device)
+        masks = {name: module.get_submodule(f"{MASK_PREFIX}{i}") for i, name in enumerate(masks)}
+        affines = {name: module.get_submodule(f"{AFFINE_PREFIX}{i}") for i, name in enumerate(affines)}
+    return module, masks, affines

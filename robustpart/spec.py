@@ -16,7 +16,7 @@ class InputSpec:
     shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    num_classes: int
+    num_classes: int | None      # None: not given; `models.load_model` reads it from the model's output
     dtype: str = "float32"
     labels: tuple[str, ...] = field(default_factory=tuple)
 
@@ -31,7 +31,7 @@ class InputSpec:
                     f"give one value or one per channel")
         if any(s <= 0 for s in self.std):
             raise DataError(f"std must be positive, got {self.std}")
-        if self.num_classes < 1:
+        if self.num_classes is not None and self.num_classes < 1:
             raise DataError(f"num_classes must be >= 1, got {self.num_classes}")
 
     def to_json(self) -> dict:

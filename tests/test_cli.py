@@ -31,7 +31,10 @@ def error_line(err: str) -> str:
     (["compile", TV, "--weights", "none", "--devices", "0"], "--devices must be an integer >= 1"),
     (["compile", TV, "--weights", "none", "--devices", "17", "--method", "lop"], "exceeds the 16 output channels"),
     (["compile", TV, "--weights", "none", "--threshold", "-1"], "--threshold must be >= 0"),
-    (["compile", TV, "--weights", "none"], "scoring needs calibration images"),
+    (["compile", TV, "--weights", "none", "--scores", "l1,taylor"], "--scores l1,taylor needs calibration images"),
+    (["compile", TV, "--weights", "none", "--compensate", "ls"], "--compensate ls needs calibration images"),
+    (["compile", TV, "--weights", "none", "--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["compile", TV, "--weights", "none", "--torch-device", "tpu"], "unknown --torch-device 'tpu'"),
     (["compile", TV, "--weights", "none", "--method", "magic"], "unknown partitioning method 'magic'"),
     (["compile", TV, "--weights", "none", "--scores", "l1,nope"], "unknown importance criterion 'nope'"),
     (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
@@ -42,6 +45,18 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
     assert code == 2
     assert message in error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+def test_headline_command_without_calibration_data(capsys, tmp_path):
+    """A 224x224 torchvision model without BatchNorm and no --calib-data: compile completes with the weight-only
+    scores and no compensation, and says so in one line (stderr and the report)."""
+    code, out, err = run(capsys, "compile", TV, "--weights", "none", "--devices", "2", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "no calibration images for a [3, 224, 224] input: scored from the weights alone (l1)" in err
+    assert "--calib-data DIR" in (tmp_path / "b" / "report.txt").read_text()
+    plan = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert plan["options"]["criteria"] == ["l1"]
+    assert not (tmp_path / "b" / "compensation.npz").exists()
 
 
 def test_unreadable_checkpoint(capsys, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robustpart.compensate import CompensationPolicy, compute_compensation, default_max_failures
+from robustpart.compensate import POLICIES, CompensationPolicy, compute_compensation, default_max_failures
 from robustpart.compiler import CompileOptions, _write_bundle, compensation_for
 from robustpart.errors import BundleError, PlanError
 from robustpart.graph import pre_activation_point, trace
@@ -77,6 +77,28 @@ def test_simulator_and_executor_agree_for_every_failure_set(tiny, compensated_bu
             assert not close(ref, plain.logits(images, failed).numpy(), rel=1e-3), failed   # it does something
             assert close(LocalExecutor(bundle, failed, compensate=False).run(images.numpy()),
                          plain.logits(images, failed).numpy())
+
+
+@pytest.mark.parametrize("policy", ["ls", "stats"])
+def test_streaming_in_batches_equals_one_batch(tiny, policy):
+    """Fitted 7 images at a time (48 does not divide by 7) or all 48 at once: the same compensation, so the
+    same outputs under every failure set; the statistics-based affine agrees entry by entry."""
+    _, graph, calibration, images = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    fitted = {size: compute_compensation(graph, plan, calibration, 2, POLICIES[policy], batch_size=size)
+              for size in (len(calibration), 7)}
+    one, streamed = fitted[len(calibration)], fitted[7]
+    assert one.sets.keys() == streamed.sets.keys() and len(one.sets) == 6
+    for failed, units in one.sets.items():
+        assert units.keys() == streamed.sets[failed].keys()
+        for unit, entry in units.items():
+            other = streamed.sets[failed][unit]
+            for field in ("scale", "shift"):
+                a, b = getattr(entry, field), getattr(other, field)
+                assert (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=1e-5, atol=1e-6))
+            assert (entry.lost is None and other.lost is None) or np.array_equal(entry.lost, other.lost)
+        assert close(FailureSimulator(graph, plan, streamed).logits(images, failed).numpy(),
+                     FailureSimulator(graph, plan, one).logits(images, failed).numpy(), rel=1e-5), failed
 
 
 def test_affine_restores_calibration_statistics(tiny):

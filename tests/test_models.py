@@ -101,3 +101,27 @@ def test_unreadable_model_file(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "dict.pt")
     with pytest.raises(ModelError, match="not a model"):
         load_model(str(tmp_path / "dict.pt"))
+
+
+def test_pretrained_weights_in_the_hub_cache_are_used_offline(monkeypatch, tmp_path):
+    """The headline path: `compile vgg16` with the weights file already in torch's hub cache, no internet."""
+    no_network(monkeypatch, tmp_path)
+    weights = torchvision.models.get_model_weights(SMALL_TV).DEFAULT
+    torch.manual_seed(7)
+    saved = torchvision.models.get_model(SMALL_TV, weights=None).state_dict()
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(saved, cache / weights.url.rsplit("/", 1)[1])
+    module, spec, source = load_model(SMALL_TV, "DEFAULT")
+    assert source.weights == "DEFAULT" and spec.num_classes == 1000 and spec.shape == (3, 224, 224)
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+
+
+def test_number_of_classes_is_read_from_the_model_output(tmp_path):
+    from robustpart.spec import InputSpec
+    path = tmp_path / "net.pt"
+    torch.save(torchvision.models.resnet18(num_classes=7).eval(), path)
+    _, spec, _ = load_model(str(path), spec=InputSpec(shape=(3, 32, 32), mean=(0.5,), std=(0.25,), num_classes=None))
+    assert spec.num_classes == 7
+    with pytest.raises(ModelError, match=r"does not run on an input of shape \[1, 32, 32\]"):
+        load_model(str(path), spec=InputSpec(shape=(1, 32, 32), mean=(0.5,), std=(0.25,), num_classes=None))

@@ -38,7 +38,7 @@ def ablated_stack(exit_value: torch.Tensor, channels: torch.Tensor, axis: int) -
     """(B*N, ...): B copies of the (N, ...) exit tensor, copy b with channel `channels[b]` zeroed along
     `axis` (the exit's channel axis, batch axis included)."""
     b, c = len(channels), exit_value.shape[axis]
-    keep = torch.ones(b, c, dtype=exit_value.dtype)
+    keep = torch.ones(b, c, dtype=exit_value.dtype, device=exit_value.device)
     keep[torch.arange(b), channels] = 0.0
     shape = [b] + [1] * exit_value.dim()
     shape[axis + 1] = c
@@ -87,7 +87,7 @@ def exact_jsd(graph: ModelGraph, calibration: torch.Tensor, progress: Callable[[
             interpreter.evaluate(cut.suffix, env, last)
             ablated = logits_of(env[out], graph.name)
             logq = torch.log_softmax(ablated.double(), dim=1).reshape(b, n, -1)
-            scores[start:start + b] = js_divergence(logp.unsqueeze(0), logq).mean(dim=1).numpy()
+            scores[start:start + b] = js_divergence(logp.unsqueeze(0), logq).mean(dim=1).cpu().numpy()
         result[unit.name] = scores
         log.info("jsd exact %s: %d channels in chunks of %d", unit.name, unit.channels, step)
     return result

@@ -63,8 +63,9 @@ def gradient_pass(graph: ModelGraph, calibration: torch.Tensor, *, taylor: bool 
     layers = [modules[u.name] for u in units]
     wanted = {u.exit_node for u in units}
     exit_nodes = {n.name: n for n in graph.module.graph.nodes if n.name in wanted}
-    taylor_sum = [torch.zeros(u.channels, dtype=torch.float64) for u in units]
-    jsd_sum = [torch.zeros(u.channels, dtype=torch.float64) for u in units]
+    device = calibration.device
+    taylor_sum = [torch.zeros(u.channels, dtype=torch.float64, device=device) for u in units]
+    jsd_sum = [torch.zeros(u.channels, dtype=torch.float64, device=device) for u in units]
     n_batches = -(-len(calibration) // batch_size)
     probes = ""
     with _trainable(layers), torch.enable_grad():
@@ -105,8 +106,8 @@ def gradient_pass(graph: ModelGraph, calibration: torch.Tensor, *, taylor: bool 
                         total += _linearised_jsd(buckets, torch.stack(per_unit, dim=2)).sum(dim=0)
     n = len(calibration)
     return GradientStats(
-        taylor={u.name: t.numpy() for u, t in zip(units, taylor_sum)} if taylor else None,
-        jsd={u.name: (t / n).numpy() for u, t in zip(units, jsd_sum)} if jsd else None,
+        taylor={u.name: t.cpu().numpy() for u, t in zip(units, taylor_sum)} if taylor else None,
+        jsd={u.name: (t / n).cpu().numpy() for u, t in zip(units, jsd_sum)} if jsd else None,
         probes=probes)
 
 
@@ -166,7 +167,7 @@ def _channel_shift(unit, a: torch.Tensor, grad: torch.Tensor | None) -> torch.Te
     """(N, C): first-order change of one probe's logit difference when each channel is zeroed."""
     axis = unit.exit_axis
     if grad is None:                   # the exit does not reach the output
-        return torch.zeros(a.shape[0], a.shape[axis], dtype=torch.float64)
+        return torch.zeros(a.shape[0], a.shape[axis], dtype=torch.float64, device=a.device)
     return -(grad * a.detach()).movedim(axis, 1).reshape(a.shape[0], a.shape[axis], -1).sum(dim=2).double()
 
 

@@ -107,7 +107,8 @@ class StageAssembler:
 
 class LocalExecutor:
     """All live boards of a bundle in one process: `run(x)` returns the model output for a batch, with the
-    bundle's compensation for the failure set when it has one (`compensate=False` runs without)."""
+    bundle's compensation for the failure set when it has one (`compensate=False` runs without).
+    `run(x, failed=F)` runs another failure set from the same sessions (evaluate opens them once)."""
 
     def __init__(self, bundle: Path | str, failed: Iterable[int] = (), provider: str | Iterable[str] = "cpu",
                  threads: int = 1, manifest: Manifest | None = None, compensate: bool = True):
@@ -124,24 +125,57 @@ class LocalExecutor:
         self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
                          for stage in self.manifest.stages]
         self.assemblers = [StageAssembler(stage, n) for stage in self.manifest.stages]
-        self.tables = self.manifest.compensation_tables(with_data=compensate)
+        self.compensate = compensate
+        self._tables = {compensate: self.manifest.compensation_tables(with_data=compensate)}
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def tables(self):
+        return self._tables_for(self.compensate)
+
+    def _tables_for(self, compensate: bool):
+        if compensate not in self._tables:
+            self._tables[compensate] = self.manifest.compensation_tables(with_data=compensate)
+        return self._tables[compensate]
+
+    def _failed_for_run(self, failed: Iterable[int] | None) -> frozenset:
+        """`failed` for one run: any superset of the boards failed at construction (their sessions were not
+        opened), so one executor built with no failure runs every failure set from the same sessions."""
+        if failed is None:
+            return self.failed
+        failed = frozenset(failed)
+        n = self.manifest.boards
+        bad = [b for b in failed if not 0 <= b < n]
+        if bad:
+            raise BundleError(f"failed board id {bad[0]} is out of range: the bundle has boards 0..{n - 1}")
+        if not self.failed <= failed:
+            raise BundleError(f"boards {sorted(self.failed - failed)} have no open sessions (this executor was "
+                              f"built with them failed); build a LocalExecutor with fewer failed boards")
+        if len(failed) == n:
+            raise BundleError("every board has failed: there is nothing left to run")
+        return failed
+
+    def run(self, x: np.ndarray, failed: Iterable[int] | None = None, compensate: bool | None = None) -> np.ndarray:
+        """The output for batch `x` with the boards failed at construction, or with `failed` (a superset of
+        them); `compensate` overrides the constructor's choice for this run."""
         spec = self.manifest.input
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != len(spec["shape"]) + 1 or list(x.shape[1:]) != spec["shape"]:
             raise DataError(f"input has shape {list(x.shape)}; the bundle expects (batch, {', '.join(map(str, spec['shape']))})")
+        failed = self._failed_for_run(failed)
+        tables = self._tables_for(self.compensate if compensate is None else compensate)
         env = {spec["name"]: x}
         for s, (stage, sessions, assembler) in enumerate(zip(self.manifest.stages, self.sessions, self.assemblers)):
             slices, extras = {}, None
             for board, session in sessions.items():
+                if board in failed:
+                    continue
                 feeds = {name: env[name] for name in stage["inputs"]}
-                outputs = session.run(None, {**feeds, **self.tables.affine_feeds(s, board, self.failed)})
+                outputs = session.run(None, {**feeds, **tables.affine_feeds(s, board, failed)})
                 slices[board] = outputs[0]
                 extras = extras or outputs[1:]
-            env[stage["tensor"]] = assembler.assemble(slices, len(x), self.tables.exit_data(s, self.failed))
+            env[stage["tensor"]] = assembler.assemble(slices, len(x), tables.exit_data(s, failed))
             for meta, value in zip(stage["extras"], extras):
                 env[meta["name"]] = value
         if self.head is None:
