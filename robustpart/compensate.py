@@ -215,7 +215,6 @@ class Rows:
         total = n_images * per_image
         count = min(total, LS_MAX_SAMPLES, max(1, LS_SAMPLE_BYTES // (4 * channels)))
         self.index = torch.linspace(0, total - 1, count).long() if count < total else torch.arange(total)
-
         self._batches: dict[tuple[int, int], torch.Tensor] = {}
 
     def in_batch(self, first_image: int, n_images: int, device: torch.device) -> torch.Tensor:
@@ -288,6 +287,7 @@ class _Calibrator:
                     if not keep.all():
                         self._fit_exit(point, inputs, keep, healthy, result)
                         dirty = True
+                del inputs            # the inputs of a fit point are dropped as soon as the batches are past it
                 for env in envs:
                     self.program.run([point.node], env)
         self.sim.set_failures(())

@@ -1,4 +1,4 @@
-"""Evaluation and calibration data: Fashion-MNIST (Debian idx files or a bundled slice) and ImageFolder trees.
+"""Evaluation and calibration data: Fashion-MNIST (Debian idx files or a bundled slice); image folders are read by evaldata.py.
 
 Only numpy and the standard library are imported here; torch/torchvision are imported inside the
 functions that need them, so a board-side install can still use `normalize` and the bundled slice.
@@ -146,40 +146,3 @@ def normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
     x = images.astype(np.float32) / np.float32(255.0)
     return ((x - mean) / std).astype(np.float32, copy=False)
-
-
-def load_image_folder(path: Path | str, transform, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An ImageNet-style tree (one sub-folder per class) -> (float32 (N, C, H, W), int64 labels).
-
-    `transform` is applied to every PIL image and must return a tensor (e.g. a torchvision
-    Compose ending in ToTensor/Normalize). `limit` keeps the first `limit` images (sorted order).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"image folder {path} does not exist; pass a directory with one sub-folder per class")
-    try:
-        from torchvision.datasets import ImageFolder
-    except ImportError as exc:
-        raise DataError("reading an image folder needs torchvision; install robustpart[compiler]") from exc
-    try:
-        dataset = ImageFolder(str(path), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"image folder {path} holds no usable images ({exc}); it needs one sub-folder per "
-                        f"class containing .jpg/.png files") from exc
-    count = len(dataset) if limit is None else min(int(limit), len(dataset))
-    if count < 1:
-        raise DataError(f"image folder {path} holds no images (limit={limit})")
-    import torch
-
-    images, labels = [], []
-    for i in range(count):
-        try:
-            image, label = dataset[i]
-        except OSError as exc:
-            raise DataError(f"cannot read image {dataset.samples[i][0]}: {exc}") from exc
-        if not isinstance(image, torch.Tensor):
-            raise DataError("the transform given to load_image_folder must return a tensor (end it with ToTensor)")
-        images.append(image)
-        labels.append(label)
-    batch = torch.stack(images).to(torch.float32).numpy()
-    return batch, np.asarray(labels, dtype=np.int64)

@@ -117,21 +117,29 @@ def test_normalize_shape_dtype_and_values():
 
 
 def test_load_image_folder_errors_and_reads(tmp_path):
+    from robustpart.evaldata import FolderStream
+    from robustpart.spec import InputSpec
+    spec = InputSpec(shape=(3, 8, 8), mean=(0.0,), std=(1.0,), num_classes=2)
+
+    def read(root, limit=None):
+        batches = list(FolderStream(root, transforms.ToTensor(), spec, limit, batch_size=8, workers=0))
+        return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
+
+    pytest.importorskip("PIL.Image")
+    from torchvision import transforms
     with pytest.raises(DataError, match="does not exist"):
-        data.load_image_folder(tmp_path / "missing", transform=None)
+        read(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError):
-        data.load_image_folder(tmp_path / "empty", transform=None)
+        read(tmp_path / "empty")
 
-    Image = pytest.importorskip("PIL.Image")
-    from torchvision import transforms
-
+    from PIL import Image
     root = tmp_path / "tree"
     for cls, value in (("cat", 10), ("dog", 200)):
         (root / cls).mkdir(parents=True)
         for i in range(2):
             Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(root / cls / f"{i}.png")
-    images, labels = data.load_image_folder(root, transforms.ToTensor(), limit=3)
+    images, labels = read(root, limit=3)
     assert images.shape == (3, 3, 8, 8) and images.dtype == np.float32
     assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 1]
     np.testing.assert_allclose(images[2], 200 / 255, rtol=1e-6)
