@@ -1,4 +1,5 @@
-"""Evaluation and calibration data: Fashion-MNIST (Debian idx files or a bundled slice); image folders are read by evaldata.py.
+"""Evaluation and calibration data: Fashion-MNIST (Debian idx files or a bundled slice). Image folders are
+read by evaldata.py.
 
 Only numpy and the standard library are imported here; torch/torchvision are imported inside the
 functions that need them, so a board-side install can still use `normalize` and the bundled slice.
