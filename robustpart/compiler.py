@@ -35,13 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
-# Without calibration data, a model with BatchNorm is calibrated on images synthesized from its BN statistics
-# (see synthesize.py and the measurement in benchmarks/bench_datafree.py), this many, reused for scores and
-# compensation; DATAFREE_DEFAULT False means the weight-only fallback instead.
-DATAFREE_DEFAULT = False
-DATAFREE_IMAGES = 64
-
-
 @dataclass
 class CompileOptions:
     devices: int = 4
@@ -51,7 +44,7 @@ class CompileOptions:
     criteria: tuple[str, ...] | None = None   # None: DEFAULT_CRITERIA, or l1 alone when no calibration images
     jsd: str = "auto"              # JSD mode: exact ablation, fast gradient expansion, or auto
     calib: int = 64
-    calib_data: Path | None = None
+    calib_data: Path | None = None   # an image folder, or "synthesize" (from the BatchNorm statistics)
     seed: int = 0
     replicate: list[str] = field(default_factory=list)
     fill: str = "zero"
@@ -70,42 +63,72 @@ def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = N
     return trace(module, spec, source.display_name), source
 
 
+# Without calibration data, compile synthesizes calibration images from the model's BatchNorm statistics
+# (synthesize.py) where that was measured to keep >= 95 % of the real-data compensation's 1- and 2-failure
+# accuracy (benchmarks/bench_datafree.py: VGG16-BN 99.1 / 96.4 %, ResNet-18 99.3 / 100.9 %, but MobileNetV2,
+# with depthwise convolutions, 96.8 / 92.4 %), and where it is affordable: on the CPU at most this many
+# multiply-accumulates (a few minutes on 2 cores; resnet18 at 224x224 needs ~140 T). Otherwise: weight-only
+# scores and no compensation. `--calib-data synthesize` asks for synthesis whatever it costs.
+DATAFREE_CPU_BUDGET_MACS = 20e12
+SYNTHESIZE = "synthesize"
+
+
+def _depthwise(graph: ModelGraph) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in graph.module.modules())
+
+
+def datafree_calibration(graph: ModelGraph, device: str) -> str | None:
+    """None when data-free calibration is the no-data default for `graph` on `device`, else why not."""
+    from .synthesize import DEFAULT_CONFIG, DEFAULT_IMAGES, has_batchnorm
+    if not has_batchnorm(graph):
+        return "the model has no BatchNorm to synthesize images from"
+    if _depthwise(graph):
+        return ("images synthesized for depthwise-convolution models kept < 95 % of the real-data "
+                "compensation (measured on MobileNetV2)")
+    macs = DEFAULT_IMAGES * DEFAULT_CONFIG.iterations * 3 * graph.total_macs     # forward + backward
+    if resolve_device(device).type == "cpu" and macs > DATAFREE_CPU_BUDGET_MACS:
+        return (f"synthesizing {DEFAULT_IMAGES} images costs {macs / 1e12:.0f} T multiply-accumulates, too many "
+                f"for the CPU (--torch-device cuda, or --calib-data synthesize to do it anyway)")
+    return None
+
+
 class CalibrationSource:
     """Where one compile's label-free calibration images come from: the user's image folder, the bundled
-    Fashion-MNIST images for a 1x28x28 model, images synthesized from the model's BatchNorm statistics when
-    it has BatchNorm (`synthesize.py`), or nowhere (then compile scores from the weights alone and does
-    not compensate, and says so)."""
+    Fashion-MNIST images for a 1x28x28 model, images synthesized from the model's BatchNorm statistics
+    (see `datafree_calibration`), or nowhere (then compile scores from the weights alone and does not
+    compensate, and says so)."""
 
     def __init__(self, graph: ModelGraph, options: CompileOptions, progress: Progress):
-        from .synthesize import has_batchnorm
         self.graph, self.options, self.progress = graph, options, progress
         self._synthesized: torch.Tensor | None = None
-        if options.calib_data is not None or tuple(graph.input_spec.shape) == (1, 28, 28):
-            self.kind = "data"
-        elif DATAFREE_DEFAULT and has_batchnorm(graph):
+        self.why_not: str | None = None
+        if str(options.calib_data) == SYNTHESIZE:
             self.kind = "synthesized"
+        elif options.calib_data is not None or tuple(graph.input_spec.shape) == (1, 28, 28):
+            self.kind = "data"
         else:
-            self.kind = None
+            self.why_not = datafree_calibration(graph, options.torch_device)
+            self.kind = "synthesized" if self.why_not is None else None
 
     def images(self, n: int) -> torch.Tensor:
         if self.kind != "synthesized":
             return calibration_images(self.graph.input_spec, n, self.options.calib_data, self.options.seed)
         if self._synthesized is None:
-            from .synthesize import synthesize_calibration
-            count = min(DATAFREE_IMAGES, max(self.options.calib, self.options.compensate_calib))
-            self.progress(f"no calibration data: synthesizing {count} images from the model's BatchNorm statistics")
-            self._synthesized = synthesize_calibration(self.graph, count, seed=self.options.seed,
+            from .synthesize import DEFAULT_IMAGES, synthesize_calibration
+            self.progress(f"synthesizing {DEFAULT_IMAGES} calibration images from the model's BatchNorm statistics")
+            self._synthesized = synthesize_calibration(self.graph, DEFAULT_IMAGES, seed=self.options.seed,
                                                        device=self.options.torch_device, progress=self.progress)
         return self._synthesized[:n]
 
     def describe(self) -> str:
         if self.kind is None:
-            return (f"no calibration images for a {list(self.graph.input_spec.shape)} input: scored from the "
-                    f"weights alone (l1), no compensation; --calib-data DIR (an image folder) adds the taylor and "
-                    f"jsd scores and failure compensation")
+            return (f"no calibration images for a {list(self.graph.input_spec.shape)} input ({self.why_not}): "
+                    f"scored from the weights alone (l1), no compensation; --calib-data DIR (an image folder) adds "
+                    f"the taylor and jsd scores and failure compensation")
         if self.kind == "synthesized":
-            return ("no calibration data: taylor/jsd scores and compensation fitted on images synthesized from the "
-                    "model's BatchNorm statistics; --calib-data DIR (an image folder) fits them on real images")
+            return ("calibration images synthesized from the model's BatchNorm statistics (no data given) for the "
+                    "taylor/jsd scores and compensation; --calib-data DIR (an image folder) fits them on real images")
         return f"calibration images: {self.options.calib_data or 'bundled Fashion-MNIST train images'}"
 
 

@@ -7,7 +7,7 @@ from robustpart.errors import DataError
 from robustpart.graph import trace
 from robustpart.synthesize import SynthesisConfig, bn_mismatch, has_batchnorm, synthesize_calibration
 
-from conftest import TINY_SPEC, TinyNet
+from conftest import TINY_SPEC, TinyNet, randomized
 
 FAST = SynthesisConfig(iterations=60, lr=0.1)
 
@@ -82,3 +82,28 @@ def test_has_batchnorm(tiny_graph):
 def test_bad_count_is_a_data_error(tiny_graph):
     with pytest.raises(DataError, match="n >= 1"):
         synthesize_calibration(tiny_graph, 0, device="cpu")
+
+
+def test_compile_without_data_calibrates_on_synthesized_images(tmp_path):
+    """No --calib-data for a small BatchNorm model that is not 1x28x28: the three scores and the compensation
+    are fitted on synthesized images, and the report says so; `--calib-data synthesize` asks for it by name."""
+    import json
+
+    from robustpart.compiler import CompileOptions, compile_model, datafree_calibration
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(8 * 8 * 8, 5)))
+    path = tmp_path / "tiny.pt"
+    torch.save(model, path)
+    assert datafree_calibration(trace(model, TINY_SPEC, "tiny"), "cpu") is None
+    assert "depthwise" in datafree_calibration(trace(randomized(TinyNet()), TINY_SPEC, "tiny"), "cpu")
+    bundle = compile_model(str(path), CompileOptions(devices=2, compensate_calib=32, shards=False), tmp_path / "b",
+                           spec=TINY_SPEC)
+    assert "synthesized from the model's BatchNorm statistics" in (bundle / "report.txt").read_text()
+    assert json.loads((bundle / "plan.json").read_text())["options"]["criteria"] == ["l1", "taylor", "jsd"]
+    info = json.loads((bundle / "compensation.json").read_text())
+    assert info["policy"]["synthesized"] and info["policy"]["calibration_images"] == 32
+    forced = compile_model(str(path), CompileOptions(devices=2, calib_data="synthesize", criteria=("l1",),
+                                                     compensate_calib=16, shards=False), tmp_path / "c", spec=TINY_SPEC)
+    assert json.loads((forced / "compensation.json").read_text())["policy"]["synthesized"]
