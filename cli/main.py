@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from robustpart.errors import RobustpartError
+from robustpart import checks
+from robustpart.errors import ModelError, RobustpartError, Terminated, UsageError, WeightsError
 
 DEMO_MODEL = "fmnist_vgg16_bn"
 
@@ -38,24 +42,38 @@ class ProgressLine:
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    return values
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got '{text}'")
+    return values
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    names = [x.strip() for x in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got '{text}'")
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed command line is a UsageError, reported in the one-line form by `main`."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robustpart", description=__doc__)
+    parser = _Parser(prog="robustpart", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="score, plan and write a bundle for N boards")
     c.add_argument("model", help="reference model, torchvision model name, or path to a saved model")
     c.add_argument("--devices", "-n", type=int, default=4, help="number of boards (default 4)")
-    c.add_argument("--threshold", "-t", type=float, default=0.3,
+    c.add_argument("--threshold", "-t", type=float,
                    help="robust: clustering distance threshold in normalised score space; 0 = full "
                         "replication, large = even split (default 0.3)")
     c.add_argument("--thresholds-file", type=Path, help="JSON: unit name or pattern -> threshold, plus \"default\"")
@@ -71,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scores", type=_names,
                    help="importance criteria, comma-separated (default l1,taylor,jsd; l1 alone when there are no "
                         "calibration images)")
-    c.add_argument("--jsd", choices=["auto", "exact", "fast"], default="auto",
+    c.add_argument("--jsd", choices=["auto", "exact", "fast"],
                    help="JSD scores by exact channel ablation, a fast linearised-logit approximation, or auto: exact when "
                         "affordable (default auto; the choice is shown)")
-    c.add_argument("--calib", type=int, default=64, help="calibration images for data-driven scores")
+    c.add_argument("--calib", type=int, help="calibration images for data-driven scores (default 64)")
     c.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")
     c.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, "
                                      "or none")
@@ -93,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto)")
     c.add_argument("--compensate-up-to", type=int,
                    help="prepare every failure set of 1..K boards (default N-1 while there are at most 256 sets)")
-    c.add_argument("--compensate-calib", type=int, default=256, help="calibration images for compensation (256)")
+    c.add_argument("--compensate-calib", type=int, help="calibration images for compensation (default 256)")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
     _torch_device_option(c)
@@ -111,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch: the failure simulator (fast); onnx: run the bundle's shards with ONNX Runtime")
-    e.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
+    e.add_argument("--provider", help="--backend onnx: ONNX Runtime execution provider: cpu, cuda, tensorrt "
+                                      "(default cpu)")
     e.add_argument("--compensation", choices=["both", "with", "without"], default="both",
                    help="each method without and with failure-aware compensation (default both)")
     e.add_argument("--batch-size", type=int,
@@ -119,15 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int,
                    help="processes decoding an image folder in parallel with compute; 0: in the main process "
                         "(default min(2, CPU count))")
-    e.add_argument("--torch-device", default="auto",
-                   help="where the torch backend runs: auto (CUDA when available), cpu or cuda")
+    e.add_argument("--torch-device",
+                   help="where the torch backend runs: auto (CUDA when available), cpu or cuda (default auto)")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
 
     d = sub.add_parser("demo", help="compile the reference VGG for 4 boards; robust vs lop vs full under failures")
     d.add_argument("--data", help="evaluation data (default: 'bundled', the 2000-image slice in the package)")
-    d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d")
+    d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d",
+                   help=f"bundle directory (default artifacts/{DEMO_MODEL}-4d)")
 
     s = sub.add_parser("serve", help="run one board of a bundle on the mesh (needs numpy, onnxruntime, pyzmq only)")
     s.add_argument("bundle", type=Path)
@@ -202,14 +222,20 @@ def _input_spec(args):
 def cmd_compile(args, progress) -> int:
     from robustpart.compiler import CompileOptions, compile_model
     from robustpart.device import resolve_device
-    if args.threshold is not None and args.threshold < 0:
-        raise RobustpartError(f"--threshold must be >= 0 (0 = full replication), got {args.threshold}")
-    options = CompileOptions(devices=args.devices, threshold=args.threshold, thresholds_file=args.thresholds_file,
-                             method=args.method, criteria=tuple(args.scores) if args.scores else None, calib=args.calib,
+    default = CompileOptions()
+
+    def given_or_default(name):
+        value = getattr(args, name)
+        return getattr(default, name) if value is None else value
+
+    options = CompileOptions(devices=args.devices, threshold=given_or_default("threshold"),
+                             thresholds_file=args.thresholds_file, method=args.method,
+                             criteria=tuple(args.scores) if args.scores else None, calib=given_or_default("calib"),
                              calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
-                             shards=not args.no_shards, jsd=args.jsd, compensate=args.compensate,
-                             compensate_up_to=args.compensate_up_to, compensate_calib=args.compensate_calib,
-                             batch_size=args.batch_size, torch_device=str(resolve_device(args.torch_device)))
+                             shards=not args.no_shards, jsd=given_or_default("jsd"), compensate=args.compensate,
+                             compensate_up_to=args.compensate_up_to,
+                             compensate_calib=given_or_default("compensate_calib"), batch_size=args.batch_size,
+                             torch_device=str(resolve_device(args.torch_device)))
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")
@@ -222,12 +248,15 @@ def cmd_evaluate(args, progress) -> int:
     from robustpart.bundle import Bundle
     from robustpart.report import evaluation_text
     fail_probs = None
+    bundle = Bundle.load(args.bundle)
     if args.fail_prob:
-        n = Bundle.load(args.bundle).plan.n_boards
-        fail_probs = {"custom": parse_fail_probs(args.fail_prob, n)}
+        fail_probs = {"custom": parse_fail_probs(args.fail_prob, bundle.plan.n_boards)}
+    if args.compensation == "with" and bundle.compensation_info is None:
+        raise UsageError(f"--compensation with: bundle {bundle.path} has no compensation data (compiled with "
+                         f"--compensate none, or without calibration images), so every row would be without it")
     result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress,
-                             args.backend, args.provider, args.compensation, batch_size=args.batch_size,
-                             workers=args.workers, torch_device=args.torch_device)
+                             args.backend, args.provider or "cpu", args.compensation, batch_size=args.batch_size,
+                             workers=args.workers, torch_device=args.torch_device or "auto")
     progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
@@ -242,15 +271,15 @@ def cmd_evaluate(args, progress) -> int:
 def cmd_inspect(args, progress) -> int:
     from robustpart.bundle import Bundle
     bundle = Bundle.load(args.bundle)
+    manifest = bundle.verify()                    # before anything is printed about it
     report = bundle.path / "report.txt"
     if not report.is_file():
         raise RobustpartError(f"bundle {bundle.path} has no report.txt; compile it again")
     print(report.read_text(), end="")
-    if (bundle.path / "manifest.json").is_file():
+    if manifest is not None:
         from robustpart.report import shards_text
-        from robustpart.runtime import load_manifest
         print()
-        print(shards_text(load_manifest(bundle.path)), end="")
+        print(shards_text(manifest), end="")
     else:
         print("\n(no ONNX shards in this bundle: compiled with --no-shards)")
     return 0
@@ -274,6 +303,10 @@ def cmd_demo(args, progress) -> int:
 
 def cmd_serve(args, progress) -> int:
     from robustpart.runtime.mesh.board import serve      # numpy, onnxruntime, pyzmq: no torch on this path
+    if args.key is not None:
+        from robustpart.runtime.manifest import load_manifest
+        from robustpart.runtime.mesh.peers import load_inventory
+        _key_is_used(load_inventory(args.peers, args.bundle, load_manifest(args.bundle, verify=False).boards))
     serve(args.bundle, args.device, args.peers, _mesh_settings(args), args.provider, args.threads, args.key,
           args.bind, args.events)
     return 0
@@ -282,12 +315,10 @@ def cmd_serve(args, progress) -> int:
 def cmd_run(args, progress) -> int:
     from robustpart.runtime.mesh.client import MeshClient, answer_line, summarize
     from robustpart.runtime.mesh.inputs import load_inputs
-    if args.deadline_ms <= 0:
-        raise RobustpartError(f"--deadline-ms must be > 0, got {args.deadline_ms:g}")
-    if args.limit is not None and args.limit < 1:
-        raise RobustpartError(f"--limit must be >= 1, got {args.limit}")
     with MeshClient(args.bundle, args.peers, settings=_mesh_settings(args), deadline=args.deadline_ms / 1e3,
                     key_file=args.key) as client:
+        if args.key is not None:
+            _key_is_used(client.inventory)
         images, labels = load_inputs(args.input, client.manifest, args.limit)
         boards = client.wait_ready(args.wait_ms / 1e3)
         if not boards:
@@ -337,8 +368,6 @@ def cmd_cluster(args, progress) -> int:
 def cmd_keys(args, progress) -> int:
     from robustpart.runtime.mesh.keys import make_keys
     from robustpart.runtime.mesh.peers import load_inventory
-    if args.boards < 1:
-        raise RobustpartError(f"--boards must be >= 1, got {args.boards}")
     path = make_keys(args.out, args.boards, tuple(args.clients), load_inventory(args.peers, None, args.boards))
     print(f"wrote {path} and the secret keys board0..{args.boards - 1}.key_secret, "
           f"{', '.join(c + '.key_secret' for c in args.clients)} in {args.out}")
@@ -347,25 +376,235 @@ def cmd_keys(args, progress) -> int:
     return 0
 
 
+def _key_is_used(inventory) -> None:
+    if not inventory.curve:
+        raise RobustpartError(f"--key is given but the board inventory ({inventory.source}) lists no CURVE keys, so it "
+                              f"would not be used; drop --key, or give the inventory `robustpart keys` wrote (--peers "
+                              f"DIR/boards.json)")
+
+
 COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "demo": cmd_demo,
             "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    progress = ProgressLine(quiet=args.quiet)
-    try:
-        return COMMANDS[args.command](args, progress)
-    except RobustpartError as exc:
-        progress.done()
-        print(f"robustpart: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        progress.done()
+# ---- the boundary: every argument checked before the command runs (and before torch is imported) -------------
+
+TORCH_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+CLIENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _given(args, *names: str) -> list[str]:
+    """The options among `names` (attribute names) the user gave, spelled as on the command line."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False, [])]
+
+
+def _refuse_unused(given: list[str], why: str) -> None:
+    if given:
+        raise UsageError(f"{', '.join(given)} would not be used: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def _check_torch_device(value: str | None) -> None:
+    if value is not None and not TORCH_DEVICE.fullmatch(value.lower()):
+        raise UsageError(f"unknown --torch-device '{value}'; choose one of auto, cpu, cuda (or cuda:N)")
+
+
+def _check_provider(value: str | None) -> None:
+    if value is not None and value.lower() not in PROVIDERS and not value.endswith("ExecutionProvider"):
+        raise UsageError(f"unknown --provider '{value}'; use {', '.join(PROVIDERS)}")
+
+
+def _check_data(value: str | None, option: str = "--data") -> None:
+    if value is not None and value != "bundled":
+        checks.check_existing(value, option, error=UsageError)
+
+
+def _check_mesh(args) -> None:
+    for name in ("heartbeat_ms", "timeout_ms", "stage_timeout_ms", "client_idle_ms"):
+        value = getattr(args, name)
+        if value is not None:
+            checks.check_number(value, "--" + name.replace("_", "-"), 0, strict=True, error=UsageError)
+    _mesh_settings(args)                                  # the relations between them (heartbeat < timeout, ...)
+    if getattr(args, "key", None) is not None:
+        checks.check_existing(args.key, "--key", "file", error=UsageError)
+    if args.peers is not None:
+        from robustpart.runtime.mesh.peers import is_address_list, parse_address_list
+        if is_address_list(args.peers):
+            parse_address_list(args.peers)
+
+
+def check_compile(args) -> None:
+    checks.check_compile_numbers(args.devices, args.threshold, args.calib, args.compensate_calib,
+                                 args.compensate_up_to, args.batch_size, args.seed)
+    _check_torch_device(args.torch_device)
+    if args.method != "robust":
+        _refuse_unused(_given(args, "threshold", "thresholds_file", "scores", "jsd", "calib", "reuse_scores"),
+                       f"--method {args.method} places channels without scores or thresholds (they are for "
+                       f"--method robust)")
+    if args.compensate == "none":
+        _refuse_unused(_given(args, "compensate_up_to", "compensate_calib"), "--compensate none prepares no "
+                       "compensation")
+    if args.scores and set(args.scores) == {"l1"}:
+        _refuse_unused(_given(args, "calib", "jsd"), "--scores l1 scores from the weights alone")
+    elif args.scores and "jsd" not in args.scores:
+        _refuse_unused(_given(args, "jsd"), f"--scores {','.join(args.scores)} has no jsd")
+    if args.calib_data is not None and str(args.calib_data) != "synthesize":
+        checks.check_existing(args.calib_data, "--calib-data", "dir", error=UsageError)
+    if args.thresholds_file is not None:
+        checks.check_existing(args.thresholds_file, "--thresholds-file", "file", error=UsageError)
+    if args.reuse_scores is not None:
+        checks.check_bundle_dir(args.reuse_scores)
+    path = Path(args.model)
+    if (path.suffix or "/" in args.model) and not path.exists():
+        raise ModelError(f"model file {path} does not exist")
+    if args.weights not in (None, "default", "DEFAULT", "none") and (Path(args.weights).suffix or "/" in args.weights) \
+            and not Path(args.weights).is_file():
+        raise WeightsError(f"weights file {args.weights} does not exist; give an existing state_dict file, a "
+                           f"torchvision weights name, or none")
+    _input_spec(args)                                     # shape, mean, std and classes, all or none
+    if args.out is not None:
+        checks.check_output_dir(args.out)
+
+
+def check_evaluate(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    for k in args.failures or ():
+        checks.check_int(k, "--failures", 1, hint=" (failure set sizes, e.g. 1,2,3)", error=UsageError)
+    for name, low in (("limit", 1), ("batch_size", 1), ("workers", 0)):
+        if getattr(args, name) is not None:
+            checks.check_int(getattr(args, name), "--" + name.replace("_", "-"), low, error=UsageError)
+    if args.fail_prob is not None:
+        checks.check_fail_probs(args.fail_prob)
+    _check_data(args.data)
+    _check_torch_device(args.torch_device)
+    _check_provider(args.provider)
+    if args.backend == "onnx":
+        _refuse_unused(_given(args, "torch_device"), "--backend onnx runs the shards with ONNX Runtime (--provider)")
+        if args.compare:
+            raise UsageError("--compare plans have no shards; evaluate them with --backend torch")
+    else:
+        _refuse_unused(_given(args, "provider"), "--backend torch runs the simulator (--torch-device); --provider "
+                       "is for --backend onnx")
+
+
+def check_inspect(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+
+
+def check_demo(args) -> None:
+    _check_data(args.data)
+    checks.check_output_dir(args.out)
+
+
+def check_serve(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    checks.check_int(args.device, "--device", 0, hint=" (this board's id)", error=UsageError)
+    checks.check_int(args.threads, "--threads", 1, error=UsageError)
+    _check_provider(args.provider)
+    if args.events is not None:
+        checks.check_output_file(args.events, "--events")
+    if args.bind is not None and not re.fullmatch(r"tcp://(\*|\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}", args.bind):
+        raise UsageError(f"--bind {args.bind!r} is not a listen endpoint like tcp://0.0.0.0:5550")
+    _check_mesh(args)
+
+
+def check_run(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    _check_data(args.input, "--input")
+    if args.limit is not None:
+        checks.check_int(args.limit, "--limit", 1, error=UsageError)
+    checks.check_number(args.deadline_ms, "--deadline-ms", 0, strict=True, error=UsageError)
+    checks.check_int(args.window, "--window", 1, error=UsageError)
+    checks.check_number(args.wait_ms, "--wait-ms", 0, error=UsageError)
+    _check_mesh(args)
+
+
+def check_cluster(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    if args.workdir is not None:
+        checks.check_output_dir(args.workdir, "--workdir", replaces=False)
+    if args.seconds is not None:
+        checks.check_number(args.seconds, "--seconds", 0, strict=True, error=UsageError)
+    _check_provider(args.provider)
+    if args.keys is not None:
+        checks.check_existing(args.keys, "--keys", "dir", error=UsageError)
+        checks.check_existing(args.keys / "boards.json", "--keys", "file", error=UsageError)
+    _check_mesh(args)
+
+
+def check_keys(args) -> None:
+    checks.check_devices(args.boards, "--boards")
+    checks.check_output_dir(args.out, "keys DIR", replaces=False)
+    seen = set()
+    for name in args.clients:
+        if not CLIENT_NAME.fullmatch(name) or re.fullmatch(r"board\d+", name):
+            raise UsageError(f"--clients: '{name}' is not a client name (letters, digits, _ and -, starting with a "
+                             f"letter; not boardK, which are the boards' keys)")
+        if name in seen:
+            raise UsageError(f"--clients names '{name}' twice")
+        seen.add(name)
+    if args.peers is not None:
+        from robustpart.runtime.mesh.peers import load_inventory
+        load_inventory(args.peers, None, args.boards)
+
+
+CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "demo": check_demo,
+          "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys}
+
+
+# ---- the one place an exception becomes the one-line form -------------------------------------------------------
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def report_error(exc: BaseException, verbose: bool = False) -> int:
+    """Print `exc` as one line on stderr and return the exit status: 2 for bad input (a RobustpartError), 1 for
+    what the system refused (an OSError: disk full, permission denied) and for bugs (with the traceback only
+    under -v), 130 for Ctrl-C, 128 + the signal for SIGTERM."""
+    if isinstance(exc, Terminated):
+        print(f"robustpart: terminated (signal {exc.signum}); nothing half-written was left", file=sys.stderr)
+        return exc.code
+    if isinstance(exc, KeyboardInterrupt):
         print("robustpart: interrupted", file=sys.stderr)
         return 130
+    if verbose and not isinstance(exc, RobustpartError):
+        traceback.print_exception(exc)
+    if isinstance(exc, RobustpartError):
+        print(f"robustpart: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("zmq"):    # the system refused
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"robustpart: error: {getattr(exc, 'strerror', None) or one_line(exc)}{where}", file=sys.stderr)
+        return 1
+    hint = "" if verbose else "; -v shows the traceback"
+    print(f"robustpart: error: internal error, please report it: {type(exc).__name__}: {one_line(exc)}{hint}",
+          file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    progress = ProgressLine(quiet=True)
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        progress = ProgressLine(quiet=args.quiet)
+        CHECKS[args.command](args)
+        return COMMANDS[args.command](args, progress)
+    except SystemExit as exc:
+        if isinstance(exc, Terminated):
+            progress.done()
+            return report_error(exc, verbose)
+        if exc.code is None or isinstance(exc.code, int):       # --help: 0
+            return exc.code or 0
+        return report_error(RobustpartError(str(exc.code)), verbose)
+    except BaseException as exc:          # noqa: BLE001  the one place errors become the one-line form
+        progress.done()
+        return report_error(exc, verbose)
 
 
 if __name__ == "__main__":

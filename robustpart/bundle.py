@@ -12,15 +12,20 @@ when complete, so a failed compile leaves nothing behind (and an earlier bundle 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError, RobustpartError
+from .checks import check_bundle_dir, check_output_dir
+from .errors import BundleError, RobustpartError, Terminated
 from .plan import Plan
 from .scores import Scores
 
@@ -30,25 +35,102 @@ COMPENSATION_DATA, COMPENSATION_INFO = "compensation.npz", "compensation.json"
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)`, then move `tmp_dir` to `out_dir` (replacing an older bundle there)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleError(f"output path {out_dir} exists and is not a directory; choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Call `write(tmp_dir)`, then move `tmp_dir` to `out_dir` (replacing an older bundle there).
+
+    Whatever stops the write (an error, Ctrl-C, SIGTERM) removes `tmp_dir` and leaves `out_dir` as it was:
+    while the temporary directory exists, SIGTERM removes it and raises `Terminated` (unless the program
+    installed a SIGTERM handler of its own), and the swap of the old bundle for the new one is never cut in
+    half."""
+    out_dir = check_output_dir(out_dir)
+    tmp = None
+    with _terminate_by_exception():
+        try:
+            with _signals_deferred():
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+                _PENDING.add(tmp)
+            write(tmp)
+            with _signals_deferred():
+                _swap_in(tmp, out_dir)
+                _PENDING.discard(tmp)
+        except BaseException:
+            if tmp is not None:
+                with _signals_deferred():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    _PENDING.discard(tmp)
+            raise
     return out_dir
+
+
+_PENDING: set[Path] = set()       # temporary bundle directories being written (removed on SIGTERM)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)          # put the earlier bundle back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame):
+    for tmp in list(_PENDING):
+        shutil.rmtree(tmp, ignore_errors=True)
+        _PENDING.discard(tmp)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_by_exception():
+    """While inside, SIGTERM raises `Terminated` (so `except BaseException` clean-ups run) where the process
+    would otherwise just die; a handler the program installed itself is left alone."""
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block is done (a rename pair, a clean-up), then take effect."""
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        if previous[s] not in (signal.SIG_IGN, None):
+            signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s in sigs:
+            if previous[s] not in (signal.SIG_IGN, None):
+                signal.signal(s, previous[s])
+        for signum in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif signum == signal.SIGTERM:         # SIG_DFL: die as the signal would have
+                signal.raise_signal(signum)
+            else:
+                raise KeyboardInterrupt
 
 
 @dataclass
@@ -68,28 +150,72 @@ class Bundle:
 
     @classmethod
     def load(cls, path: Path | str) -> "Bundle":
-        path = Path(path)
-        if not path.is_dir():
-            raise BundleError(f"bundle {path} does not exist; create it with `robustpart compile`")
+        path = check_bundle_dir(path)
         for name in REQUIRED:
             if not (path / name).is_file():
                 raise BundleError(f"bundle {path} is incomplete: {name} is missing; compile it again")
         try:
             model = json.loads((path / "model.json").read_text())
-        except json.JSONDecodeError as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{path / 'model.json'} is not valid JSON: {exc}") from exc
+        if not isinstance(model, dict):
+            raise BundleError(f"{path / 'model.json'} is not a JSON object; compile the bundle again")
         if model.get("schema") != BUNDLE_SCHEMA:
             raise BundleError(f"bundle schema {model.get('schema')!r} is not supported (expected "
                               f"{BUNDLE_SCHEMA}); compile the bundle again with this robustpart")
+        if not isinstance(model.get("identity"), dict) or not isinstance(model.get("source"), dict):
+            raise BundleError(f"{path / 'model.json'} lacks the model's source and identity; compile the bundle "
+                              f"again")
         try:
             plan = Plan.load(path / "plan.json")
         except RobustpartError as exc:
             raise BundleError(f"bundle {path}: {exc}") from exc
-        scores = Scores.load(path / "scores.npz") if (path / "scores.npz").is_file() else None
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"bundle {path}: plan.json is malformed ({type(exc).__name__}: {exc}); compile "
+                              f"again") from exc
+        try:
+            scores = Scores.load(path / "scores.npz") if (path / "scores.npz").is_file() else None
+        except (zipfile.BadZipFile, EOFError, TypeError) as exc:
+            raise BundleError(f"bundle {path}: scores.npz is unreadable ({exc}); compile again") from exc
         info = None
         if (path / COMPENSATION_INFO).is_file():
             try:
                 info = json.loads((path / COMPENSATION_INFO).read_text())
-            except json.JSONDecodeError as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise BundleError(f"{path / COMPENSATION_INFO} is not valid JSON: {exc}; compile again") from exc
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+                raise BundleError(f"{path / COMPENSATION_INFO} has no SHA-256 of the compensation data; compile "
+                                  f"again")
         return cls(path=path, model=model, plan=plan, scores=scores, compensation_info=info)
+
+    def verify(self):
+        """Check everything the bundle vouches for, as a board does before it serves it: with shards, the
+        manifest (valid JSON, schema version, structure), every shard's and the compensation data's
+        SHA-256, that every file named lies inside the bundle, and that the manifest says what plan.json
+        and model.json say (boards, model, each board's channels). Returns the Manifest, or None for a
+        bundle compiled with --no-shards (then only the compensation data, if any, is hash-checked)."""
+        from .runtime.manifest import MANIFEST, load_manifest
+        if not (self.path / MANIFEST).exists() and not (self.path / "shards").exists():
+            if self.compensation_info is not None:
+                self.load_compensation()
+            return None
+        manifest = load_manifest(self.path)
+        where = f"bundle {self.path}: manifest.json and"
+        if manifest.boards != self.plan.n_boards:
+            raise BundleError(f"{where} plan.json disagree ({manifest.boards} vs {self.plan.n_boards} boards); "
+                              f"compile the bundle again")
+        if manifest.data["model"]["source_hash"] != self.model["identity"].get("source_hash"):
+            raise BundleError(f"{where} model.json name different models; compile the bundle again")
+        entry, info = manifest.compensation_entry, self.compensation_info
+        if (entry is None) != (info is None) or (entry is not None and entry["sha256"] != info["sha256"]):
+            raise BundleError(f"{where} compensation.json disagree about the compensation data; compile the "
+                              f"bundle again")
+        for stage in manifest.stages:
+            placement = self.plan.units.get(stage["unit"])
+            if placement is None:
+                continue
+            for b, shard in enumerate(stage["shards"]):
+                if sorted(shard["channels"]) != sorted(int(c) for c in placement.boards[b]):
+                    raise BundleError(f"{where} plan.json disagree about the channels of unit {stage['unit']} on "
+                                      f"board {b}; compile the bundle again")
+        return manifest

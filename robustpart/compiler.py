@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .bundle import BUNDLE_SCHEMA, Bundle, write_atomically
+from .checks import check_compile_numbers, check_existing, check_output_dir
 from .cost import plan_cost
 from .errors import BundleError, DataError, PlanError
 from .evaldata import evaluation_arrays, folder_transform as _folder_transform, load_eval_data  # noqa: F401  (re-exported)
@@ -151,14 +152,17 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
                   progress: Progress | None = None) -> Path:
     """Compile `name` into a bundle directory; returns its path."""
     progress = progress or (lambda msg: log.info(msg))
-    if not isinstance(options.devices, int) or options.devices < 1:   # before minutes of scoring
-        raise PlanError(f"--devices must be an integer >= 1, got {options.devices}")
+    check_compile_options(options, out, reuse_scores)      # before minutes of loading and scoring
     progress(f"loading {name}")
     graph, source = load_graph(name, weights, spec)
     progress(f"traced {graph.name}: {len(graph.units)} partition units")
     batch_size_for(graph, options.batch_size)       # bad options fail here, not after minutes of scoring
-    resolve_device(options.torch_device)
+    if out is None:
+        check_output_dir(Path("artifacts") / f"{graph.name}-{options.devices}d")
     calibration = CalibrationSource(graph, options, progress)
+    if options.calib_data is not None and calibration.kind == "data":
+        # a --calib-data folder the model cannot use fails now, not after scoring, and is never skipped in silence
+        calibration_images(graph.input_spec, 1, options.calib_data, options.seed)
     if calibration.kind != "data":
         progress(calibration.describe())
     scores = _scores_for(graph, options, reuse_scores, progress, calibration)
@@ -169,6 +173,42 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     return write_atomically(out, lambda tmp: _write_bundle(tmp, graph, source, plan, scores,
                                                            options.shards, progress, compensation,
                                                            calibration.describe()))
+
+
+def check_compile_options(options: CompileOptions, out: Path | None = None, reuse_scores: Path | None = None) -> None:
+    """Everything about a compile request that can be refused before the model is loaded: numbers in range,
+    names that exist, files that exist, an --out that can be written, and no option that would be given
+    and then not used."""
+    from .compensate import policy_named
+    from .partition import get_partitioner, load_thresholds
+    from .scores import criterion_needs_data, get_criterion
+    check_compile_numbers(options.devices, options.threshold, options.calib, options.compensate_calib,
+                          options.compensate_up_to, options.batch_size, options.seed)
+    get_partitioner(options.method)
+    for criterion in options.criteria or ():
+        get_criterion(criterion)
+    if options.jsd not in ("auto", "exact", "fast"):
+        raise PlanError(f"--jsd must be auto, exact or fast, got '{options.jsd}'")
+    if options.compensate not in ("auto", "none"):
+        policy_named(options.compensate)
+    resolve_device(options.torch_device)
+    if options.thresholds_file is not None:
+        check_existing(options.thresholds_file, "--thresholds-file", "file", error=PlanError)
+        load_thresholds(options.thresholds_file)
+    if reuse_scores is not None:
+        check_existing(reuse_scores, "--reuse-scores", "dir", error=PlanError)
+    if options.calib_data is not None and str(options.calib_data) != SYNTHESIZE:
+        check_existing(options.calib_data, "--calib-data", "dir", error=DataError)
+        scoring = options.method == "robust" and reuse_scores is None and (
+            options.criteria is None or any(criterion_needs_data(c) for c in options.criteria))
+        if options.compensate == "none" and not scoring:
+            why = (f"--method {options.method} scores nothing" if options.method != "robust" else
+                   "--reuse-scores brings the scores" if reuse_scores is not None else
+                   f"--scores {','.join(options.criteria)} needs no images")
+            raise DataError(f"--calib-data {options.calib_data} would not be used: {why} and --compensate none "
+                            f"prepares no compensation; drop it, or use --compensate ls")
+    if out is not None:
+        check_output_dir(out)
 
 
 @dataclass

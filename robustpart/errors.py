@@ -1,12 +1,17 @@
 """The one narrow exception hierarchy of robustpart.
 
 Every error raised for bad user input is a `RobustpartError`; its message says what was wrong and what
-to do. The CLI prints it as one line and exits non-zero. Anything else escaping is a bug.
+to do. The CLI prints it as one line (`robustpart: error: ...`) and exits 2. Anything else escaping is a
+bug; the CLI still reports it in one line (exit 1) and shows the traceback only with `-v`.
 """
 
 
 class RobustpartError(Exception):
     """Base of every error robustpart raises on purpose."""
+
+
+class UsageError(RobustpartError):
+    """The command line is malformed: an unknown option, a value of the wrong type, a missing argument."""
 
 
 class ModelError(RobustpartError):
@@ -31,3 +36,14 @@ class PlanError(RobustpartError):
 
 class BundleError(RobustpartError):
     """A bundle directory is missing, incomplete or inconsistent."""
+
+
+class Terminated(SystemExit):
+    """The process got SIGTERM while it was writing a bundle (see `bundle.write_atomically`): raised from
+    the signal handler so that every cleanup on the way out runs. Like SystemExit it is not an `Exception`,
+    so no `except Exception` swallows it, and left uncaught it ends the process with status 128 + 15 and no
+    traceback."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(128 + signum)
+        self.signum = signum

@@ -136,8 +136,8 @@ def open_eval_stream(spec: InputSpec, path: Path | str | None = None, limit: int
     ImageFolder tree, or "bundled" (the 2000-image Fashion-MNIST slice in the package); without it a
     1x28x28 model uses the Debian Fashion-MNIST test split if installed, else the bundled slice. `spread`:
     an image folder's `limit` images are spaced evenly over it instead of being its first ones."""
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be >= 1, got {limit}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise DataError(f"--limit must be an integer >= 1 (the first N images), got {limit}")
     workers = default_workers() if workers is None else workers
     if path is None or str(path) == "bundled":
         if tuple(spec.shape) != (1, 28, 28):
@@ -159,6 +159,8 @@ def open_eval_stream(spec: InputSpec, path: Path | str | None = None, limit: int
         images, labels = datasets.load_fashion_mnist("test", path)
         name = f"fashion-mnist test ({path})"
     images, labels = images[:limit], labels[:limit]
+    if len(labels) == 0:
+        raise DataError(f"{name} holds no images")
     return ArrayStream(images, labels, spec, batch_size, f"{name}, {len(labels)} images")
 
 
@@ -167,6 +169,8 @@ def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int |
     """The whole stream as one float32 array: for a few images (calibration, tests), not a data set."""
     stream = open_eval_stream(spec, path, limit, source, workers=0, spread=spread)
     batches = list(stream)
+    if not batches:
+        raise DataError(f"{stream.source}: no images")
     images = torch.cat([b[0] for b in batches]).numpy()
     labels = torch.cat([b[1] for b in batches]).numpy()
     return datasets.EvalData(images, labels, stream.source)

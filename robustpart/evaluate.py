@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .cost import plan_cost
-from .errors import DataError, PlanError
+from .errors import BundleError, DataError, PlanError
 from .graph import ModelGraph
 from .plan import Plan
 from .simulate import FailureSimulator
@@ -349,6 +349,9 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     from .models import ModelSource
     device = resolve_device(torch_device) if backend == "torch" else torch.device("cpu")
     bundle = Bundle.load(path)
+    manifest = bundle.verify()     # both backends: never vouch for a bundle no board would serve
+    if backend == "onnx" and manifest is None:
+        raise BundleError(f"bundle {bundle.path} has no ONNX shards (compiled with --no-shards); use --backend torch")
     plan = bundle.plan
     ks = list(ks) if ks else list(range(1, plan.n_boards))
     check_failure_sizes(ks, plan.n_boards)
@@ -359,7 +362,7 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     if fail_probs is None:
         fail_probs = {name: [p] * plan.n_boards for name, p in FAILURE_SETTINGS.items()}
     variants = _variants(bundle, graph, _plans(bundle, graph, compare), compensation, progress, device)
-    runners = _runners(bundle, graph, variants, backend, provider, None if device.type == "cpu" else device)
+    runners = _runners(bundle, graph, variants, backend, provider, None if device.type == "cpu" else device, manifest)
     expected = bool(fail_probs) and plan.n_boards <= MAX_EXPECTED_BOARDS
     evaluator = StreamingEvaluator(variants, runners, needed_failure_sets(plan.n_boards, ks, expected),
                                    None if device.type == "cpu" else device)
@@ -415,11 +418,11 @@ def _variants(bundle, graph: ModelGraph, plans: list[tuple[str, Plan]], compensa
 
 
 def _runners(bundle, graph: ModelGraph, variants: list[MethodVariant], backend: str, provider: str,
-             device: torch.device | None) -> list:
+             device: torch.device | None, manifest=None) -> list:
     if backend == "torch":
         return [SimulatorRunner(graph, v, device) for v in variants]
     from .runtime import LocalExecutor, load_manifest
-    executor = LocalExecutor(bundle.path, (), provider, manifest=load_manifest(bundle.path))
+    executor = LocalExecutor(bundle.path, (), provider, manifest=manifest or load_manifest(bundle.path))
     return [ExecutorRunner(executor, v.compensation is not None) for v in variants]
 
 

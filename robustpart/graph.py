@@ -10,9 +10,12 @@ in a unit's chain runs on the full tensor, on every board.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import operator
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -237,6 +240,29 @@ def source_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to say which layer rejected which shape."""
+
+    node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
+
+    def rejection(self, exc: BaseException) -> str:
+        from .models import describe_rejection
+        cause = exc.__cause__ or exc          # ShapeProp wraps the layer's own error
+        n = self.node
+        if n is None:
+            return describe_rejection(None, cause)
+        shapes = [list(_tensor_shape(a)) for a in n.all_input_nodes if _tensor_shape(a) is not None]
+        if n.op == "call_module":
+            kind = type(self.module.get_submodule(n.target)).__name__
+            return describe_rejection((str(n.target), kind, shapes), cause)
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        return describe_rejection((n.name, str(target), shapes), cause)
+
+
 def trace(module: nn.Module, input_spec: InputSpec, name: str = "model") -> ModelGraph:
     """Trace `module` (put into eval mode) and find its partition units."""
     module = module.eval()
@@ -247,12 +273,17 @@ def trace(module: nn.Module, input_spec: InputSpec, name: str = "model") -> Mode
                          f"control flow is not supported; make the model fx-traceable") from exc
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     example = torch.zeros((1,) + tuple(input_spec.shape))
+    prop = _ShapeProp(gm)
+    printed = io.StringIO()
     with torch.no_grad():
         try:
-            ShapeProp(gm).propagate(example)
+            with contextlib.redirect_stderr(printed):      # ShapeProp prints a traceback when a node fails
+                prop.propagate(example)
         except Exception as exc:
             raise GraphError(f"model '{name}' does not run on an input of shape {list(input_spec.shape)}: "
-                             f"{exc}. Check --input-shape") from exc
+                             f"{prop.rejection(exc)}; check --input-shape") from exc
+    if printed.getvalue():
+        sys.stderr.write(printed.getvalue())       # warnings the model printed while it ran
     modules = dict(gm.named_modules())
     units = _find_units(gm, modules)
     if not units:

@@ -50,26 +50,84 @@ def load_model(name: str, weights: str | None = None, spec: InputSpec | None = N
                ) -> tuple[nn.Module, InputSpec, ModelSource]:
     """Resolve `name` (see module doc). `spec` overrides or supplies the input spec (required for a
     model file unless a `<file>.json` spec sits beside it); a spec without `num_classes` gets it from the
-    model's output."""
+    model's output, and a given one must match it."""
+    given = spec is not None
     module, spec, source = _resolve(name, weights, spec)
     if spec.num_classes is None:
         spec = dataclasses.replace(spec, num_classes=_output_classes(module, spec, name))
+    elif given or source.kind == "file":          # the user's count (an option, a JSON file) is checked
+        _output_classes(module, spec, name, expected=spec.num_classes)
     return module, spec, source
 
 
-def _output_classes(module: nn.Module, spec: InputSpec, name: str) -> int:
-    """The number of classes: the size of the model's (1, K) output on one input of the spec's shape."""
+def _output_classes(module: nn.Module, spec: InputSpec, name: str, expected: int | None = None) -> int:
+    """The number of classes: the size of the model's (1, K) output on one input of the spec's shape.
+    With `expected` (a --num-classes the user gave), a (1, K) output of another size is refused."""
     try:
         with torch.no_grad():
-            out = module.eval()(torch.zeros((1,) + tuple(spec.shape)))
-    except Exception as exc:        # any layer may reject the shape
-        raise ModelError(f"model '{name}' does not run on an input of shape {list(spec.shape)} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check "
+            out = run_naming_layer(module.eval(), torch.zeros((1,) + tuple(spec.shape)))
+    except LayerRejected as exc:        # any layer may reject the shape
+        raise ModelError(f"model '{name}' does not run on an input of shape {list(spec.shape)}: {exc}; check "
                          f"--input-shape") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 1:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"model '{name}' returns {shape}, not (batch, classes) logits; give --num-classes")
-    return int(out.shape[1])
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 1:
+        if expected is not None and int(out.shape[1]) != expected:
+            raise ModelError(f"--num-classes {expected} does not match model '{name}', which returns "
+                             f"{int(out.shape[1])} outputs per image; give --num-classes {int(out.shape[1])} or leave "
+                             f"it out (it is read from the model)")
+        return int(out.shape[1])
+    if expected is not None:
+        return expected             # not (batch, classes) logits: the user's count stands
+    shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise ModelError(f"model '{name}' returns {shape}, not (batch, classes) logits; give --num-classes")
+
+
+class LayerRejected(Exception):
+    """A layer raised while the model ran; the message names the layer, its type and its input shapes."""
+
+
+def run_naming_layer(module: nn.Module, x: torch.Tensor):
+    """`module(x)`; if it raises, a LayerRejected that says which layer rejected which input shape (the
+    innermost module running when the error came) and the error's first line."""
+    running: list[tuple[str, nn.Module, tuple]] = []
+
+    def enter(qualname):
+        def hook(mod, args):
+            running.append((qualname, mod, args))
+        return hook
+
+    def leave(mod, args, out):
+        if running:
+            running.pop()
+
+    handles = []
+    try:
+        for qualname, sub in module.named_modules():
+            handles.append(sub.register_forward_pre_hook(enter(qualname)))
+            handles.append(sub.register_forward_hook(leave))
+        try:
+            return module(x)
+        except Exception as exc:
+            where = None
+            if running:
+                qualname, layer, args = running[-1]
+                where = (qualname, type(layer).__name__, [list(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            raise LayerRejected(describe_rejection(where, exc)) from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def describe_rejection(where: tuple[str, str, list[list[int]]] | None, exc: BaseException) -> str:
+    """'layer 'features.0' (Conv2d) rejected an input of shape [1, 3, 28, 28] (RuntimeError: ...)' from
+    (layer name, its kind, its input shapes) and the error's first line."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if where is None:
+        return detail
+    qualname, kind, shapes = where
+    shown = ", ".join(map(str, shapes)) or "no tensor"
+    label = f"layer '{qualname}' ({kind})" if qualname else f"the model's forward ({kind})"
+    return f"{label} rejected an input of shape {shown} ({detail})"
 
 
 def _resolve(name: str, weights: str | None, spec: InputSpec | None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def localhost_inventory(boards: int, base_port: int = DEFAULT_BASE_PORT, host: s
     return Inventory([BoardAddress(k, host, base_port + k) for k in range(boards)])
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:             # a name too long for the file system, say
+        return False
+
+
 def _parse_address(text: str, where: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
@@ -116,32 +124,75 @@ def _from_json(path: Path) -> Inventory:
     except (KeyError, TypeError):
         raise RobustpartError(f"board inventory {path} needs a \"boards\" list of {{id, address}}") from None
     boards = []
+    if not isinstance(entries, list):
+        raise RobustpartError(f"board inventory {path} needs a \"boards\" list of {{id, address}}")
     for i, entry in enumerate(entries):
         where = f"{path}: boards[{i}]"
         if not isinstance(entry, dict) or "id" not in entry or "address" not in entry:
             raise RobustpartError(f"{where} needs \"id\" and \"address\" (host:port)")
         host, port = _parse_address(str(entry["address"]), where)
-        boards.append(BoardAddress(int(entry["id"]), host, port, _parse_key(entry.get("public_key"), where)))
+        try:
+            board = int(entry["id"])
+        except (TypeError, ValueError):
+            raise RobustpartError(f"{where}: \"id\" must be an integer board id, got {entry['id']!r}") from None
+        boards.append(BoardAddress(board, host, port, _parse_key(entry.get("public_key"), where)))
     clients = {}
-    for i, entry in enumerate(data.get("clients", [])):
+    clients_list = data.get("clients", [])
+    if not isinstance(clients_list, list):
+        raise RobustpartError(f"board inventory {path}: \"clients\" must be a list of {{name, public_key}}")
+    for i, entry in enumerate(clients_list):
         where = f"{path}: clients[{i}]"
         if not isinstance(entry, dict) or "public_key" not in entry:
             raise RobustpartError(f"{where} needs a \"public_key\"")
         clients[str(entry.get("name", f"client{i}"))] = _parse_key(entry["public_key"], where)
     boards.sort(key=lambda b: b.id)
+    _refuse_shared_addresses(boards, str(path))
     return Inventory(boards, clients, str(path))
+
+
+def _refuse_shared_addresses(boards: list[BoardAddress], where: str) -> None:
+    seen: dict[str, int] = {}
+    for b in boards:
+        if b.address in seen and seen[b.address] != b.id:
+            raise RobustpartError(f"{where}: boards {seen[b.address]} and {b.id} both listen at {b.address}; give "
+                                  f"every board its own host:port")
+        seen[b.address] = b.id
+
+
+def is_address_list(text: str) -> bool:
+    """`--peers` text that is a host:port list rather than a file name: it has a comma, or it is one host:port.
+    Such text is never looked up as a file (a list of 20 boards is longer than a file name may be)."""
+    text = text.strip()
+    return "," in text or _ADDRESS.fullmatch(text) is not None
+
+
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/\\:,\[\]]+|[0-9A-Fa-f:]+)?:\d+")
+
+
+def parse_address_list(text: str, where: str = "--peers") -> list[BoardAddress]:
+    """Board k at the k-th address of `host:port,host:port,...`; the same address twice is refused."""
+    addresses = [a.strip() for a in str(text).split(",")]
+    if not all(addresses):
+        raise RobustpartError(f"{where}: {text!r} has an empty entry; give host:port,host:port,... (no empty "
+                              f"items)")
+    boards = [BoardAddress(k, *_parse_address(a, where)) for k, a in enumerate(addresses)]
+    _refuse_shared_addresses(boards, where)
+    return boards
 
 
 def load_inventory(peers: str | Path | None, bundle: Path | str | None, boards: int) -> Inventory:
     """The inventory for a bundle of `boards` boards; refuses one that does not list boards 0..N-1."""
-    if peers is not None and Path(peers).is_file():
-        inventory = _from_json(Path(peers))
-    elif peers is not None and Path(str(peers)).suffix == ".json":
-        raise RobustpartError(f"board inventory {peers} does not exist; give a JSON file or host:port,host:port,...")
+    if peers is not None and not isinstance(peers, Path) and is_address_list(str(peers)):
+        inventory = Inventory(parse_address_list(str(peers)), source="--peers")
     elif peers is not None:
-        addresses = [a for a in str(peers).split(",") if a.strip()]
-        inventory = Inventory([BoardAddress(k, *_parse_address(a, "--peers")) for k, a in enumerate(addresses)],
-                              source="--peers")
+        path = Path(peers)
+        if _is_file(path):
+            inventory = _from_json(path)
+        elif path.is_dir():
+            raise RobustpartError(f"--peers {peers} is a directory; give its boards.json, or host:port,...")
+        else:
+            raise RobustpartError(f"--peers {str(peers)[:80]!r} is neither an inventory file that exists nor "
+                                  f"host:port,host:port,... (e.g. 10.0.0.10:5550,10.0.0.11:5550)")
     elif bundle is not None and (Path(bundle) / INVENTORY_FILE).is_file():
         inventory = _from_json(Path(bundle) / INVENTORY_FILE)
     else:
