@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import check_bundle_dir, check_output_dir
+from .checks import check_bundle_dir, check_output_dir, mesh_board_limit
 from .errors import BundleError, RobustpartError, Terminated
 from .plan import Plan
 from .scores import Scores
@@ -200,6 +200,10 @@ class Bundle:
                 self.load_compensation()
             return None
         manifest = load_manifest(self.path)
+        limit = mesh_board_limit()
+        if manifest.boards > limit:
+            raise BundleError(f"bundle {self.path} has {manifest.boards} boards; the board mesh serves at most {limit} "
+                              f"(board sets travel as {limit}-bit masks): compile it for fewer boards")
         where = f"bundle {self.path}: manifest.json and"
         if manifest.boards != self.plan.n_boards:
             raise BundleError(f"{where} plan.json disagree ({manifest.boards} vs {self.plan.n_boards} boards); "

@@ -183,7 +183,7 @@ def test_bundle_evaluation_equals_direct_computation(folder_bundle):
         comp = None
         if report.label.endswith("+comp"):
             comp = bundle.load_compensation() if report.label.startswith("robust") \
-                else _compensation_like(bundle, graph, report.plan, None)
+                else _compensation_like(bundle, graph, report.plan, None, torch.device("cpu"))
         acc = direct_accuracies(graph, report.plan, comp, images, labels, all_sets(3))
         assert report.accuracy == acc[()] == 1.0
         for k, stats in report.by_k.items():
