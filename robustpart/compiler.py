@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
+from .batching import batch_size_for
 from .bundle import BUNDLE_SCHEMA, Bundle, write_atomically
 from .checks import check_compile_numbers, check_existing, check_output_dir
 from .cost import plan_cost
+from .device import resolve_device
 from .errors import BundleError, DataError, PlanError
 from .evaldata import evaluation_arrays, folder_transform as _folder_transform, load_eval_data  # noqa: F401  (re-exported)
-from .batching import batch_size_for
-from .device import resolve_device
 from .graph import ModelGraph, trace
 from .models import ModelSource, load_model
 from .partition import load_thresholds, make_plan
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+
 
 @dataclass
 class CompileOptions:
