@@ -113,33 +113,6 @@ class PlanEvaluator:
         return self._cache[key]
 
 
-class OnnxPlanEvaluator:
-    """Like PlanEvaluator, but runs the bundle's ONNX shards with one LocalExecutor (sessions opened once)."""
-
-    def __init__(self, bundle_path, plan: Plan, images, labels, batch_size: int = 500, provider: str = "cpu",
-                 compensate: bool = True):
-        from .runtime import LocalExecutor, load_manifest
-        self.manifest = load_manifest(bundle_path)
-        self.executor = LocalExecutor(self.manifest.root, (), provider, manifest=self.manifest,
-                                      compensate=compensate)
-        self.plan, self.batch_size = plan, batch_size
-        self.images = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-        self.labels = np.asarray(labels)
-        self._cache: dict[tuple, float] = {}
-        self.runs = 0
-
-    def logits(self, failed: tuple[int, ...] = ()) -> np.ndarray:
-        return np.concatenate([self.executor.run(self.images[i:i + self.batch_size], failed)
-                               for i in range(0, len(self.images), self.batch_size)])
-
-    def accuracy(self, failed: tuple[int, ...] = ()) -> float:
-        key = self.plan.lost_signature(failed)
-        if key not in self._cache:
-            self._cache[key] = float((self.logits(failed).argmax(axis=1) == self.labels).mean())
-            self.runs += 1
-        return self._cache[key]
-
-
 def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], label: str | None = None,
                   fail_probs: dict[str, list[float]] | None = None,
                   progress: Callable[[str], None] | None = None, evaluator=None) -> MethodReport:
@@ -213,8 +186,7 @@ class SimulatorRunner:
     """Predicted classes of a batch under a failure set, by the torch failure simulator."""
 
     def __init__(self, graph: ModelGraph, variant: MethodVariant, device: torch.device | None = None):
-        kwargs = {} if device is None else {"device": device}
-        self.sim = FailureSimulator(graph, variant.plan, variant.compensation, **kwargs)
+        self.sim = FailureSimulator(graph, variant.plan, variant.compensation, device)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, failed: tuple[int, ...]) -> torch.Tensor:
@@ -258,7 +230,7 @@ class StreamingEvaluator:
     failure-set signatures while it is in memory. Only correct counts are kept across batches."""
 
     def __init__(self, variants: list[MethodVariant], runners: list, sets: list[tuple[int, ...]],
-                 device: torch.device | None = None):
+                 device: torch.device = torch.device("cpu")):
         self.variants, self.runners, self.device = variants, runners, device
         self.groups = [distinct_sets(v.plan, sets) for v in variants]
         self.images = 0
@@ -281,9 +253,8 @@ class StreamingEvaluator:
                 progress(f"evaluate: batch {done}/{batches}, {self.passes_per_batch} passes per batch")
 
     def _run_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.device is not None:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         self._healthy_correct += (self.runners[0].predict(images, ()) == labels).sum()
         for runner, (first, _), correct in zip(self.runners, self.groups, self._correct):
             for signature, failed in first.items():
@@ -362,10 +333,9 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     if fail_probs is None:
         fail_probs = {name: [p] * plan.n_boards for name, p in FAILURE_SETTINGS.items()}
     variants = _variants(bundle, graph, _plans(bundle, graph, compare), compensation, progress, device)
-    runners = _runners(bundle, graph, variants, backend, provider, None if device.type == "cpu" else device, manifest)
+    runners = _runners(bundle, graph, variants, backend, provider, device, manifest)
     expected = bool(fail_probs) and plan.n_boards <= MAX_EXPECTED_BOARDS
-    evaluator = StreamingEvaluator(variants, runners, needed_failure_sets(plan.n_boards, ks, expected),
-                                   None if device.type == "cpu" else device)
+    evaluator = StreamingEvaluator(variants, runners, needed_failure_sets(plan.n_boards, ks, expected), device)
     start = time.perf_counter()
     evaluator.run(stream, progress)
     seconds = time.perf_counter() - start

@@ -105,6 +105,17 @@ class StageAssembler:
         return full
 
 
+def _checked_failure_set(failed: Iterable[int], n_boards: int) -> frozenset:
+    """`failed` as a set of board ids of a bundle with `n_boards` boards, leaving at least one alive."""
+    failed = frozenset(failed)
+    bad = [b for b in failed if not 0 <= b < n_boards]
+    if bad:
+        raise BundleError(f"failed board id {bad[0]} is out of range: the bundle has boards 0..{n_boards - 1}")
+    if len(failed) == n_boards:
+        raise BundleError("every board has failed: there is nothing left to run")
+    return failed
+
+
 class LocalExecutor:
     """All live boards of a bundle in one process: `run(x)` returns the model output for a batch, with the
     bundle's compensation for the failure set when it has one (`compensate=False` runs without).
@@ -113,14 +124,9 @@ class LocalExecutor:
     def __init__(self, bundle: Path | str, failed: Iterable[int] = (), provider: str | Iterable[str] = "cpu",
                  threads: int = 1, manifest: Manifest | None = None, compensate: bool = True):
         self.manifest = manifest or load_manifest(bundle)
-        self.failed = frozenset(failed)
         n = self.manifest.boards
-        bad = [b for b in self.failed if not 0 <= b < n]
-        if bad:
-            raise BundleError(f"failed board id {bad[0]} is out of range: the bundle has boards 0..{n - 1}")
+        self.failed = _checked_failure_set(failed, n)
         self.live = [b for b in range(n) if b not in self.failed]
-        if not self.live:
-            raise BundleError("every board has failed: there is nothing left to run")
         providers, options = resolve_providers(provider), session_options(threads)
         self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
                          for stage in self.manifest.stages]
@@ -144,16 +150,10 @@ class LocalExecutor:
         opened), so one executor built with no failure runs every failure set from the same sessions."""
         if failed is None:
             return self.failed
-        failed = frozenset(failed)
-        n = self.manifest.boards
-        bad = [b for b in failed if not 0 <= b < n]
-        if bad:
-            raise BundleError(f"failed board id {bad[0]} is out of range: the bundle has boards 0..{n - 1}")
+        failed = _checked_failure_set(failed, self.manifest.boards)
         if not self.failed <= failed:
             raise BundleError(f"boards {sorted(self.failed - failed)} have no open sessions (this executor was "
                               f"built with them failed); build a LocalExecutor with fewer failed boards")
-        if len(failed) == n:
-            raise BundleError("every board has failed: there is nothing left to run")
         return failed
 
     def run(self, x: np.ndarray, failed: Iterable[int] | None = None, compensate: bool | None = None) -> np.ndarray:
