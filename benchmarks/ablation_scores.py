@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 
 from robustpart import zoo
-from robustpart.compiler import calibration_images, evaluation_arrays, load_eval_data, load_graph
+from robustpart.calibration import calibration_images
+from robustpart.evaldata import evaluation_arrays, load_eval_data
+from robustpart.models import load_graph
 from robustpart.cost import threshold_for_memory
 from robustpart.evaluate import evaluate_plan
 from robustpart.partition import make_plan
-from robustpart.scores import compute_scores
+from robustpart.criteria import compute_scores
 from robustpart.simulate import FailureSimulator
 
 CRITERIA = ("l1", "taylor", "jsd")

@@ -22,12 +22,16 @@ import time
 import torch
 
 from robustpart import zoo
-from robustpart.compensate import CompensationPolicy, compute_compensation
-from robustpart.compiler import calibration_images, evaluation_arrays, load_eval_data, load_graph
+from robustpart.compensate import compute_compensation
+from robustpart.policies import CompensationPolicy
+from robustpart.calibration import calibration_images
+from robustpart.evaldata import evaluation_arrays, load_eval_data
+from robustpart.models import load_graph
 from robustpart.cost import threshold_for_memory
 from robustpart.evaluate import PlanEvaluator, evaluate_plan
 from robustpart.partition import make_plan
-from robustpart.scores import DEFAULT_CRITERIA, compute_scores
+from robustpart.criteria import compute_scores
+from robustpart.policies import DEFAULT_CRITERIA
 
 
 def parse_policies(text: str) -> list[tuple[str, CompensationPolicy | None]]:

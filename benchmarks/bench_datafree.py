@@ -32,9 +32,14 @@ import torch
 from scipy.stats import spearmanr
 
 from robustpart import data as datasets
-from robustpart.compiler import CompileOptions, calibration_images, compensation_for, load_graph, plan_for
+from robustpart.calibration import calibration_images
+from robustpart.compensate import prepare_compensation
+from robustpart.models import load_graph
+from robustpart.options import CompileOptions
+from robustpart.partition import plan_for
 from robustpart.evaluate import PlanEvaluator, evaluate_plan
-from robustpart.scores import DEFAULT_CRITERIA, compute_scores
+from robustpart.criteria import compute_scores
+from robustpart.policies import DEFAULT_CRITERIA
 from robustpart.synthesize import SynthesisConfig, bn_mismatch, default_synthesis_batch, synthesize_calibration
 
 MODELS = ("fmnist_vgg16_bn", "fmnist_resnet18", "fmnist_mobilenet_v2")
@@ -105,7 +110,7 @@ def run_model(name: str, args, config: SynthesisConfig) -> dict:
             return None
         if (plan_key, calib_key) not in prepared:
             say(f"{name}: compensation {plan_key} plan, {calib_key} images")
-            prepared[plan_key, calib_key] = compensation_for(graph, plans[plan_key], options,
+            prepared[plan_key, calib_key] = prepare_compensation(graph, plans[plan_key], options,
                                                              calibration=calib[calib_key])
         return prepared[plan_key, calib_key]
 

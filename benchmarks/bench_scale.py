@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from robustpart.batching import batch_size_for
-from robustpart.compiler import load_graph
+from robustpart.models import load_graph
 from robustpart.device import resolve_device
 
 PHASES = [("load", ("loading", "traced")), ("scoring", ("scoring", "jsd", "taylor")),

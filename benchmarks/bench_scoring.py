@@ -58,7 +58,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    from robustpart.compiler import CompileOptions, calibration_images, compile_model, load_graph
+    from robustpart.calibration import calibration_images
+    from robustpart.compiler import compile_model
+    from robustpart.models import load_graph
+    from robustpart.options import CompileOptions
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = random_image_folder(tmp / "calib", args.images)

@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from robustpart.compiler import CompileOptions, compile_model
+from robustpart.compiler import compile_model
+from robustpart.options import CompileOptions
 from robustpart.graph import trace
 from robustpart.models import load_model
 from robustpart.plan import Plan

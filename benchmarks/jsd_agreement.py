@@ -19,8 +19,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from robustpart import zoo
-from robustpart.compiler import calibration_images, load_graph
-from robustpart.scores import compute_scores
+from robustpart.calibration import calibration_images
+from robustpart.models import load_graph
+from robustpart.criteria import compute_scores
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -251,7 +251,7 @@ def cmd_evaluate(args, progress) -> int:
     bundle = Bundle.load(args.bundle)
     if args.fail_prob:
         fail_probs = {"custom": parse_fail_probs(args.fail_prob, bundle.plan.n_boards)}
-    if args.compensation == "with" and bundle.compensation_info is None:
+    if args.compensation == "with" and bundle.compensation is None:
         raise UsageError(f"--compensation with: bundle {bundle.path} has no compensation data (compiled with "
                          f"--compensate none, or without calibration images), so every row would be without it")
     result = evaluate_bundle(args.bundle, args.failures, args.data, args.limit, args.compare, fail_probs, progress,

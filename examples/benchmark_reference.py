@@ -16,10 +16,14 @@ import sys
 import time
 
 from robustpart import zoo
-from robustpart.compiler import (CompileOptions, calibration_images, evaluation_arrays, load_eval_data, load_graph,
-                                 plan_for)
+from robustpart.calibration import calibration_images
+from robustpart.evaldata import evaluation_arrays, load_eval_data
+from robustpart.models import load_graph
+from robustpart.options import CompileOptions
+from robustpart.partition import plan_for
 from robustpart.evaluate import evaluate_plan
-from robustpart.scores import DEFAULT_CRITERIA, compute_scores
+from robustpart.criteria import compute_scores
+from robustpart.policies import DEFAULT_CRITERIA
 
 
 def benchmark(model: str, devices: int, thresholds: list[float], criteria: tuple[str, ...], data,

@@ -27,11 +27,13 @@ from pathlib import Path
 from .checks import check_bundle_dir, check_output_dir, mesh_board_limit
 from .errors import BundleError, RobustpartError, Terminated
 from .plan import Plan
+from .runtime.manifest import MANIFEST, CompensationEntry, Manifest, load_manifest
 from .scores import Scores
 
 BUNDLE_SCHEMA = 1
 REQUIRED = ("model.json", "plan.json")
 COMPENSATION_DATA, COMPENSATION_INFO = "compensation.npz", "compensation.json"
+BUNDLE_DIR_MODE = 0o755          # like other build outputs: every user on the board may read it
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
@@ -50,6 +52,7 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
                 _PENDING.add(tmp)
             write(tmp)
+            os.chmod(tmp, BUNDLE_DIR_MODE)       # mkdtemp made it 0700: a service account must read the bundle
             with _signals_deferred():
                 _swap_in(tmp, out_dir)
                 _PENDING.discard(tmp)
@@ -135,18 +138,21 @@ def _signals_deferred():
 
 @dataclass
 class Bundle:
+    """A compiled bundle directory, read and checked: model.json, the Plan, the Scores, the compensation
+    entry and, with shards, the Manifest (which must say what plan.json and model.json say)."""
     path: Path
     model: dict
     plan: Plan
     scores: Scores | None
-    compensation_info: dict | None = None
+    compensation: CompensationEntry | None = None
+    manifest: Manifest | None = None
 
     def load_compensation(self):
         """The compensation data, hash-checked against compensation.json; None when the bundle has none."""
         from .runtime.compensation import Compensation
-        if self.compensation_info is None:
+        if self.compensation is None:
             return None
-        return Compensation.load(self.path / COMPENSATION_DATA, self.compensation_info["sha256"])
+        return Compensation.load(self.path / COMPENSATION_DATA, self.compensation.sha256)
 
     @classmethod
     def load(cls, path: Path | str) -> "Bundle":
@@ -154,12 +160,7 @@ class Bundle:
         for name in REQUIRED:
             if not (path / name).is_file():
                 raise BundleError(f"bundle {path} is incomplete: {name} is missing; compile it again")
-        try:
-            model = json.loads((path / "model.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{path / 'model.json'} is not valid JSON: {exc}") from exc
-        if not isinstance(model, dict):
-            raise BundleError(f"{path / 'model.json'} is not a JSON object; compile the bundle again")
+        model = _read_json_object(path / "model.json")
         if model.get("schema") != BUNDLE_SCHEMA:
             raise BundleError(f"bundle schema {model.get('schema')!r} is not supported (expected "
                               f"{BUNDLE_SCHEMA}); compile the bundle again with this robustpart")
@@ -177,29 +178,38 @@ class Bundle:
             scores = Scores.load(path / "scores.npz") if (path / "scores.npz").is_file() else None
         except (zipfile.BadZipFile, EOFError, TypeError) as exc:
             raise BundleError(f"bundle {path}: scores.npz is unreadable ({exc}); compile again") from exc
-        info = None
+        compensation = None
         if (path / COMPENSATION_INFO).is_file():
-            try:
-                info = json.loads((path / COMPENSATION_INFO).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BundleError(f"{path / COMPENSATION_INFO} is not valid JSON: {exc}; compile again") from exc
-            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            info = _read_json_object(path / COMPENSATION_INFO)
+            if not isinstance(info.get("sha256"), str):
                 raise BundleError(f"{path / COMPENSATION_INFO} has no SHA-256 of the compensation data; compile "
                                   f"again")
-        return cls(path=path, model=model, plan=plan, scores=scores, compensation_info=info)
+            try:
+                compensation = CompensationEntry.from_json(info)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{path / COMPENSATION_INFO} is malformed ({exc}); compile again") from exc
+        bundle = cls(path=path, model=model, plan=plan, scores=scores, compensation=compensation)
+        if (path / MANIFEST).exists() or (path / "shards").exists():
+            bundle.manifest = load_manifest(path, verify=False)
+            bundle._check_manifest()
+        return bundle
 
-    def verify(self):
+    def verify(self) -> Manifest | None:
         """Check everything the bundle vouches for, as a board does before it serves it: with shards, the
-        manifest (valid JSON, schema version, structure), every shard's and the compensation data's
-        SHA-256, that every file named lies inside the bundle, and that the manifest says what plan.json
-        and model.json say (boards, model, each board's channels). Returns the Manifest, or None for a
-        bundle compiled with --no-shards (then only the compensation data, if any, is hash-checked)."""
-        from .runtime.manifest import MANIFEST, load_manifest
-        if not (self.path / MANIFEST).exists() and not (self.path / "shards").exists():
-            if self.compensation_info is not None:
+        manifest (valid JSON, schema version, structure, agreement with plan.json and model.json, checked
+        at load), every shard's and the compensation data's SHA-256, and that every file named lies inside
+        the bundle. Returns the Manifest, or None for a bundle compiled with --no-shards (then only the
+        compensation data, if any, is hash-checked)."""
+        if self.manifest is None:
+            if self.compensation is not None:
                 self.load_compensation()
             return None
-        manifest = load_manifest(self.path)
+        self.manifest = load_manifest(self.path)
+        return self.manifest
+
+    def _check_manifest(self) -> None:
+        """The manifest says what plan.json and model.json say: boards, model, each board's channels."""
+        manifest = self.manifest
         limit = mesh_board_limit()
         if manifest.boards > limit:
             raise BundleError(f"bundle {self.path} has {manifest.boards} boards; the board mesh serves at most {limit} "
@@ -208,18 +218,27 @@ class Bundle:
         if manifest.boards != self.plan.n_boards:
             raise BundleError(f"{where} plan.json disagree ({manifest.boards} vs {self.plan.n_boards} boards); "
                               f"compile the bundle again")
-        if manifest.data["model"]["source_hash"] != self.model["identity"].get("source_hash"):
+        if manifest.model.source_hash != self.model["identity"].get("source_hash"):
             raise BundleError(f"{where} model.json name different models; compile the bundle again")
-        entry, info = manifest.compensation_entry, self.compensation_info
-        if (entry is None) != (info is None) or (entry is not None and entry["sha256"] != info["sha256"]):
+        entry, info = manifest.compensation, self.compensation
+        if (entry is None) != (info is None) or (entry is not None and entry.sha256 != info.sha256):
             raise BundleError(f"{where} compensation.json disagree about the compensation data; compile the "
                               f"bundle again")
         for stage in manifest.stages:
-            placement = self.plan.units.get(stage["unit"])
+            placement = self.plan.units.get(stage.unit)
             if placement is None:
                 continue
-            for b, shard in enumerate(stage["shards"]):
-                if sorted(shard["channels"]) != sorted(int(c) for c in placement.boards[b]):
-                    raise BundleError(f"{where} plan.json disagree about the channels of unit {stage['unit']} on "
+            for b, shard in enumerate(stage.shards):
+                if sorted(shard.channels) != sorted(int(c) for c in placement.boards[b]):
+                    raise BundleError(f"{where} plan.json disagree about the channels of unit {stage.unit} on "
                                       f"board {b}; compile the bundle again")
-        return manifest
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}; compile the bundle again") from exc
+    if not isinstance(value, dict):
+        raise BundleError(f"{path} is not a JSON object; compile the bundle again")
+    return value

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import BundleError, DataError, PlanError, RobustpartError
+from .errors import BundleError, ConfigError, DataError, PlanError, RobustpartError
 
 BUNDLE_MARKER = "model.json"     # every bundle has it (bundle.REQUIRED); a directory without it is not one
 
@@ -149,9 +149,9 @@ def check_fail_probs(text: str) -> list[float]:
     try:
         probs = [float(p) for p in text.split(",")]
     except ValueError:
-        raise PlanError(f"--fail-prob must be comma-separated numbers, got '{text}'") from None
+        raise ConfigError(f"--fail-prob must be comma-separated numbers, got '{text}'") from None
     if not all(0.0 <= p <= 1.0 for p in probs):
-        raise PlanError(f"--fail-prob needs probabilities in [0, 1], got '{text}'")
+        raise ConfigError(f"--fail-prob needs probabilities in [0, 1], got '{text}'")
     return probs
 
 

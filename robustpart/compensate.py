@@ -37,60 +37,30 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from .batching import batch_size_for
+from .calibration import CalibrationSource, Progress, calibration_images
 from .criteria.fx_exec import OutOfPlaceInterpreter, last_uses
 from .device import resolve_device
-from .errors import PlanError
-from .graph import ModelGraph, pre_activation_point
+from .errors import ConfigError, DataError
+from .graph import ModelGraph
+from .options import CompileOptions
 from .plan import Plan
+from .policies import COMPENSATION, DEFAULT_COMPENSATION, CompensationPolicy
 from .runtime.compensation import Compensation, UnitCompensation
 from .simulate import AFFINE_PREFIX, MASK_PREFIX, FailureSimulator
 
 log = logging.getLogger(__name__)
 
-AFFINES = ("adabn", "restore", "none")
-FILLS = ("zero", "mean", "ls")
 MAX_SETS = 256                 # default K stops before the number of failure sets passes this
 LS_MAX_SAMPLES = 200_000       # positions used for one least-squares fit (a fixed, evenly spaced subset)
 LS_SAMPLE_BYTES = 64 << 20     # and at most this many bytes of healthy values kept per unit for it
-
-
-@dataclass(frozen=True)
-class CompensationPolicy:
-    affine: str = "adabn"
-    fill: str = "ls"
-    ridge: float = 1e-3        # relative to the mean variance of the surviving channels
-    max_scale: float = 10.0    # bound on the affine's scale (a channel that died upstream has ~0 variance)
-    max_recon_ratio: float = 1.0    # a unit's reconstruction matrix may take at most this fraction of the
-                                    # unit's own parameter bytes (per failure set); above it: mean fill
-
-    def __post_init__(self):
-        if self.affine not in AFFINES:
-            raise PlanError(f"unknown compensation affine '{self.affine}'; choose one of {', '.join(AFFINES)}")
-        if self.fill not in FILLS:
-            raise PlanError(f"unknown compensation fill '{self.fill}'; choose one of {', '.join(FILLS)}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-POLICIES = {
-    "stats": CompensationPolicy(affine="adabn", fill="mean"),
-    "ls": CompensationPolicy(affine="adabn", fill="ls"),
-}
-DEFAULT_POLICY = "ls"
-
-
-def policy_named(name: str) -> CompensationPolicy:
-    if name not in POLICIES:
-        raise PlanError(f"unknown compensation policy '{name}'; choose one of {', '.join(POLICIES)} or none")
-    return POLICIES[name]
+policy_named = COMPENSATION.get
 
 
 def default_max_failures(n_boards: int) -> int:
@@ -104,7 +74,7 @@ def default_max_failures(n_boards: int) -> int:
 
 def compensated_sets(n_boards: int, max_failures: int) -> list[tuple[int, ...]]:
     if not 0 <= max_failures < n_boards:
-        raise PlanError(f"--compensate-up-to must be in 0..{n_boards - 1} for {n_boards} boards, got {max_failures}")
+        raise ConfigError(f"--compensate-up-to must be in 0..{n_boards - 1} for {n_boards} boards, got {max_failures}")
     return [s for k in range(1, max_failures + 1) for s in itertools.combinations(range(n_boards), k)]
 
 
@@ -242,7 +212,7 @@ class _Calibrator:
     def __init__(self, sim: FailureSimulator, policy: CompensationPolicy, batches: list[torch.Tensor]):
         self.sim, self.policy, self.batches = sim, policy, batches
         self.program = Program(sim)
-        self.points = {u.name: pre_activation_point(sim.graph, u) for u in sim.graph.units}
+        self.points = {s.unit.name: s.affine for s in sim.layout.stages}
         self.param_bytes = {u.name: u.param_bytes for u in sim.graph.units}
         self.starts = np.cumsum([0] + [len(b) for b in batches[:-1]]).tolist()
         self.n_images = sum(len(b) for b in batches)
@@ -283,7 +253,7 @@ class _Calibrator:
                 if point.kind == "affine" and dirty and self.policy.affine != "none":
                     self._fit_affine(point, inputs, healthy, result)
                 elif point.kind == "exit":
-                    keep = self.sim.plan.surviving(point.unit, failed)
+                    keep = self.sim.layout.stage_of(point.unit).surviving(failed)
                     if not keep.all():
                         self._fit_exit(point, inputs, keep, healthy, result)
                         dirty = True
@@ -336,9 +306,9 @@ class _Calibrator:
                 fill, recon = self._least_squares(point, inputs, keep, healthy)
             else:
                 fill = healthy.moments[(unit, "exit")].mean[torch.as_tensor(lost)].float().cpu().numpy()
-        base = self.sim.fill_values[unit].clone()
+        base = self.sim.layout.stage_of(unit).fill.copy()
         if fill is not None:
-            base[torch.as_tensor(lost)] = torch.as_tensor(fill)
+            base[lost] = fill
             entry = result.setdefault(unit, UnitCompensation())
             entry.lost, entry.fill, entry.recon = lost, fill, recon
         self.sim.masks[unit].set(keep, base, recon)
@@ -391,3 +361,53 @@ def compute_compensation(graph: ModelGraph, plan: Plan, calibration: torch.Tenso
         prepared[frozenset(failed)] = calibrator.fit(failed, healthy)
     log.info("compensation for %d failure sets in %.1f s", len(sets), time.perf_counter() - start)
     return Compensation(prepared)
+
+
+@dataclass
+class PreparedCompensation:
+    data: Compensation
+    info: dict                   # what compensation.json records (policy, sets, cost)
+
+
+def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions, progress: Progress | None = None,
+                         calibration: torch.Tensor | None = None, source: CalibrationSource | None = None
+                         ) -> PreparedCompensation | None:
+    """Compensation for the plan's failure sets per `options.compensate`, or None (none asked, nothing to
+    compensate, or "auto" without calibration images). `calibration` overrides the images `source` (default:
+    the images the options name) gives."""
+    name = options.compensate
+    if name == "none" or plan.n_boards < 2:
+        return None
+    policy = policy_named(DEFAULT_COMPENSATION if name == "auto" else name)
+    k = options.compensate_up_to if options.compensate_up_to is not None else default_max_failures(plan.n_boards)
+    sets = compensated_sets(plan.n_boards, k)
+    if not any((~plan.surviving(u, failed)).any() for failed in sets for u in plan.units):
+        return None              # e.g. full replication: no prepared failure set loses a channel
+    if source is not None and source.kind is None and calibration is None:
+        if name != "auto":
+            raise DataError(f"--compensate {name} needs calibration images: {source.describe()}")
+        return None
+    try:
+        if calibration is None:
+            calibration = (source.images(options.compensate_calib) if source is not None else
+                           calibration_images(graph.input_spec, options.compensate_calib, options.calib_data,
+                                              options.seed))
+    except DataError as exc:
+        if name != "auto":
+            raise DataError(f"compensation needs calibration images: {exc}") from exc
+        log.warning("no compensation: %s", exc)
+        return None
+    start = time.perf_counter()
+    data = compute_compensation(graph, plan, calibration, k, policy, progress, options.batch_size,
+                                options.torch_device)
+    seconds = time.perf_counter() - start
+    info = {"policy": {"name": DEFAULT_COMPENSATION if name == "auto" else name, **policy.to_json(),
+                       "calibration_images": len(calibration), "seed": options.seed,
+                       "calibration_data": None if options.calib_data is None else str(options.calib_data),
+                       "synthesized": source is not None and source.kind == "synthesized"},
+            "max_failures": k, "sets": [list(failed) for failed in sets], "seconds": round(seconds, 3),
+            "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes()}
+    progress = progress or (lambda msg: log.info(msg))
+    progress(f"compensation ({info['policy']['name']}) for {len(sets)} failure sets of 1..{k} boards: "
+             f"{seconds:.1f} s, {data.nbytes / 1e6:.2f} MB")
+    return PreparedCompensation(data, info)

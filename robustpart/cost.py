@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .graph import ModelGraph
 from .plan import Plan
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:      # type hints only: the cost of a plan is numpy work (inspect runs it without torch)
+    from .graph import ModelGraph
     from .scores import Scores
 
 

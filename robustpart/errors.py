@@ -30,12 +30,20 @@ class DataError(RobustpartError):
     """Input data is missing, unreadable or does not match the model's input spec."""
 
 
+class ConfigError(RobustpartError):
+    """An option names something that does not exist (a policy, a criterion, a mode) or is out of range."""
+
+
 class PlanError(RobustpartError):
-    """A plan (or the request for one) is invalid."""
+    """A plan, or what was asked of one (boards, thresholds, replicated units), is invalid for the model."""
 
 
 class BundleError(RobustpartError):
     """A bundle directory is missing, incomplete or inconsistent."""
+
+
+class MeshError(RobustpartError):
+    """The board mesh cannot be set up as asked: an inventory, an address, keys, a peer that refuses."""
 
 
 class Terminated(SystemExit):

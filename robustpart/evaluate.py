@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from .cost import plan_cost
-from .errors import BundleError, DataError, PlanError
+from .errors import BundleError, ConfigError, DataError, PlanError
 from .graph import ModelGraph
+from .options import DEFAULT_THRESHOLD
 from .plan import Plan
+from .policies import COMPENSATION_ROWS, EVAL_BACKENDS
 from .simulate import FailureSimulator
 
 if TYPE_CHECKING:
@@ -85,11 +87,11 @@ def parse_fail_probs(text: str, n_boards: int) -> list[float]:
     try:
         probs = [float(p) for p in text.split(",")]
     except ValueError as exc:
-        raise PlanError(f"--fail-prob must be comma-separated numbers, got '{text}'") from exc
+        raise ConfigError(f"--fail-prob must be comma-separated numbers, got '{text}'") from exc
     if len(probs) == 1:
         probs = probs * n_boards
     if len(probs) != n_boards or not all(0.0 <= p <= 1.0 for p in probs):
-        raise PlanError(f"--fail-prob needs 1 or {n_boards} probabilities in [0, 1], got '{text}'")
+        raise ConfigError(f"--fail-prob needs 1 or {n_boards} probabilities in [0, 1], got '{text}'")
     return probs
 
 
@@ -153,7 +155,7 @@ def parse_method(spec: str) -> tuple[str, float | None]:
     try:
         return name, float(threshold)
     except ValueError:
-        raise PlanError(f"'{spec}': the threshold after @ must be a number, e.g. robust@0.1") from None
+        raise ConfigError(f"'{spec}': the threshold after @ must be a number, e.g. robust@0.1") from None
 
 
 @dataclass
@@ -304,17 +306,15 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     policy), or both (a "+comp" row after each). The data is read once, in batches of `batch_size`
     (default from the model's activation size), image folders decoded by `workers` processes; the torch
     backend runs on `torch_device` (auto: CUDA when available)."""
-    if backend not in ("torch", "onnx"):
-        raise PlanError(f"unknown backend '{backend}': use torch (the simulator) or onnx (the shards)")
-    if compensation not in ("both", "with", "without"):
-        raise PlanError(f"--compensation must be both, with or without, got '{compensation}'")
+    EVAL_BACKENDS.check(backend)
+    COMPENSATION_ROWS.check(compensation)
     if backend == "onnx" and compare:
-        raise PlanError("--compare plans have no shards; evaluate them with --backend torch")
+        raise ConfigError("--compare plans have no shards; evaluate them with --backend torch")
     import time
 
     from .batching import batch_size_for
     from .bundle import Bundle
-    from .compiler import graph_of_bundle
+    from .rebuild import graph_of_bundle
     from .device import resolve_device
     from .evaldata import open_eval_stream
     from .models import ModelSource
@@ -350,12 +350,13 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
 def check_failure_sizes(ks: list[int], n_boards: int) -> None:
     bad = [k for k in ks if not 1 <= k <= n_boards - 1]
     if bad:
-        raise PlanError(f"--failures {bad} impossible with {n_boards} boards: use sizes 1..{n_boards - 1}")
+        raise ConfigError(f"--failures {bad} impossible with {n_boards} boards: use sizes 1..{n_boards - 1}")
 
 
 def _plans(bundle, graph: ModelGraph, compare: list[str]) -> list[tuple[str, Plan]]:
     """The bundle's plan, then one plan per `compare` spec made for the same model, boards and scores."""
-    from .compiler import CompileOptions, plan_for
+    from .options import CompileOptions
+    from .partition import plan_for
     plan = bundle.plan
     plans = [(_label(plan), plan)]
     for spec in compare:
@@ -363,7 +364,7 @@ def _plans(bundle, graph: ModelGraph, compare: list[str]) -> list[tuple[str, Pla
         if method == "robust" and bundle.scores is None:
             raise PlanError("comparing with robust needs scores; the bundle has none (compile with --method robust)")
         options = CompileOptions(devices=plan.n_boards, method=method, seed=plan.options.get("seed", 0),
-                                 threshold=threshold if threshold is not None else plan.options.get("threshold", 0.3),
+                                 threshold=threshold if threshold is not None else plan.options.get("threshold", DEFAULT_THRESHOLD),
                                  criteria=tuple(plan.options.get("criteria") or (bundle.scores.criteria
                                                                                 if bundle.scores else ("l1",))))
         other = plan_for(graph, options, bundle.scores if method == "robust" else None)
@@ -398,15 +399,18 @@ def _runners(bundle, graph: ModelGraph, variants: list[MethodVariant], backend: 
 
 def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress, device: torch.device):
     """Compensation for a compared plan, made as the bundle's was (None when the bundle has none)."""
-    from .compiler import CalibrationSource, CompileOptions, compensation_for
-    info = bundle.compensation_info
+    from .calibration import CalibrationSource
+    from .compensate import prepare_compensation
+    from .options import CompileOptions
+    info = bundle.compensation
     if info is None:
         return None
-    options = CompileOptions(devices=plan.n_boards, compensate=info["policy"]["name"],
-                             compensate_up_to=info["max_failures"],
-                             compensate_calib=info["policy"]["calibration_images"], seed=info["policy"]["seed"],
-                             calib_data=info["policy"]["calibration_data"], torch_device=str(device))
-    prepared = compensation_for(graph, plan, options, progress, source=CalibrationSource(graph, options, progress))
+    options = CompileOptions(devices=plan.n_boards, compensate=info.policy["name"],
+                             compensate_up_to=info.max_failures,
+                             compensate_calib=info.policy["calibration_images"], seed=info.policy["seed"],
+                             calib_data=info.policy["calibration_data"], torch_device=str(device))
+    prepared = prepare_compensation(graph, plan, options, progress,
+                                    source=CalibrationSource(graph, options, progress))
     return prepared.data if prepared is not None else None
 
 

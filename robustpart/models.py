@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError, WeightsError
+from .graph import ModelGraph, trace
 from .spec import IMAGENET_SPEC, InputSpec
 
 log = logging.getLogger(__name__)
@@ -324,3 +325,9 @@ def _method_code(script_module) -> list[str]:
         except RuntimeError:
             pass
     return out
+
+
+def load_graph(name: str, weights: str | None = None, spec: InputSpec | None = None) -> tuple[ModelGraph, ModelSource]:
+    """Load model `name` (see `load_model`) and trace it."""
+    module, spec, source = load_model(name, weights, spec)
+    return trace(module, spec, source.display_name), source

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import ConfigError, PlanError
+from .options import DEFAULT_THRESHOLD, CompileOptions
 from .plan import Plan, UnitPlacement
-from .registry import Registry
+from .policies import PARTITIONERS
 from .scores import Scores
 
 
@@ -33,10 +34,8 @@ class PartitionContext:
     seed: int = 0
 
 
-Partitioner = Callable[[str, int, PartitionContext], UnitPlacement]
-PARTITIONERS: Registry[Partitioner] = Registry("partitioning method")
+Partitioner = Callable[[str, int, PartitionContext], UnitPlacement]     # registered in policies.PARTITIONERS
 register_partitioner = PARTITIONERS.register
-partitioner_names = PARTITIONERS.names
 get_partitioner = PARTITIONERS.get
 
 
@@ -66,7 +65,6 @@ def round_robin(groups: list[np.ndarray], n_boards: int) -> list[np.ndarray]:
     return [np.sort(np.asarray(h, dtype=np.int64)) for h in held]
 
 
-@register_partitioner("robust")
 def robust_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
     if ctx.scores is None:
         raise PlanError("the robust method needs importance scores; give --scores")
@@ -84,18 +82,15 @@ def robust_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPla
     return UnitPlacement(channels, round_robin(groups, ctx.n_boards), group_of)
 
 
-@register_partitioner("lop")
 def lop_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
     return UnitPlacement(channels, [np.asarray(p, dtype=np.int64)
                                     for p in np.array_split(np.arange(channels), ctx.n_boards)])
 
 
-@register_partitioner("full")
 def full_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
     return UnitPlacement(channels, [np.arange(channels, dtype=np.int64) for _ in range(ctx.n_boards)])
 
 
-@register_partitioner("random")
 def random_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
     # one generator per unit, seeded by (seed, unit name): a unit's split does not depend on the others
     rng = np.random.default_rng([ctx.seed, *unit.encode()])
@@ -108,9 +103,9 @@ def load_thresholds(path: Path) -> tuple[float | None, dict[str, float]]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read thresholds file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read thresholds file {path}: {exc}") from exc
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise PlanError(f"thresholds file {path} must be a JSON object of unit name -> number")
+        raise ConfigError(f"thresholds file {path} must be a JSON object of unit name -> number")
     default = data.pop("default", None)
     return default, {k: float(v) for k, v in data.items()}
 
@@ -136,7 +131,7 @@ def resolve_thresholds(units: list[str], threshold: float | None,
 
 
 def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robust",
-              scores: Scores | None = None, threshold: float | None = 0.3,
+              scores: Scores | None = None, threshold: float | None = DEFAULT_THRESHOLD,
               per_unit_thresholds: dict[str, float] | None = None, seed: int = 0,
               replicate: list[str] | None = None, model: dict | None = None, fill: str = "zero") -> Plan:
     """Partition every unit over `n_boards` boards. Units matching a `replicate` pattern are placed
@@ -168,3 +163,14 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
     plan = Plan(n_boards=n_boards, units=units, method=method, options=options, model=model or {}, fill=fill)
     plan.validate(unit_channels)
     return plan
+
+
+def plan_for(graph, options: CompileOptions, scores: Scores | None) -> Plan:
+    """The plan `options` ask for, for a traced model (`graph`: its units and identity)."""
+    per_unit, threshold = None, options.threshold
+    if options.thresholds_file:
+        default, per_unit = load_thresholds(options.thresholds_file)
+        threshold = default if default is not None else threshold
+    return make_plan({u.name: u.channels for u in graph.units}, options.devices, options.method,
+                     scores.select(options.criteria or scores.criteria) if scores is not None else None,
+                     threshold, per_unit, options.seed, options.replicate, graph.identity(), options.fill)

@@ -1,9 +1,13 @@
 """Plain-text tables for people: a plan's cost and an evaluation's accuracy under failures."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .cost import PlanCost
-from .graph import ModelGraph
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .graph import ModelGraph
 
 
 def _mb(n: float) -> str:
@@ -67,7 +71,7 @@ def shards_text(manifest) -> str:
         b = t["board"]
         rows.append([str(b), _mb(manifest.param_bytes(b)), _kb(t["sent"]), _kb(t["received"]),
                      _kb(t["min_received"]), str(t["stages"])])
-    head = "" if manifest.head is None else f"; head shard {_mb(manifest.head['param_bytes'])} on every board"
+    head = "" if manifest.head is None else f"; head shard {_mb(manifest.head.param_bytes)} on every board"
     return (f"ONNX shards: {len(manifest.stages)} stages x {manifest.boards} boards{head}\n" +
             table(["board", "shard params", "sent/image", "received/image", "min received", "stages"], rows) + "\n")
 

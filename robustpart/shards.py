@@ -13,6 +13,7 @@ import io
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import BundleError
-from .graph import ModelGraph, pre_activation_point
-from .stages import Stage, StagePlan, cut_stages
+from .graph import ModelGraph, PreActivationPoint
+from .layout import Layout, derive_layout
+from .runtime.manifest import (CompensationEntry, HeadEntry, InputEntry, Manifest, ModelEntry, OutputEntry,
+                               ShardEntry, StageEntry, TensorEntry)
+from .stages import Stage
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -103,8 +107,9 @@ def _slice_constant(value: torch.Tensor, channels: int, keep: np.ndarray) -> tor
     return torch.index_select(value, dims[0], torch.as_tensor(keep)).clone()
 
 
-def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affine: bool = False) -> fx.GraphModule:
-    """An fx module for one stage on one board: inputs = stage.inputs (+ AFFINE_INPUTS when `affine`),
+def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
+                 affine: PreActivationPoint | None = None) -> fx.GraphModule:
+    """An fx module for one stage on one board: inputs = stage.inputs (+ AFFINE_INPUTS at point `affine`),
     outputs = (slice, *extras). `keep` is the board's channels of the unit (None for the head, no unit)."""
     gm = graph.module
     src = {n.name: n for n in gm.graph.nodes}
@@ -114,7 +119,7 @@ def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affin
     g = fx.Graph()
     root = nn.Module()
     env: dict[str, fx.Node] = {name: g.placeholder(name) for name in stage.inputs}
-    point = pre_activation_point(graph, unit) if unit and affine else None
+    point = affine if unit else None
     if point:
         scale, shift = (g.placeholder(name) for name in AFFINE_INPUTS)
         broadcast = tuple(-1 if d == point.axis else 1 for d in range(point.ndim))
@@ -180,8 +185,9 @@ def example_inputs(graph: ModelGraph, stage: Stage) -> list[torch.Tensor]:
     return out
 
 
-def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affine: bool = False) -> bytes:
-    affine = affine and stage.unit is not None
+def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
+                 affine: PreActivationPoint | None = None) -> bytes:
+    affine = affine if stage.unit is not None else None
     module = stage_module(graph, stage, keep, affine)
     names = [SLICE_OUTPUT if stage.unit else "output"] + list(stage.extras)
     inputs, examples = list(stage.inputs), example_inputs(graph, stage)
@@ -191,23 +197,22 @@ def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None, affin
     return export_onnx(module, inputs, names, examples, static_inputs=AFFINE_INPUTS if affine else ())
 
 
-def export_all(graph: ModelGraph, stage_plan: StagePlan, boards: list[dict[str, np.ndarray]],
-               progress: Callable[[str], None] | None = None, affine: bool = False
-               ) -> tuple[list[list[bytes]], bytes | None]:
-    """ONNX bytes per stage and board (`boards[b][unit]` = channels), and the head's (or None)."""
+def export_all(graph: ModelGraph, layout: Layout, progress: Callable[[str], None] | None = None,
+               affine: bool = False) -> tuple[list[list[bytes]], bytes | None]:
+    """ONNX bytes per stage and board of `layout`, and the head's (or None); `affine`: the shards take the
+    compensation affine's inputs at the layout's affine points."""
     shards = []
-    for stage in stage_plan.stages:
+    for s in layout.stages:
         if progress:
-            progress(f"exporting shards: stage {stage.index + 1}/{len(stage_plan.stages)} ({stage.unit.name})")
+            progress(f"exporting shards: stage {s.index + 1}/{len(layout.stages)} ({s.unit.name})")
         per_board = []
-        for b, held in enumerate(boards):
-            keep = held[stage.unit.name]
+        for b, keep in enumerate(s.slices):
             if keep.size == 0:
-                raise BundleError(f"board {b} holds no channel of unit '{stage.unit.name}'; every board "
+                raise BundleError(f"board {b} holds no channel of unit '{s.unit.name}'; every board "
                                   f"must compute at least one channel of every unit")
-            per_board.append(export_stage(graph, stage, keep, affine))
+            per_board.append(export_stage(graph, s.stage, keep, s.affine if affine else None))
         shards.append(per_board)
-    head = export_stage(graph, stage_plan.head, None) if stage_plan.head else None
+    head = export_stage(graph, layout.head, None) if layout.head else None
     return shards, head
 
 
@@ -219,56 +224,45 @@ def _initializer_bytes(onnx_bytes: bytes) -> int:
 
 
 def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], None] | None = None,
-                 compensation: dict | None = None) -> dict:
-    """Write `out/shards/*.onnx` for every stage and board, and return the manifest (a dict).
-    `compensation`: the manifest's compensation entry (the data file is already in `out`), or None."""
+                 compensation: CompensationEntry | None = None) -> Manifest:
+    """Write `out/shards/*.onnx` for every stage and board of the plan's layout, and return the manifest
+    describing them. `compensation`: the compensation data's entry (the data file is already in `out`)."""
     import hashlib
 
     import onnx
 
-    from .runtime.schema import SCHEMA_VERSION
-    from .simulate import fill_values
-
-    stage_plan = cut_stages(graph)
-    boards = [{name: p.boards[b] for name, p in plan.units.items()} for b in range(plan.n_boards)]
-    shard_bytes, head_bytes = export_all(graph, stage_plan, boards, progress, affine=compensation is not None)
+    layout = derive_layout(graph, plan)
+    shard_bytes, head_bytes = export_all(graph, layout, progress, affine=compensation is not None)
     (out / "shards").mkdir()
-    fills = fill_values(graph, plan)
     nodes = {n.name: n for n in graph.module.graph.nodes}
 
-    def save(name: str, data: bytes) -> dict:
+    def save(name: str, data: bytes) -> tuple[str, str, int]:
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
         (out / "shards" / name).write_bytes(data)
-        return {"file": f"shards/{name}", "sha256": hashlib.sha256(data).hexdigest(),
-                "param_bytes": _initializer_bytes(data)}
+        return f"shards/{name}", hashlib.sha256(data).hexdigest(), _initializer_bytes(data)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return tuple(nodes[name].meta["tensor_meta"].shape[1:])
 
     stages = []
-    for stage, per_board in zip(stage_plan.stages, shard_bytes):
-        unit = stage.unit
-        fill = fills[unit.name]
-        stages.append({
-            "index": stage.index, "unit": unit.name, "inputs": stage.inputs, "tensor": unit.exit_node,
-            "shape": list(unit.exit_shape), "axis": unit.exit_axis,
-            "extras": [{"name": e, "shape": list(nodes[e].meta["tensor_meta"].shape[1:])} for e in stage.extras],
-            "fill_values": None if not fill.any() else fill.tolist(),
-            "shards": [{"board": b, "channels": boards[b][unit.name].tolist(),
-                        **save(f"s{stage.index:03d}_b{b}.onnx", data)} for b, data in enumerate(per_board)]})
+    for s, per_board in zip(layout.stages, shard_bytes):
+        shards = []
+        for b, data in enumerate(per_board):
+            file, digest, params = save(f"s{s.index:03d}_b{b}.onnx", data)
+            shards.append(ShardEntry(b, file, digest, tuple(s.slices[b].tolist()), params))
+        stages.append(StageEntry(
+            index=s.index, unit=s.unit.name, inputs=tuple(s.stage.inputs), tensor=s.exit,
+            shape=tuple(s.unit.exit_shape), axis=s.unit.exit_axis,
+            extras=tuple(TensorEntry(e, shape_of(e)) for e in s.stage.extras),
+            fill_values=None if not s.fill.any() else tuple(s.fill.tolist()), shards=tuple(shards)))
     head = None
     if head_bytes is not None:
-        head = {"inputs": stage_plan.head.inputs, **save("head.onnx", head_bytes)}
+        head = HeadEntry(tuple(layout.head.inputs), *save("head.onnx", head_bytes))
     spec = graph.input_spec
-    out_node = nodes[stage_plan.output_name]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"name": graph.name, "source_hash": graph.source_hash},
-        "input": {"name": stage_plan.input_name, "shape": list(spec.shape), "dtype": "float32",
-                  "mean": list(spec.mean), "std": list(spec.std)},
-        "output": {"name": stage_plan.output_name, "shape": list(out_node.meta["tensor_meta"].shape[1:]),
-                   "num_classes": spec.num_classes, "labels": list(spec.labels)},
-        "boards": plan.n_boards,
-        "fill": {"policy": plan.fill},
-        "compensation": None if compensation is None else {**compensation, "affine_inputs": list(AFFINE_INPUTS)},
-        "provenance": {"method": plan.method, "options": plan.options},
-        "stages": stages,
-        "head": head,
-    }
+    return Manifest(
+        model=ModelEntry(graph.name, graph.source_hash),
+        input=InputEntry(layout.input_name, tuple(spec.shape), "float32", tuple(spec.mean), tuple(spec.std)),
+        output=OutputEntry(layout.output_name, shape_of(layout.output_name), spec.num_classes, tuple(spec.labels)),
+        boards=plan.n_boards, fill_policy=plan.fill,
+        compensation=None if compensation is None else replace(compensation, affine_inputs=AFFINE_INPUTS),
+        method=plan.method, options=plan.options, stages=tuple(stages), head=head, root=out)

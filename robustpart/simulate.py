@@ -1,13 +1,14 @@
 """The failure simulator: run the original model with the channels of failed boards removed.
 
-A mask op is inserted after every unit's exit node (the sync point where the boards' slices are
-assembled). For failure set F, a channel that no live board holds is replaced by its fill value — the
-same point and the same value as the sharded runtime fills. It reads the same Plan the runtime reads.
+The torch backend of the layout (layout.py): a mask op is inserted after every stage's exit (the sync
+point where the boards' slices are assembled) and an affine after its affine point. For failure set F, a
+channel that no live board returns is replaced by its fill value: the same points and the same values the
+sharded runtime uses, read from the same Layout the ONNX shards are exported from.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,28 +17,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import PlanError
-from .graph import ModelGraph, pre_activation_point
+from .graph import ModelGraph
+from .layout import Layout, derive_layout
 from .plan import Plan
-from .registry import Registry
 
-if TYPE_CHECKING:      # the runtime package imports onnxruntime; the simulator does not need it
+if TYPE_CHECKING:
     from .runtime.compensation import Compensation
 
-FILLS: Registry[Callable[[ModelGraph, Plan], dict[str, torch.Tensor]]] = Registry("fill policy")
-register_fill = FILLS.register
 CPU = torch.device("cpu")
 AFFINE_PREFIX, MASK_PREFIX = "_robustpart_affine_", "_robustpart_mask_"   # names of the inserted modules
-
-
-@register_fill("zero")
-def zero_fill(graph: ModelGraph, plan: Plan) -> dict[str, torch.Tensor]:
-    """A lost channel reads as zeros (the paper's semantics)."""
-    return {u.name: torch.zeros(u.channels) for u in graph.units}
-
-
-def fill_values(graph: ModelGraph, plan: Plan) -> dict[str, np.ndarray]:
-    """Per unit, the value each of its channels takes when lost (the simulator and the shards share it)."""
-    return {name: t.detach().numpy().astype(np.float32) for name, t in FILLS.get(plan.fill)(graph, plan).items()}
 
 
 class ChannelMask(nn.Module):
@@ -117,11 +105,10 @@ class FailureSimulator:
 
     def __init__(self, graph: ModelGraph, plan: Plan, compensation: Compensation | None = None,
                  device: torch.device | str | None = None):
-        plan.validate({u.name: u.channels for u in graph.units})
         self.graph, self.plan, self.compensation = graph, plan, compensation
+        self.layout = derive_layout(graph, plan)
         self.device = torch.device(device or "cpu")
-        self.fill_values = FILLS.get(plan.fill)(graph, plan)
-        self.module, self.masks, self.affines = _with_masks(graph, self.device)
+        self.module, self.masks, self.affines = _with_masks(graph, self.layout, self.device)
         self.module.eval()
 
     def set_failures(self, failed: Iterable[int]) -> None:
@@ -130,16 +117,17 @@ class FailureSimulator:
         if bad:
             raise PlanError(f"failed board ids {bad} are out of range 0..{self.plan.n_boards - 1}")
         prepared = self.compensation.for_failures(failed) if self.compensation and failed else None
-        for unit in self.graph.units:
-            keep = self.plan.surviving(unit.name, failed)
-            data = (prepared or {}).get(unit.name)
-            fill, recon = self.fill_values[unit.name], None
+        for stage in self.layout.stages:
+            name = stage.unit.name
+            keep = stage.surviving(failed)
+            data = (prepared or {}).get(name)
+            fill, recon = stage.fill, None
             if data is not None and data.lost is not None and np.array_equal(data.lost, np.flatnonzero(~keep)):
-                fill = fill.clone()
-                fill[torch.as_tensor(data.lost)] = torch.as_tensor(data.fill)
+                fill = fill.copy()
+                fill[data.lost] = data.fill
                 recon = data.recon
-            self.masks[unit.name].set(keep, fill, recon)
-            self.affines[unit.name].set(*((data.scale, data.shift) if data is not None else (None, None)))
+            self.masks[name].set(keep, fill, recon)
+            self.affines[name].set(*((data.scale, data.shift) if data is not None else (None, None)))
 
     @torch.no_grad()
     def batch_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,10 +144,10 @@ class FailureSimulator:
         return torch.cat(outs)
 
 
-def _with_masks(graph: ModelGraph, device: torch.device = CPU
+def _with_masks(graph: ModelGraph, layout: Layout, device: torch.device = CPU
                 ) -> tuple[fx.GraphModule, dict[str, ChannelMask], dict[str, ChannelAffine]]:
     """A copy of the traced graph (sharing the weights on the CPU, a copy of them elsewhere) with a
-    ChannelMask after every unit's exit and a ChannelAffine after its pre-activation point."""
+    ChannelMask after every stage's exit and a ChannelAffine after its affine point (from the layout)."""
     new_graph = copy.deepcopy(graph.module.graph)
     root = nn.Module()
     for name, child in graph.module.named_children():
@@ -180,12 +168,12 @@ def _with_masks(graph: ModelGraph, device: torch.device = CPU
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         nodes[node_name] = new          # a later insertion after the same point goes after this one
 
-    for i, unit in enumerate(graph.units):
-        point = pre_activation_point(graph, unit)
+    for i, stage in enumerate(layout.stages):
+        unit, point = stage.unit, stage.affine
         affines[unit.name] = ChannelAffine(point.axis, point.ndim, device)
         insert_after(point.node, affines[unit.name], f"{AFFINE_PREFIX}{i}")
         masks[unit.name] = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1, device)
-        insert_after(unit.exit_node, masks[unit.name], f"{MASK_PREFIX}{i}")
+        insert_after(stage.exit, masks[unit.name], f"{MASK_PREFIX}{i}")
     new_graph.lint()
     module = fx.GraphModule(root, new_graph)
     if device.type != "cpu":

@@ -18,11 +18,10 @@ def traffic_per_image(manifest: Manifest) -> list[dict]:
     rows = [{"board": b, "sent": 0, "received": 0, "min_received": 0, "stages": len(manifest.stages)}
             for b in range(n)]
     for stage in manifest.stages:
-        shape, axis = stage["shape"], stage["axis"]
-        per_channel = math.prod(shape) // shape[axis - 1] * BYTES_PER_VALUE
-        sizes = [len(s["channels"]) for s in stage["shards"]]
+        per_channel = math.prod(stage.shape) // stage.channels * BYTES_PER_VALUE
+        sizes = [len(s.channels) for s in stage.shards]
         for b in range(n):
             rows[b]["sent"] += sizes[b] * per_channel * (n - 1)
             rows[b]["received"] += (sum(sizes) - sizes[b]) * per_channel
-            rows[b]["min_received"] += (shape[axis - 1] - sizes[b]) * per_channel
+            rows[b]["min_received"] += (stage.channels - sizes[b]) * per_channel
     return rows

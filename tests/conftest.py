@@ -1,62 +1,93 @@
-"""Tiny models built in code, shared by the tests."""
+"""Fixtures shared by the tests. Nothing here imports torch at import time, so the runtime tests (marker
+`board`) run in an environment with only the runtime extra: the torch fixtures import it when used, and the
+mesh fixtures take the committed bundles (tests/fixture_bundles.py) where torch is absent."""
 import pytest
-import torch
-import torch.nn as nn
 
-from robustpart.graph import trace
-from robustpart.spec import InputSpec
+from fixture_bundles import fixture_bundle, fixture_images, have_torch
 
-TINY_SPEC = InputSpec(shape=(3, 8, 8), mean=(0.5,), std=(0.25,), num_classes=5)
-
-
-class TinyNet(nn.Module):
-    """conv-bn-relu-pool, a residual block, a depthwise conv, a grouped conv, flatten, two linears."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.pool = nn.MaxPool2d(2)
-        self.res = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.res_bn = nn.BatchNorm2d(8)
-        self.expand = nn.Conv2d(8, 12, 1)
-        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
-        self.grouped = nn.Conv2d(12, 6, 3, padding=1, groups=3)
-        self.fc1 = nn.Linear(6 * 4 * 4, 16)
-        self.fc2 = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.bn(self.stem(x))))
-        x = torch.relu(x + self.res_bn(self.res(x)))
-        x = torch.relu(self.dw(torch.relu(self.expand(x))))
-        x = self.grouped(x)
-        x = torch.flatten(x, 1)
-        return self.fc2(torch.relu(self.fc1(x)))
+# The test modules that need only the runtime extra (numpy, onnxruntime, pyzmq): every test in them is marked
+# `board`, and where torch is not installed they are the only ones collected (the others import it). CI runs
+# `pytest -m board` in such an environment too (.ci/run). A module joins with one line here.
+BOARD_MODULES = {
+    "test_board_env.py",
+    "test_mesh.py",
+    "test_mesh_cli.py",
+    "test_mesh_faults.py",
+    "test_mesh_netns.py",
+}
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BN layers non-trivial statistics so that masking points matter."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-    return model.eval()
+def pytest_ignore_collect(collection_path, config):
+    if not have_torch() and collection_path.name.startswith("test_") and collection_path.suffix == ".py":
+        return collection_path.name not in BOARD_MODULES or None
+    return None
 
+
+@pytest.hookimpl(tryfirst=True)        # before -m selects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in BOARD_MODULES:
+            item.add_marker(pytest.mark.board)
+
+
+# ---- tiny models (torch) ------------------------------------------------------------------------------------
 
 @pytest.fixture
 def tiny_model():
+    import torch
+
+    from tiny_models import TinyNet, randomized
     torch.manual_seed(0)
     return randomized(TinyNet())
 
 
 @pytest.fixture
 def tiny_graph(tiny_model):
+    from robustpart.graph import trace
+
+    from tiny_models import TINY_SPEC
     return trace(tiny_model, TINY_SPEC, "tiny")
 
 
 @pytest.fixture
 def tiny_images():
+    import torch
     return torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+# ---- the mesh tests' bundles, images and references (no torch needed) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """TinyNet (6 stages) on 4 boards, robust plan: some channels replicated, some on one board only; with
+    compensation for every failure set, so each answer below also checks that the boards apply it."""
+    return fixture_bundle("mesh", tmp_path_factory.mktemp("mesh-bundle"))
+
+
+@pytest.fixture
+def head_bundle(tmp_path):
+    """HeadNet on 2 boards: with a head the boards also exchange the last stage and send outputs."""
+    return fixture_bundle("head", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return fixture_images()
+
+
+@pytest.fixture(scope="module")
+def refs(bundle, images):
+    from mesh_helpers import References
+    return References(bundle, images)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, tmp_path_factory):
+    """A healthy mesh of the same bundle. Requests alternate between it and the mesh under test, so both
+    see the same load from whatever else runs on this (shared) machine: its latency is the no-failure
+    latency measured at the same moments."""
+    from mesh_helpers import start_mesh
+    cluster, client = start_mesh(bundle, tmp_path_factory.mktemp("reference"))
+    yield client
+    client.close()
+    cluster.close()

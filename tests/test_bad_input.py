@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli.main import main
+from robustpart.cli.main import main
 from robustpart.bundle import write_atomically
 from robustpart.errors import BundleError, GraphError, Terminated
 from robustpart.graph import trace
@@ -382,7 +382,7 @@ def test_sigterm_inside_write_atomically_removes_the_temporary_directory(tmp_pat
 
 
 def _cli(*argv, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "robustpart.cli.main", *argv], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -400,7 +400,7 @@ def test_sigterm_during_compile_leaves_no_temporary_directory(world, tmp_path):
                    "    time.sleep(0.05)\n"
                    "    return real(*args, **kwargs)\n"
                    "onnx.checker.check_model = slow\n"
-                   "from cli.main import main\n"
+                   "from robustpart.cli.main import main\n"
                    "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", slow_writer, "compile", str(net), "--devices", "8", *CHEAP,
                              "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -424,7 +424,7 @@ def test_sigterm_during_compile_leaves_no_temporary_directory(world, tmp_path):
 
 def test_argument_errors_come_before_torch_is_imported():
     """In a fresh interpreter: plain argument errors of the torch commands are found with torch not loaded."""
-    code = ("import sys; from cli.main import main\n"
+    code = ("import sys; from robustpart.cli.main import main\n"
             "for argv in (['compile', 'vgg16', '--devices', '0'], ['compile', 'vgg16', '--threshold', '-1'],\n"
             "             ['compile', 'vgg16', '--calib-data', '/no/such/dir'], ['evaluate', '/no/such/bundle'],\n"
             "             ['evaluate', '.', '--limit', '0'], ['compile', 'vgg16', '--threshold', 'abc']):\n"
@@ -454,8 +454,8 @@ def test_what_is_not_bad_input_is_one_line_too(monkeypatch, capsys, error, code,
     """A full disk or a bug: still one line (exit 1), the traceback only with -v."""
     def fail(args, progress):
         raise error
-    monkeypatch.setitem(sys.modules["cli.main"].COMMANDS, "inspect", fail)
-    monkeypatch.setitem(sys.modules["cli.main"].CHECKS, "inspect", lambda args: None)
+    monkeypatch.setitem(sys.modules["robustpart.cli.main"].COMMANDS, "inspect", fail)
+    monkeypatch.setitem(sys.modules["robustpart.cli.main"].CHECKS, "inspect", lambda args: None)
     assert main(["inspect", "x"]) == code
     err = capsys.readouterr().err
     assert err.splitlines() == [line]

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.main import main
-from robustpart.compiler import CompileOptions, compile_model
+from robustpart.cli.main import main
+from robustpart.compiler import compile_model
+from robustpart.options import CompileOptions
 
 TV = "squeezenet1_1"     # a small torchvision CNN; --weights none keeps it offline
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robustpart.compensate import POLICIES, CompensationPolicy, compute_compensation, default_max_failures
-from robustpart.compiler import CompileOptions, _write_bundle, compensation_for
-from robustpart.errors import BundleError, PlanError
+from robustpart.compensate import compute_compensation, default_max_failures, prepare_compensation
+from robustpart.emit import write_bundle
+from robustpart.options import CompileOptions
+from robustpart.policies import COMPENSATION, CompensationPolicy
+from robustpart.errors import BundleError, ConfigError
 from robustpart.graph import pre_activation_point, trace
 from robustpart.models import ModelSource
 from robustpart.partition import make_plan
@@ -19,7 +21,7 @@ from robustpart.runtime import LocalExecutor, load_manifest
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import InputSpec
 
-from conftest import TINY_SPEC, TinyNet, randomized
+from tiny_models import TINY_SPEC, TinyNet, randomized
 
 
 def close(out, ref, rel=1e-4):
@@ -45,9 +47,9 @@ def tiny():
 def compensated_bundle(tiny, tmp_path_factory):
     model, graph, calibration, _ = tiny
     plan = make_plan(channels_of(graph), 3, "lop")
-    prepared = compensation_for(graph, plan, CompileOptions(devices=3, compensate="ls"), calibration=calibration)
+    prepared = prepare_compensation(graph, plan, CompileOptions(devices=3, compensate="ls"), calibration=calibration)
     root = tmp_path_factory.mktemp("compensated")
-    _write_bundle(root, graph, ModelSource("file", "test", "default"), plan, None, compensation=prepared)
+    write_bundle(root, graph, ModelSource("file", "test", "default"), plan, None, compensation=prepared)
     return root, graph, plan, prepared.data
 
 
@@ -85,7 +87,7 @@ def test_streaming_in_batches_equals_one_batch(tiny, policy):
     same outputs under every failure set; the statistics-based affine agrees entry by entry."""
     _, graph, calibration, images = tiny
     plan = make_plan(channels_of(graph), 3, "lop")
-    fitted = {size: compute_compensation(graph, plan, calibration, 2, POLICIES[policy], batch_size=size)
+    fitted = {size: compute_compensation(graph, plan, calibration, 2, COMPENSATION.get(policy), batch_size=size)
               for size in (len(calibration), 7)}
     one, streamed = fitted[len(calibration)], fitted[7]
     assert one.sets.keys() == streamed.sets.keys() and len(one.sets) == 6
@@ -199,11 +201,11 @@ def test_tampered_or_missing_compensation_is_refused(compensated_bundle, tmp_pat
 def test_options_are_checked(tiny):
     _, graph, calibration, _ = tiny
     plan = make_plan(channels_of(graph), 3, "lop")
-    with pytest.raises(PlanError, match="unknown compensation policy 'magic'"):
-        compensation_for(graph, plan, CompileOptions(devices=3, compensate="magic"), calibration=calibration)
-    with pytest.raises(PlanError, match="--compensate-up-to must be in 0..2"):
-        compensation_for(graph, plan, CompileOptions(devices=3, compensate="ls", compensate_up_to=3),
+    with pytest.raises(ConfigError, match="unknown compensation policy 'magic'"):
+        prepare_compensation(graph, plan, CompileOptions(devices=3, compensate="magic"), calibration=calibration)
+    with pytest.raises(ConfigError, match="--compensate-up-to must be in 0..2"):
+        prepare_compensation(graph, plan, CompileOptions(devices=3, compensate="ls", compensate_up_to=3),
                          calibration=calibration)
     full = make_plan(channels_of(graph), 3, "full")
-    assert compensation_for(graph, full, CompileOptions(devices=3, compensate="ls"), calibration=calibration) is None
+    assert prepare_compensation(graph, full, CompileOptions(devices=3, compensate="ls"), calibration=calibration) is None
     assert [default_max_failures(n) for n in (1, 2, 4, 8)] == [0, 1, 3, 7]

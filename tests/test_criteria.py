@@ -7,13 +7,14 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
-from conftest import TINY_SPEC
+from tiny_models import TINY_SPEC
 from robustpart.criteria import gradients, session
 from robustpart.criteria.ablation import exact_jsd, js_divergence
-from robustpart.errors import GraphError, PlanError
+from robustpart.errors import ConfigError, GraphError
 from robustpart.graph import trace
 from robustpart.partition import cluster, make_plan
-from robustpart.scores import Scores, compute_scores
+from robustpart.criteria import compute_scores
+from robustpart.scores import Scores
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import InputSpec
 
@@ -229,7 +230,7 @@ def test_combined_distances_match_a_hand_computation():
 
 
 def test_bad_options_and_outputs_are_clear_errors(tiny_graph, tiny_images):
-    with pytest.raises(PlanError, match="unknown JSD mode 'quick'; choose from auto, exact, fast"):
+    with pytest.raises(ConfigError, match="unknown JSD mode 'quick'; choose from auto, exact, fast"):
         compute_scores(tiny_graph, ("jsd",), tiny_images, jsd_mode="quick")
 
     class Features(nn.Module):
@@ -247,7 +248,10 @@ def test_bad_options_and_outputs_are_clear_errors(tiny_graph, tiny_images):
 
 def test_reuse_scores_replans_without_scoring(tmp_path, monkeypatch):
     from robustpart.bundle import Bundle
-    from robustpart.compiler import CompileOptions, compile_model, load_graph, plan_for
+    from robustpart.compiler import compile_model
+    from robustpart.models import load_graph
+    from robustpart.options import CompileOptions
+    from robustpart.partition import plan_for
     options = CompileOptions(devices=4, calib=8, jsd="fast", shards=False)
     first = compile_model("fmnist_vgg16_bn", options, tmp_path / "a", weights="none")
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from robustpart.cost import plan_cost
-from robustpart.errors import PlanError
+from robustpart.errors import ConfigError
 from robustpart.evaluate import (combination_probability, evaluate_plan, expected_accuracy, failure_sets,
                                  parse_fail_probs, PlanEvaluator)
 from robustpart.partition import make_plan
 
-from test_plan import random_scores
+from plan_helpers import random_scores
 
 
 def unit_channels(graph):
@@ -43,9 +43,9 @@ def test_expected_accuracy_limits():
 def test_parse_fail_probs():
     assert parse_fail_probs("0.1", 3) == [0.1, 0.1, 0.1]
     assert parse_fail_probs("0.1,0.2", 2) == [0.1, 0.2]
-    with pytest.raises(PlanError, match="probabilities"):
+    with pytest.raises(ConfigError, match="probabilities"):
         parse_fail_probs("0.1,0.2", 3)
-    with pytest.raises(PlanError, match="probabilities"):
+    with pytest.raises(ConfigError, match="probabilities"):
         parse_fail_probs("1.5", 3)
 
 
@@ -62,7 +62,7 @@ def test_evaluation_report(tiny_model, tiny_graph, tiny_images):
     assert lop.by_k[1].min <= lop.by_k[1].mean <= lop.by_k[1].max
     ev = PlanEvaluator(tiny_graph, make_plan(channels, 3, "lop"), tiny_images, labels)
     assert ev.accuracy(lop.by_k[1].worst_set) == lop.by_k[1].min
-    with pytest.raises(PlanError, match="impossible"):
+    with pytest.raises(ConfigError, match="impossible"):
         evaluate_plan(tiny_graph, make_plan(channels, 3, "lop"), tiny_images, labels, [3])
 
 

@@ -6,14 +6,11 @@ import torchvision
 from robustpart.errors import GraphError
 from robustpart.graph import trace
 from robustpart.partition import make_plan
-from robustpart.scores import compute_scores
+from robustpart.criteria import compute_scores
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import IMAGENET_SPEC
 
-from conftest import TINY_SPEC, randomized
-
-NAMED_MODELS = ["vgg16", "vgg16_bn", "alexnet", "resnet18", "resnet50", "mobilenet_v2",
-                "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0"]
+from tiny_models import NAMED_MODELS, TINY_SPEC, randomized
 
 
 def test_tiny_units_chains_and_sync_points(tiny_graph):

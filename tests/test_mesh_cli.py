@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import zmq.auth
 
-from cli.main import main
+from robustpart.cli.main import main
 from robustpart.runtime.mesh import LocalCluster, MeshClient, MeshSettings
 from robustpart.runtime.mesh.client import NO_BOARDS
 from robustpart.runtime.mesh.cluster import free_ports
 from robustpart.runtime.mesh.keys import make_keys
 from robustpart.runtime.mesh.peers import BoardAddress, Inventory, load_inventory
 
-from test_mesh_faults import BOARDS, DEADLINE_S, SETTINGS, bundle, images, refs   # noqa: F401  (fixtures)
+from mesh_helpers import BOARDS, DEADLINE_S, SETTINGS
 
 MESH_ARGS = SETTINGS.as_args()
 
@@ -33,13 +33,13 @@ def wait_for(predicate, timeout, what):
 def test_cluster_and_run_commands_answer_like_the_local_executor(bundle, images, refs, tmp_path):
     peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(BOARDS))
     workdir = tmp_path / "cluster"
-    cluster = subprocess.Popen([sys.executable, "-m", "cli.main", "cluster", str(bundle), "--peers", peers,
+    cluster = subprocess.Popen([sys.executable, "-m", "robustpart.cli.main", "cluster", str(bundle), "--peers", peers,
                                 "--workdir", str(workdir), *MESH_ARGS], stdout=subprocess.PIPE, text=True)
     try:
         assert "all 4 boards running" in "".join(cluster.stdout.readline() for _ in range(BOARDS + 1))
         np.save(tmp_path / "x.npy", images[:8])
-        run = subprocess.run([sys.executable, "-m", "cli.main", "run", str(bundle), "--peers", peers, "--input",
-                              str(tmp_path / "x.npy"), "--json", "--window", "2", *MESH_ARGS],
+        run = subprocess.run([sys.executable, "-m", "robustpart.cli.main", "run", str(bundle), "--peers", peers,
+                              "--input", str(tmp_path / "x.npy"), "--json", "--window", "2", *MESH_ARGS],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         lines = [json.loads(line) for line in run.stdout.splitlines()]
@@ -65,7 +65,7 @@ def test_serve_imports_no_torch(bundle, tmp_path):
     events = tmp_path / "events.jsonl"
     peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(BOARDS))
     # the board runs in a thread of this interpreter; once it serves, look at what got imported
-    code = (f"import json, os, sys, threading, time; from cli.main import main\n"
+    code = (f"import json, os, sys, threading, time; from robustpart.cli.main import main\n"
             f"args = ['serve', {str(bundle)!r}, '--device', '0', '--peers', {peers!r}, '--events', {str(events)!r}]\n"
             f"threading.Thread(target=main, args=(args,), daemon=True).start()\n"
             f"end = time.time() + 60\n"

@@ -15,8 +15,8 @@ import pytest
 from robustpart.runtime.mesh import LocalCluster, MeshClient
 from robustpart.runtime.mesh.peers import BoardAddress, Inventory
 
-from test_mesh_faults import (BOARDS, DEADLINE_S, DETECTION_BOUND, SETTINGS, assert_latency_recovered,  # noqa: F401
-                              bundle, check_contract, detections, drive, images, reference, refs, steady)
+from mesh_helpers import (BOARDS, DEADLINE_S, DETECTION_BOUND, SETTINGS, assert_latency_recovered, check_contract,
+                          detections, drive, steady)
 
 SUBNET = "10.231.77"
 PORT = 5550

@@ -3,18 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from robustpart.errors import PlanError
+from robustpart.errors import ConfigError, PlanError
 from robustpart.partition import cluster, make_plan, round_robin
 from robustpart.plan import Plan, UnitPlacement
 from robustpart.scores import Scores
 
-UNITS = {"a": 7, "b": 16, "c": 3, "d": 64}
+from plan_helpers import UNITS, random_scores
+
 SPLIT_UNITS = {"a": 7, "b": 16, "d": 64}   # an even split over 4 boards needs >= 4 channels per unit
-
-
-def random_scores(units=UNITS, k=3, seed=0) -> Scores:
-    rng = np.random.default_rng(seed)
-    return Scores(tuple(f"s{i}" for i in range(k)), {u: rng.random((c, k)) for u, c in units.items()})
 
 
 def test_cluster_is_complete_linkage_with_strict_threshold():
@@ -62,8 +58,8 @@ def test_robust_plan_properties_on_random_scores(n_boards, threshold):
 
 
 def test_robust_plan_on_real_scores_of_a_trained_model():
-    from robustpart.compiler import load_graph
-    from robustpart.scores import compute_scores
+    from robustpart.criteria import compute_scores
+    from robustpart.models import load_graph
     graph, _ = load_graph("fmnist_vgg16_bn")
     scores = compute_scores(graph, ("l1",))
     channels = {u.name: u.channels for u in graph.units}
@@ -152,7 +148,7 @@ def test_make_plan_refuses_bad_requests():
     make_plan(UNITS, 4, "robust", random_scores(), 0.3).validate(UNITS)   # replication covers 3 < 4
     with pytest.raises(PlanError, match=">= 0"):
         make_plan(UNITS, 2, "robust", random_scores(), -0.1)
-    with pytest.raises(PlanError, match="unknown partitioning method"):
+    with pytest.raises(ConfigError, match="unknown partitioning method"):
         make_plan(UNITS, 2, "nope")
     with pytest.raises(PlanError, match="needs importance scores"):
         make_plan(UNITS, 2, "robust", None, 0.3)

@@ -11,7 +11,10 @@ import torch
 
 from robustpart import zoo
 from robustpart.bundle import Bundle
-from robustpart.compiler import CompileOptions, compile_model, load_eval_data, load_graph
+from robustpart.compiler import compile_model
+from robustpart.evaldata import load_eval_data
+from robustpart.models import load_graph
+from robustpart.options import CompileOptions
 from robustpart.plan import Plan
 from robustpart.runtime import LocalExecutor
 from robustpart.simulate import FailureSimulator

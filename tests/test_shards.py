@@ -11,18 +11,17 @@ import pytest
 import torch
 import torchvision
 
-from robustpart.compiler import _write_bundle
+from robustpart.emit import write_bundle as emit_write_bundle
 from robustpart.errors import BundleError, DataError
 from robustpart.graph import trace
 from robustpart.models import ModelSource
 from robustpart.partition import make_plan
 from robustpart.runtime import LocalExecutor, load_manifest
-from robustpart.scores import compute_scores
+from robustpart.criteria import compute_scores
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import IMAGENET_SPEC
 
-from conftest import randomized
-from test_graph import NAMED_MODELS
+from tiny_models import NAMED_MODELS, randomized
 
 
 def close(out, ref, rel=1e-4):
@@ -31,7 +30,7 @@ def close(out, ref, rel=1e-4):
 
 
 def write_bundle(tmp_path, graph, plan):
-    _write_bundle(tmp_path, graph, ModelSource("file", "test", "default"), plan, None)
+    emit_write_bundle(tmp_path, graph, ModelSource("file", "test", "default"), plan, None)
     return tmp_path
 
 
@@ -52,7 +51,7 @@ def check_against_simulator(bundle, graph, plan, x, failure_sizes):
 
 def test_tiny_model_every_failure_set(tmp_path, tiny_model, tiny_graph, tiny_images):
     channels = unit_channels(tiny_graph)
-    from test_plan import random_scores
+    from plan_helpers import random_scores
     plan = make_plan(channels, 3, "robust", random_scores(channels), 0.3)
     bundle = write_bundle(tmp_path, tiny_graph, plan)
     with torch.no_grad():
@@ -125,7 +124,7 @@ def test_named_models_at_imagenet_shape(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory, ):
-    from conftest import TINY_SPEC, TinyNet, randomized
+    from tiny_models import TINY_SPEC, TinyNet, randomized
     torch.manual_seed(0)
     graph = trace(randomized(TinyNet()), TINY_SPEC, "tiny")
     root = tmp_path_factory.mktemp("bundle")

@@ -7,7 +7,7 @@ from robustpart.errors import PlanError
 from robustpart.partition import make_plan
 from robustpart.simulate import FailureSimulator
 
-from test_plan import random_scores
+from plan_helpers import random_scores
 
 
 def masked_reference(model, x, keep):

@@ -8,9 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli.main import main
+from robustpart.cli.main import main
 from robustpart.bundle import Bundle
-from robustpart.compiler import CompileOptions, compensation_for, compile_model, graph_of_bundle, load_eval_data
+from robustpart.compensate import prepare_compensation
+from robustpart.compiler import compile_model
+from robustpart.evaldata import load_eval_data
+from robustpart.options import CompileOptions
+from robustpart.rebuild import graph_of_bundle
 from robustpart.errors import BundleError, DataError, RobustpartError
 from robustpart.evaldata import FolderStream, folder_transform, open_eval_stream
 from robustpart.evaluate import (MethodVariant, SimulatorRunner, StreamingEvaluator, _compensation_like,
@@ -20,7 +24,7 @@ from robustpart.runtime import LocalExecutor
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import InputSpec
 
-from test_plan import random_scores
+from plan_helpers import random_scores
 
 SPEC = InputSpec(shape=(3, 8, 8), mean=(0.5,), std=(0.25,), num_classes=3)
 N_IMAGES = 37              # no batch size used below divides it
@@ -57,7 +61,7 @@ def all_sets(n):
 
 @pytest.fixture(scope="module")
 def tiny_variants():
-    from conftest import TINY_SPEC, TinyNet, randomized
+    from tiny_models import TINY_SPEC, TinyNet, randomized
     from robustpart.graph import trace
     torch.manual_seed(0)
     model = randomized(TinyNet())
@@ -69,7 +73,7 @@ def tiny_variants():
     lop = make_plan(channels, 3, "lop")
     robust = make_plan(channels, 3, "robust", random_scores(channels), 0.3)
     calibration = torch.randn(48, 3, 8, 8, generator=g)
-    comp = {name: compensation_for(graph, p, CompileOptions(devices=3, compensate="ls"), calibration=calibration).data
+    comp = {name: prepare_compensation(graph, p, CompileOptions(devices=3, compensate="ls"), calibration=calibration).data
             for name, p in (("lop", lop), ("robust", robust))}
     variants = [MethodVariant("lop", lop), MethodVariant("lop +comp", lop, comp["lop"]),
                 MethodVariant("robust", robust), MethodVariant("robust +comp", robust, comp["robust"]),
@@ -216,7 +220,7 @@ def test_folder_stream_yields_bounded_batches_from_workers(folder_bundle):
 
 def test_calibration_images_are_spread_over_every_class(folder_bundle):
     """A folder's first images are one class; calibration takes images spaced evenly over the whole tree."""
-    from robustpart.compiler import calibration_images
+    from robustpart.calibration import calibration_images
     _, folder = folder_bundle
     whole = load_eval_data(SPEC, folder)
     first = load_eval_data(SPEC, folder, limit=3)

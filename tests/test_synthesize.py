@@ -7,7 +7,7 @@ from robustpart.errors import DataError
 from robustpart.graph import trace
 from robustpart.synthesize import SynthesisConfig, bn_mismatch, has_batchnorm, synthesize_calibration
 
-from conftest import TINY_SPEC, TinyNet, randomized
+from tiny_models import TINY_SPEC, TinyNet, randomized
 
 FAST = SynthesisConfig(iterations=60, lr=0.1)
 
@@ -89,7 +89,9 @@ def test_compile_without_data_calibrates_on_synthesized_images(tmp_path):
     are fitted on synthesized images, and the report says so; `--calib-data synthesize` asks for it by name."""
     import json
 
-    from robustpart.compiler import CompileOptions, compile_model, datafree_calibration
+    from robustpart.calibration import datafree_calibration
+    from robustpart.compiler import compile_model
+    from robustpart.options import CompileOptions
     torch.manual_seed(0)
     model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scores import register_criterion
 from .ablation import exact_jsd
 from .session import ScoringSession
 
 
-@register_criterion("jsd", needs_data=True)
 def jsd_importance(graph, calibration, *, shared: dict | None = None, progress=None,
                    jsd_mode: str = "auto") -> dict[str, np.ndarray]:
     session = ScoringSession.of(shared, graph, calibration, "jsd", jsd_mode=jsd_mode,

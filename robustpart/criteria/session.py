@@ -11,14 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import PlanError
+from ..policies import JSD_MODES
 from ..graph import ModelGraph
 from .ablation import exact_cost_macs
 from .gradients import GradientStats, gradient_pass
 
 log = logging.getLogger(__name__)
 
-JSD_MODES = ("auto", "exact", "fast")
 # `auto` ablates exactly up to this many multiply-accumulates (a few seconds on a 2-core CPU: exact
 # JSD of the reference VGG on 16 images) and uses the fast (linearised-logit) mode above it. A count, not a
 # timing, so the choice is the same on every machine.
@@ -28,8 +27,7 @@ EXACT_BUDGET_MACS = 50e9
 class ScoringSession:
     def __init__(self, graph: ModelGraph, calibration: torch.Tensor, criteria: tuple[str, ...],
                  jsd_mode: str = "auto", progress: Callable[[str], None] | None = None):
-        if jsd_mode not in JSD_MODES:
-            raise PlanError(f"unknown JSD mode '{jsd_mode}'; choose from {', '.join(JSD_MODES)}")
+        JSD_MODES.check(jsd_mode)
         self.graph, self.calibration, self.criteria = graph, calibration, tuple(criteria)
         self.requested_mode, self.progress = jsd_mode, progress
         self._mode: str | None = None

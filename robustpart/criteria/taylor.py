@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scores import register_criterion
 from .session import ScoringSession
 
 
-@register_criterion("taylor", needs_data=True)
 def taylor_importance(graph, calibration, *, shared: dict | None = None, progress=None,
                       jsd_mode: str = "auto") -> dict[str, np.ndarray]:
     """Per output channel: sum of |dy/dW * W| over its weights plus |dy/db * b|, summed over batches.

@@ -146,7 +146,9 @@ class CompensationTables:
     """What a runtime feeds and fills under a failure set: the shards' affine inputs per (stage, board) and
     the exit data per stage, from a bundle's Compensation (identity when there is none for the set)."""
 
-    def __init__(self, stages: list[dict], compensation: Compensation | None, affine_inputs: list[str]):
+    def __init__(self, stages, compensation: Compensation | None, affine_inputs):
+        """`stages`: the manifest's StageEntry values; `affine_inputs`: the shards' (scale, shift) input
+        names, empty when the shards have none."""
         self.stages, self.compensation = stages, compensation
         self.scale_name, self.shift_name = affine_inputs if affine_inputs else (None, None)
         self._feeds: dict[tuple, dict[str, np.ndarray]] = {}
@@ -162,7 +164,7 @@ class CompensationTables:
             return {}
         key = (stage, board, failed)
         if key not in self._feeds:
-            channels = np.asarray(self.stages[stage]["shards"][board]["channels"], dtype=np.int64)
+            channels = self.stages[stage].shards[board].channel_array
             data = self._unit(stage, failed)
             if data is not None and data.scale is not None:
                 scale, shift = data.scale[channels], data.shift[channels]
@@ -180,4 +182,4 @@ class CompensationTables:
         if self.compensation is None or not failed:
             return None
         prepared = self.compensation.for_failures(failed)
-        return None if prepared is None else prepared.get(self.stages[stage]["unit"])
+        return None if prepared is None else prepared.get(self.stages[stage].unit)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from ..errors import BundleError, DataError
 from .compensation import UnitCompensation, reconstruct_lost
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, StageEntry, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def open_session(path: Path, providers: list[str], options: ort.SessionOptions) 
 class StageAssembler:
     """Builds a stage's full tensor from the slices of the boards that answered."""
 
-    def __init__(self, stage: dict, boards: int):
-        self.axis = stage["axis"]
-        self.shape = stage["shape"]
-        self.channels = self.shape[self.axis - 1]
-        self.held = [np.asarray(s["channels"], dtype=np.int64) for s in stage["shards"]]
-        fill = stage["fill_values"]
+    def __init__(self, stage: StageEntry, boards: int):
+        self.axis = stage.axis
+        self.shape = stage.shape
+        self.channels = stage.channels
+        self.held = [s.channel_array for s in stage.shards]
+        fill = stage.fill_values
         self.fill = None if fill is None else np.asarray(fill, dtype=np.float32)
         self._plans: dict[frozenset, tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]] = {}
 
@@ -134,7 +134,7 @@ class LocalExecutor:
         self.compensate = compensate
         self._tables = {compensate: self.manifest.compensation_tables(with_data=compensate)}
         head = self.manifest.head
-        self.head = open_session(self.manifest.root / head["file"], providers, options) if head else None
+        self.head = open_session(self.manifest.root / head.file, providers, options) if head else None
 
     @property
     def tables(self):
@@ -161,23 +161,23 @@ class LocalExecutor:
         them); `compensate` overrides the constructor's choice for this run."""
         spec = self.manifest.input
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != len(spec["shape"]) + 1 or list(x.shape[1:]) != spec["shape"]:
-            raise DataError(f"input has shape {list(x.shape)}; the bundle expects (batch, {', '.join(map(str, spec['shape']))})")
+        if x.ndim != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
+            raise DataError(f"input has shape {list(x.shape)}; the bundle expects (batch, {', '.join(map(str, spec.shape))})")
         failed = self._failed_for_run(failed)
         tables = self._tables_for(self.compensate if compensate is None else compensate)
-        env = {spec["name"]: x}
+        env = {spec.name: x}
         for s, (stage, sessions, assembler) in enumerate(zip(self.manifest.stages, self.sessions, self.assemblers)):
             slices, extras = {}, None
             for board, session in sessions.items():
                 if board in failed:
                     continue
-                feeds = {name: env[name] for name in stage["inputs"]}
+                feeds = {name: env[name] for name in stage.inputs}
                 outputs = session.run(None, {**feeds, **tables.affine_feeds(s, board, failed)})
                 slices[board] = outputs[0]
                 extras = extras or outputs[1:]
-            env[stage["tensor"]] = assembler.assemble(slices, len(x), tables.exit_data(s, failed))
-            for meta, value in zip(stage["extras"], extras):
-                env[meta["name"]] = value
+            env[stage.tensor] = assembler.assemble(slices, len(x), tables.exit_data(s, failed))
+            for meta, value in zip(stage.extras, extras):
+                env[meta.name] = value
         if self.head is None:
-            return env[self.manifest.data["output"]["name"]]
-        return self.head.run(None, {name: env[name] for name in self.manifest.head["inputs"]})[0]
+            return env[self.manifest.output.name]
+        return self.head.run(None, {name: env[name] for name in self.manifest.head.inputs})[0]

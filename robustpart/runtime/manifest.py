@@ -1,10 +1,18 @@
-"""Load and check a bundle's manifest.json: schema, shard files and their SHA-256, boards, shapes."""
+"""The bundle's manifest as typed values, and its loader (numpy only: the boards read it).
+
+`Manifest` and the entries it holds are frozen dataclasses with `to_json` / `from_json`; the compiler
+writes them (shards.py, emit.py), the executor, the boards, the client, `inspect` and `evaluate` read them.
+`schema.MANIFEST_SCHEMA` describes the same JSON (a test keeps the two in step); the loader checks the
+JSON against it first, so a malformed file gets a message that names the field.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,45 +30,227 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
+class _DictAccess:
+    """TRANSITION (issue 11, while the mesh modules move to attributes): `entry["key"]` reads the attribute."""
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+@dataclass(frozen=True)
+class TensorEntry(_DictAccess):
+    """A full-tensor value a stage also returns (an "extra"); `shape` without the batch axis."""
+    name: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorEntry:
+        return cls(d["name"], _ints(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ShardEntry(_DictAccess):
+    """One board's shard of one stage: its file, hash, the channels it returns and its parameter bytes."""
+    board: int
+    file: str
+    sha256: str
+    channels: tuple[int, ...]
+    param_bytes: int
+
+    @cached_property
+    def channel_array(self) -> np.ndarray:
+        return np.asarray(self.channels, dtype=np.int64)
+
+    def to_json(self) -> dict:
+        return {"board": self.board, "file": self.file, "sha256": self.sha256, "channels": list(self.channels),
+                "param_bytes": self.param_bytes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ShardEntry:
+        return cls(d["board"], d["file"], d["sha256"], _ints(d["channels"]), d["param_bytes"])
+
+
+@dataclass(frozen=True)
+class StageEntry(_DictAccess):
+    """Stage `index` computes unit `unit`: every board reads the env tensors `inputs` and returns its
+    channels (along `axis` of the full tensor `tensor`, of `shape` without the batch axis) plus `extras`;
+    a channel no live board returns takes its fill value (zero when `fill_values` is None)."""
+    index: int
+    unit: str
+    inputs: tuple[str, ...]
+    tensor: str
+    shape: tuple[int, ...]
+    axis: int
+    extras: tuple[TensorEntry, ...]
+    fill_values: tuple[float, ...] | None
+    shards: tuple[ShardEntry, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.axis - 1]
+
+    def slice_shape(self, board: int) -> tuple[int, ...]:
+        """The shape (without the batch axis) of the slice `board` returns."""
+        shape = list(self.shape)
+        shape[self.axis - 1] = len(self.shards[board].channels)
+        return tuple(shape)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "unit": self.unit, "inputs": list(self.inputs), "tensor": self.tensor,
+                "shape": list(self.shape), "axis": self.axis, "extras": [e.to_json() for e in self.extras],
+                "fill_values": None if self.fill_values is None else list(self.fill_values),
+                "shards": [s.to_json() for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StageEntry:
+        fill = d["fill_values"]
+        return cls(d["index"], d["unit"], tuple(d["inputs"]), d["tensor"], _ints(d["shape"]), d["axis"],
+                   tuple(TensorEntry.from_json(e) for e in d["extras"]),
+                   None if fill is None else tuple(float(v) for v in fill),
+                   tuple(ShardEntry.from_json(s) for s in d["shards"]))
+
+
+@dataclass(frozen=True)
+class HeadEntry(_DictAccess):
+    """The model's last full-tensor ops after the last unit (every board and the client can run it)."""
+    inputs: tuple[str, ...]
+    file: str
+    sha256: str
+    param_bytes: int
+
+    def to_json(self) -> dict:
+        return {"inputs": list(self.inputs), "file": self.file, "sha256": self.sha256,
+                "param_bytes": self.param_bytes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> HeadEntry:
+        return cls(tuple(d["inputs"]), d["file"], d["sha256"], d["param_bytes"])
+
+
+@dataclass(frozen=True)
+class InputEntry(_DictAccess):
+    name: str
+    shape: tuple[int, ...]           # without the batch axis
+    dtype: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> InputEntry:
+        return cls(d["name"], _ints(d["shape"]), d["dtype"], tuple(d["mean"]), tuple(d["std"]))
+
+
+@dataclass(frozen=True)
+class OutputEntry(_DictAccess):
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int | None
+    labels: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "num_classes": self.num_classes,
+                "labels": list(self.labels)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> OutputEntry:
+        return cls(d["name"], _ints(d["shape"]), d["num_classes"], tuple(d.get("labels", ())))
+
+
+@dataclass(frozen=True)
+class CompensationEntry(_DictAccess):
+    """The compensation data file and how it was made: written once, to compensation.json and (with the
+    shards' affine input names) into the manifest."""
+    file: str
+    sha256: str
+    policy: dict                     # the policy's parameters and its calibration (images, seed, data)
+    max_failures: int
+    sets: tuple[tuple[int, ...], ...]
+    seconds: float = 0.0
+    bytes: int = 0
+    max_set_bytes: int = 0
+    affine_inputs: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "policy": self.policy, "max_failures": self.max_failures,
+                "sets": [list(s) for s in self.sets], "seconds": self.seconds, "bytes": self.bytes,
+                "max_set_bytes": self.max_set_bytes, "affine_inputs": list(self.affine_inputs)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CompensationEntry:
+        return cls(d["file"], d["sha256"], d["policy"], d["max_failures"], tuple(_ints(s) for s in d["sets"]),
+                   d.get("seconds", 0.0), d.get("bytes", 0), d.get("max_set_bytes", 0),
+                   tuple(d.get("affine_inputs", ())))
+
+
+@dataclass(frozen=True)
+class ModelEntry(_DictAccess):
+    name: str
+    source_hash: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "source_hash": self.source_hash}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelEntry:
+        return cls(d["name"], d["source_hash"])
+
+
+@dataclass(frozen=True)
 class Manifest:
-    root: Path
-    data: dict
+    """What every board and the client need to know of a bundle. `root`: the bundle directory it was read
+    from (not part of the JSON)."""
+    model: ModelEntry
+    input: InputEntry
+    output: OutputEntry
+    boards: int
+    fill_policy: str
+    compensation: CompensationEntry | None
+    method: str                      # provenance: the partitioning method and its options
+    options: dict
+    stages: tuple[StageEntry, ...]
+    head: HeadEntry | None
+    schema_version: int = SCHEMA_VERSION
+    root: Path = field(default=Path("."), compare=False)
 
     @property
-    def boards(self) -> int:
-        return self.data["boards"]
+    def data(self) -> dict:           # TRANSITION, see _DictAccess
+        return self.to_json()
 
     @property
-    def stages(self) -> list[dict]:
-        return self.data["stages"]
+    def compensation_entry(self):     # TRANSITION, see _DictAccess
+        return self.compensation
 
-    @property
-    def head(self) -> dict | None:
-        return self.data["head"]
+    def shard_path(self, stage: StageEntry, board: int) -> Path:
+        return self.root / stage.shards[board].file
 
-    @property
-    def input(self) -> dict:
-        return self.data["input"]
+    def channels(self, stage: StageEntry, board: int) -> np.ndarray:
+        return stage.shards[board].channel_array
 
-    def shard_path(self, stage: dict, board: int) -> Path:
-        return self.root / stage["shards"][board]["file"]
-
-    def channels(self, stage: dict, board: int) -> np.ndarray:
-        return np.asarray(stage["shards"][board]["channels"], dtype=np.int64)
-
-    @property
-    def compensation_entry(self) -> dict | None:
-        return self.data["compensation"]
+    def param_bytes(self, board: int) -> int:
+        total = sum(s.shards[board].param_bytes for s in self.stages)
+        return total + (self.head.param_bytes if self.head else 0)
 
     def load_compensation(self, board: int | None = None):
         """The bundle's compensation data (hash-checked), or None when it has none. With `board`, only the
         failure sets that board survives are kept in memory."""
         from .compensation import Compensation
-        entry = self.compensation_entry
-        if entry is None:
+        if self.compensation is None:
             return None
-        comp = Compensation.load(self.root / entry["file"], entry["sha256"])
+        comp = Compensation.load(self.root / self.compensation.file, self.compensation.sha256)
         if board is not None:
             comp.sets = {failed: units for failed, units in comp.sets.items() if board not in failed}
         return comp
@@ -69,13 +259,42 @@ class Manifest:
         """What a runtime feeds the shards' affine inputs and applies at assemblies; `with_data=False`: the
         identity (the inputs are still fed, the data file is not read)."""
         from .compensation import CompensationTables
-        entry = self.compensation_entry
+        entry = self.compensation
         return CompensationTables(self.stages, self.load_compensation(board) if with_data else None,
-                                  entry["affine_inputs"] if entry else [])
+                                  entry.affine_inputs if entry else ())
 
-    def param_bytes(self, board: int) -> int:
-        total = sum(s["shards"][board]["param_bytes"] for s in self.stages)
-        return total + (self.head["param_bytes"] if self.head else 0)
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "model": self.model.to_json(), "input": self.input.to_json(),
+                "output": self.output.to_json(), "boards": self.boards, "fill": {"policy": self.fill_policy},
+                "compensation": None if self.compensation is None else self.compensation.to_json(),
+                "provenance": {"method": self.method, "options": self.options},
+                "stages": [s.to_json() for s in self.stages],
+                "head": None if self.head is None else self.head.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], root: Path | str = ".") -> Manifest:
+        comp, head = d["compensation"], d["head"]
+        return cls(ModelEntry.from_json(d["model"]), InputEntry.from_json(d["input"]),
+                   OutputEntry.from_json(d["output"]), d["boards"], d["fill"]["policy"],
+                   None if comp is None else CompensationEntry.from_json(comp),
+                   d["provenance"]["method"], d["provenance"]["options"],
+                   tuple(StageEntry.from_json(s) for s in d["stages"]),
+                   None if head is None else HeadEntry.from_json(head), d["schema_version"], Path(root))
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=1))
+
+
+JSON_VALUES = (Manifest, ModelEntry, InputEntry, OutputEntry, CompensationEntry, StageEntry, TensorEntry,
+               ShardEntry, HeadEntry)
+
+
+def json_keys(value_type) -> set[str]:
+    """The JSON keys `value_type.to_json` writes (for the schema check)."""
+    names = {f.name for f in fields(value_type)} - {"root"}
+    if value_type is Manifest:
+        names = (names - {"fill_policy", "method", "options"}) | {"fill", "provenance"}
+    return names
 
 
 def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: bool = True) -> Manifest:
@@ -96,7 +315,7 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
     errors = schema_errors(data, MANIFEST_SCHEMA)
     if errors:
         raise BundleError(f"{path} does not follow the manifest schema: {'; '.join(errors[:3])}")
-    manifest = Manifest(root, data)
+    manifest = Manifest.from_json(data, root)
     _check_structure(manifest)
     if boards is not None:
         bad = [b for b in boards if not 0 <= b < manifest.boards]
@@ -110,35 +329,32 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
 def _check_structure(m: Manifest) -> None:
     n = m.boards
     for stage in m.stages:
-        where = f"stage {stage['index']} ({stage['unit']})"
-        ids = [s["board"] for s in stage["shards"]]
+        where = f"stage {stage.index} ({stage.unit})"
+        ids = [s.board for s in stage.shards]
         if ids != list(range(n)):
             raise BundleError(f"{where} lists shards for boards {ids}; expected boards 0..{n - 1} in order")
-        axis, shape = stage["axis"], stage["shape"]
-        if axis > len(shape):
-            raise BundleError(f"{where}: channel axis {axis} is outside its shape {shape}")
-        channels = shape[axis - 1]
+        if stage.axis > len(stage.shape):
+            raise BundleError(f"{where}: channel axis {stage.axis} is outside its shape {list(stage.shape)}")
+        channels = stage.channels
         covered = np.zeros(channels, dtype=bool)
-        for shard in stage["shards"]:
-            held = np.asarray(shard["channels"], dtype=np.int64)
+        for shard in stage.shards:
+            held = shard.channel_array
             if held.size and held.max() >= channels:
-                raise BundleError(f"{where}: board {shard['board']} returns channel {int(held.max())} but the "
-                                  f"tensor has shape {shape} ({channels} channels)")
+                raise BundleError(f"{where}: board {shard.board} returns channel {int(held.max())} but the "
+                                  f"tensor has shape {list(stage.shape)} ({channels} channels)")
             covered[held] = True
         if not covered.all():
             raise BundleError(f"{where}: channels {np.flatnonzero(~covered)[:5].tolist()} are on no board")
-        fill = stage["fill_values"]
-        if fill is not None and len(fill) != channels:
-            raise BundleError(f"{where}: {len(fill)} fill values for {channels} channels")
+        if stage.fill_values is not None and len(stage.fill_values) != channels:
+            raise BundleError(f"{where}: {len(stage.fill_values)} fill values for {channels} channels")
 
 
 def _check_files(m: Manifest, boards) -> None:
-    files = [(m.stages[i]["shards"][b]["file"], m.stages[i]["shards"][b]["sha256"])
-             for i in range(len(m.stages)) for b in boards]
+    files = [(stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages for b in boards]
     if m.head:
-        files.append((m.head["file"], m.head["sha256"]))
-    if m.compensation_entry:
-        files.append((m.compensation_entry["file"], m.compensation_entry["sha256"]))
+        files.append((m.head.file, m.head.sha256))
+    if m.compensation:
+        files.append((m.compensation.file, m.compensation.sha256))
     root = m.root.resolve()
     for name, digest in files:
         path = m.root / name

@@ -1,0 +1,67 @@
+"""The emit stage: a graph, its plan, scores and compensation -> a bundle directory (written atomically)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from .bundle import BUNDLE_SCHEMA, COMPENSATION_DATA, COMPENSATION_INFO, Bundle, write_atomically
+from .compensate import PreparedCompensation
+from .cost import plan_cost
+from .graph import ModelGraph
+from .models import ModelSource
+from .plan import Plan
+from .report import plan_report_text
+from .runtime.manifest import CompensationEntry
+from .scores import Scores
+from .shards import write_shards
+
+Progress = Callable[[str], None]
+
+
+def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
+                shards: bool = True, progress: Progress | None = None,
+                compensation: PreparedCompensation | None = None, calibration: str | None = None) -> Bundle:
+    """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded."""
+    path = write_atomically(Path(out), lambda tmp: write_bundle(tmp, graph, source, plan, scores, shards, progress,
+                                                                compensation, calibration))
+    return Bundle.load(path)
+
+
+def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
+                 shards: bool = True, progress: Progress | None = None,
+                 compensation: PreparedCompensation | None = None, calibration: str | None = None) -> None:
+    """Write every file of a bundle into the (empty, temporary) directory `tmp`; `emit` makes it atomic."""
+    model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
+             "units": [u.to_json() for u in graph.units],
+             "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
+             "macs": {"total": graph.total_macs, "replicated": graph.replicated_macs}}
+    (tmp / "model.json").write_text(json.dumps(model, indent=1))
+    plan.save(tmp / "plan.json")
+    if scores is not None:
+        scores.save(tmp / "scores.npz")
+    cost = plan_cost(graph, plan)
+    (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
+                                                 "replication": plan.replication_factor()}, indent=1))
+    text = plan_report_text(graph, plan, cost) + (f"\n{calibration}\n" if calibration else "")
+    entry = None
+    if compensation is not None:
+        data = compensation.data.to_bytes()
+        (tmp / COMPENSATION_DATA).write_bytes(data)
+        entry = CompensationEntry.from_json({"file": COMPENSATION_DATA, "sha256": hashlib.sha256(data).hexdigest(),
+                                             **compensation.info})
+        (tmp / COMPENSATION_INFO).write_text(json.dumps(entry.to_json(), indent=1))
+        text += _compensation_text(entry, graph.total_param_bytes)
+    (tmp / "report.txt").write_text(text)
+    if shards:
+        write_shards(tmp, graph, plan, progress, entry).write(tmp)
+
+
+def _compensation_text(entry: CompensationEntry, model_bytes: int) -> str:
+    sets, k = len(entry.sets), entry.max_failures
+    return (f"\ncompensation {entry.policy['name']} for {sets} failure sets of 1..{k} boards: "
+            f"{entry.bytes / 1e6:.2f} MB in the bundle ({entry.bytes / model_bytes:.3f} x model), at most "
+            f"{entry.max_set_bytes / 1e6:.2f} MB ({entry.max_set_bytes / model_bytes:.3f} x model) for one "
+            f"set; computed in {entry.seconds:.1f} s from {entry.policy['calibration_images']} "
+            f"calibration images\n")

@@ -1,0 +1,37 @@
+"""What a compile is asked to do, and every default in one place (the CLI's help reads them from here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DEVICES = 4
+DEFAULT_THRESHOLD = 0.3          # robust: clustering distance in normalised score space
+DEFAULT_METHOD = "robust"
+DEFAULT_FILL = "zero"
+DEFAULT_JSD_MODE = "auto"
+DEFAULT_CALIB = 64               # calibration images for the data-driven scores
+DEFAULT_COMPENSATE_CALIB = 256   # calibration images for compensation
+SYNTHESIZE = "synthesize"        # --calib-data synthesize: images made from the model's BatchNorm statistics
+
+
+@dataclass
+class CompileOptions:
+    devices: int = DEFAULT_DEVICES
+    threshold: float | None = DEFAULT_THRESHOLD
+    thresholds_file: Path | None = None
+    method: str = DEFAULT_METHOD          # policies.PARTITIONERS
+    criteria: tuple[str, ...] | None = None   # policies.CRITERIA; None: policies.DEFAULT_CRITERIA, or l1 alone
+                                              # when there are no calibration images
+    jsd: str = DEFAULT_JSD_MODE           # policies.JSD_MODES
+    calib: int = DEFAULT_CALIB
+    calib_data: Path | None = None        # an image folder, or SYNTHESIZE
+    seed: int = 0
+    replicate: list[str] = field(default_factory=list)
+    fill: str = DEFAULT_FILL              # policies.FILLS
+    shards: bool = True                   # write per-board ONNX shards and manifest.json
+    compensate: str = "auto"              # policies.COMPENSATION, "none", or "auto": the default policy when
+                                          # calibration images are at hand, else none
+    compensate_up_to: int | None = None   # largest failure set prepared (default: compensate.default_max_failures)
+    compensate_calib: int = DEFAULT_COMPENSATE_CALIB
+    batch_size: int | None = None         # images per batch in scoring and compensation (default: batching.py)
+    torch_device: str = "cpu"             # where scoring and compensation run: cpu, cuda or auto
