@@ -11,8 +11,10 @@ import time
 import traceback
 from pathlib import Path
 
-from robustpart import checks
+from robustpart import checks, options as defaults
 from robustpart.errors import ModelError, RobustpartError, Terminated, UsageError, WeightsError
+from robustpart.policies import (COMPENSATION, COMPENSATION_ROWS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERIA,
+                                 EVAL_BACKENDS, JSD_MODES, PARTITIONERS)
 
 DEMO_MODEL = "fmnist_vgg16_bn"
 
@@ -80,19 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="score, plan and write a bundle for N boards")
     c.add_argument("model", help="reference model, torchvision model name, or path to a saved model")
-    c.add_argument("--devices", "-n", type=int, default=4, help="number of boards (default 4)")
+    c.add_argument("--devices", "-n", type=int, default=defaults.DEFAULT_DEVICES,
+                   help=f"number of boards (default {defaults.DEFAULT_DEVICES})")
     c.add_argument("--threshold", "-t", type=float,
                    help="robust: clustering distance threshold in normalised score space; 0 = full "
-                        "replication, large = even split (default 0.3)")
+                        f"replication, large = even split (default {defaults.DEFAULT_THRESHOLD})")
     c.add_argument("--thresholds-file", type=Path, help="JSON: unit name or pattern -> threshold, plus \"default\"")
-    c.add_argument("--method", default="robust", help="robust, lop, full or random (default robust)")
+    c.add_argument("--method", default=defaults.DEFAULT_METHOD,
+                   help=f"{PARTITIONERS.choices_help()} (default {defaults.DEFAULT_METHOD})")
     c.add_argument("--scores", type=_names,
-                   help="importance criteria, comma-separated (default l1,taylor,jsd; l1 alone when there are no "
-                        "calibration images)")
-    c.add_argument("--jsd", choices=["auto", "exact", "fast"],
-                   help="JSD scores by exact channel ablation, a fast linearised-logit approximation, or auto: exact when "
-                        "affordable (default auto; the choice is shown)")
-    c.add_argument("--calib", type=int, help="calibration images for data-driven scores (default 64)")
+                   help=f"importance criteria, comma-separated: {CRITERIA.choices_help()} (default "
+                        f"{','.join(DEFAULT_CRITERIA)}; l1 alone when there are no calibration images)")
+    c.add_argument("--jsd", choices=JSD_MODES.names(),
+                   help=f"how JSD scores are computed: {JSD_MODES.choices_help()} (default {defaults.DEFAULT_JSD_MODE}; "
+                        f"the choice is shown)")
+    c.add_argument("--calib", type=int,
+                   help=f"calibration images for data-driven scores (default {defaults.DEFAULT_CALIB})")
     c.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")
     c.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, "
                                      "or none")
@@ -106,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d)")
     c.add_argument("--no-shards", action="store_true", help="write the plan only, no ONNX shards / manifest")
     c.add_argument("--compensate", default="auto",
-                   help="failure-aware compensation: ls (affine + least-squares reconstruction of lost channels), "
-                        "stats (affine + mean fill), none, or auto = ls when calibration images are at hand "
-                        "(default auto)")
+                   help=f"failure-aware compensation: {COMPENSATION.choices_help()}, none, or auto = "
+                        f"{DEFAULT_COMPENSATION} when calibration images are at hand (default auto)")
     c.add_argument("--compensate-up-to", type=int,
                    help="prepare every failure set of 1..K boards (default N-1 while there are at most 256 sets)")
-    c.add_argument("--compensate-calib", type=int, help="calibration images for compensation (default 256)")
+    c.add_argument("--compensate-calib", type=int,
+                   help=f"calibration images for compensation (default {defaults.DEFAULT_COMPENSATE_CALIB})")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
     _torch_device_option(c)
@@ -127,12 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fail-prob", help="per-board failure probabilities for the expected accuracy (one value or "
                                        "one per board); default: settings normal/poor/hazardous")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="torch: the failure simulator (fast); onnx: run the bundle's shards with ONNX Runtime")
+    e.add_argument("--backend", choices=EVAL_BACKENDS.names(), default="torch",
+                   help=f"{EVAL_BACKENDS.choices_help()} (default torch, the fast one)")
     e.add_argument("--provider", help="--backend onnx: ONNX Runtime execution provider: cpu, cuda, tensorrt "
                                       "(default cpu)")
-    e.add_argument("--compensation", choices=["both", "with", "without"], default="both",
-                   help="each method without and with failure-aware compensation (default both)")
+    e.add_argument("--compensation", choices=COMPENSATION_ROWS.names(), default="both",
+                   help="rows of each method: without and with failure-aware compensation, or one of them "
+                        "(default both)")
     e.add_argument("--batch-size", type=int,
                    help="images per forward pass (default: from the model's activation size, at most 500)")
     e.add_argument("--workers", type=int,
@@ -220,8 +226,9 @@ def _input_spec(args):
 
 
 def cmd_compile(args, progress) -> int:
-    from robustpart.compiler import CompileOptions, compile_model
+    from robustpart.compiler import compile_model
     from robustpart.device import resolve_device
+    from robustpart.options import CompileOptions
     default = CompileOptions()
 
     def given_or_default(name):
@@ -286,12 +293,13 @@ def cmd_inspect(args, progress) -> int:
 
 
 def cmd_demo(args, progress) -> int:
-    from robustpart.compiler import CompileOptions, compile_model
+    from robustpart.compiler import compile_model
     from robustpart.evaluate import evaluate_bundle
+    from robustpart.options import CompileOptions
     from robustpart.report import evaluation_text
     from robustpart import zoo
     started = time.monotonic()
-    out = compile_model(DEMO_MODEL, CompileOptions(devices=4, threshold=0.3), args.out, progress=progress)
+    out = compile_model(DEMO_MODEL, CompileOptions(devices=4), args.out, progress=progress)
     # the bundled slice keeps the demo fast and independent of the Debian package
     result = evaluate_bundle(out, [1, 2, 3], args.data or "bundled", compare=["lop", "full"], progress=progress)
     progress.done()

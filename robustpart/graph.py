@@ -14,53 +14,26 @@ import contextlib
 import hashlib
 import io
 import logging
-import operator
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GraphError
+from .oprules import (ARITHMETIC, AXIS1_FUNCTIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, FUNCTIONAL_WEIGHTED,
+                      NON_COMMUTATIVE, PERMUTES, UNSUPPORTED_WEIGHTED, chain_rule, unit_rule)
 from .spec import InputSpec
 
 log = logging.getLogger(__name__)
-
-# Elementwise modules: any channel axis, no parameters.
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Identity,
-    nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-)
-# Per-channel over axis 1 of an N,C,H,W (or N,C) tensor.
-AXIS1_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-)
-ELEMENTWISE_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.sigmoid, F.tanh, torch.nn.functional.dropout2d,
-}
-AXIS1_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add,
-              torch.sub, torch.div, "mul", "add", "sub", "div"}
-FUNCTIONAL_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose2d}
-
 
 def _leaf_types() -> tuple[type, ...]:
     """torchvision modules that are treated as opaque full-tensor ops rather than traced into."""
     from torchvision.ops import StochasticDepth
     from torchvision.ops.misc import SqueezeExcitation
     return (SqueezeExcitation, StochasticDepth)
-
-
-def _identity_at_eval_types() -> tuple[type, ...]:
-    from torchvision.ops import StochasticDepth
-    return (StochasticDepth,)
 
 
 class _Tracer(fx.Tracer):
@@ -167,25 +140,16 @@ def _channel_local_axis(node: fx.Node, source: fx.Node, axis: int, modules: dict
     ndim = len(shape)
     tensor_args = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
     if node.op == "call_module":
-        mod = modules[node.target]
         if node.args[0] is not source or len(tensor_args) != 1:
             return None
-        if isinstance(mod, ELEMENTWISE_MODULES) or isinstance(mod, _identity_at_eval_types()):
-            if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
-                return None
-            return axis
-        if isinstance(mod, AXIS1_MODULES) and axis == 1:
-            return axis
-        if (isinstance(mod, nn.Conv2d) and axis == 1 and mod.groups == mod.in_channels == mod.out_channels):
-            return axis   # depthwise: channel c reads only channel c
-        return None
+        return axis if chain_rule(modules[node.target], axis) is not None else None
     if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
         return axis if node.args[0] is source and len(tensor_args) == 1 else None
     if node.op == "call_function" and node.target in AXIS1_FUNCTIONS:
         return axis if node.args[0] is source and len(tensor_args) == 1 and axis == 1 else None
     if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
         return axis if node.args[0] is source and len(tensor_args) == 1 else None
-    if node.target in (torch.permute, "permute") and node.args[0] is source:
+    if node.target in PERMUTES and node.args[0] is source:
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
             else node.args[1:]
         dims = [d % ndim for d in dims]
@@ -197,8 +161,7 @@ def _channel_local_axis(node: fx.Node, source: fx.Node, axis: int, modules: dict
         other = b if a is source else a if b is source else None
         if other is None or other is source:
             return None
-        if node.target in (operator.truediv, torch.div, "div", operator.sub, torch.sub, "sub") \
-                and other is a:
+        if node.target in NON_COMMUTATIVE and other is a:
             return None   # c / x and c - x are still per-channel, but keep the set of fused ops small
         return axis if _per_channel_constant(other, axis, ndim) else None
     return None
@@ -240,6 +203,19 @@ def source_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def describe_rejection(where: tuple[str, str, list[list[int]]] | None, exc: BaseException) -> str:
+    """'layer 'features.0' (Conv2d) rejected an input of shape [1, 3, 28, 28] (RuntimeError: ...)' from
+    (layer name, its kind, its input shapes) and the error's first line."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if where is None:
+        return detail
+    qualname, kind, shapes = where
+    shown = ", ".join(map(str, shapes)) or "no tensor"
+    label = f"layer '{qualname}' ({kind})" if qualname else f"the model's forward ({kind})"
+    return f"{label} rejected an input of shape {shown} ({detail})"
+
+
 class _ShapeProp(ShapeProp):
     """ShapeProp that remembers the node it is running, to say which layer rejected which shape."""
 
@@ -250,7 +226,6 @@ class _ShapeProp(ShapeProp):
         return super().run_node(n)
 
     def rejection(self, exc: BaseException) -> str:
-        from .models import describe_rejection
         cause = exc.__cause__ or exc          # ShapeProp wraps the layer's own error
         n = self.node
         if n is None:
@@ -339,8 +314,8 @@ def _find_units(gm: fx.GraphModule, modules: dict) -> list[PartitionUnit]:
         if node.op != "call_module" or node in absorbed:
             continue
         mod = modules[node.target]
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-            if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+        if unit_rule(mod) is None:
+            if isinstance(mod, UNSUPPORTED_WEIGHTED):
                 raise GraphError(f"layer '{node.target}' ({type(mod).__name__}) is not supported; "
                                  f"robustpart partitions Conv2d and Linear layers")
             continue
@@ -355,9 +330,8 @@ def _find_units(gm: fx.GraphModule, modules: dict) -> list[PartitionUnit]:
 def _grow_unit(node: fx.Node, mod: nn.Module, gm: fx.GraphModule, modules: dict,
                state: dict[str, torch.Tensor], absorbed: set[fx.Node]) -> PartitionUnit:
     shape = _tensor_shape(node)
-    kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
-    axis = 1 if kind == "conv" else len(shape) - 1
-    channels = mod.out_channels if kind == "conv" else mod.out_features
+    rule = unit_rule(mod)
+    kind, axis, channels = rule.kind, rule.axis(len(shape)), rule.channels(mod)
     macs = _conv_macs(mod, shape) if kind == "conv" else _linear_macs(mod, shape)
     params = [f"{node.target}.{p}" for p, _ in mod.named_parameters()]
     chain: list[fx.Node] = []

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError, WeightsError
-from .graph import ModelGraph, trace
+from .graph import ModelGraph, describe_rejection, trace
 from .spec import IMAGENET_SPEC, InputSpec
 
 log = logging.getLogger(__name__)
@@ -116,19 +116,6 @@ def run_naming_layer(module: nn.Module, x: torch.Tensor):
     finally:
         for h in handles:
             h.remove()
-
-
-def describe_rejection(where: tuple[str, str, list[list[int]]] | None, exc: BaseException) -> str:
-    """'layer 'features.0' (Conv2d) rejected an input of shape [1, 3, 28, 28] (RuntimeError: ...)' from
-    (layer name, its kind, its input shapes) and the error's first line."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    if where is None:
-        return detail
-    qualname, kind, shapes = where
-    shown = ", ".join(map(str, shapes)) or "no tensor"
-    label = f"layer '{qualname}' ({kind})" if qualname else f"the model's forward ({kind})"
-    return f"{label} rejected an input of shape {shown} ({detail})"
 
 
 def _resolve(name: str, weights: str | None, spec: InputSpec | None

@@ -20,7 +20,7 @@ DEFAULT_CRITERIA = ("l1", "taylor", "jsd")
 
 PARTITIONERS = Registry("partitioning method")
 PARTITIONERS.declare("robust", path="robustpart.partition:robust_partition",
-                     help="cluster by importance, replicate, round-robin (RobustDiCE)")
+                     help="RobustDiCE: cluster by importance, replicate, deal round-robin")
 PARTITIONERS.declare("lop", path="robustpart.partition:lop_partition", help="contiguous even split")
 PARTITIONERS.declare("full", path="robustpart.partition:full_partition", help="every channel on every board")
 PARTITIONERS.declare("random", path="robustpart.partition:random_partition", help="random even split")

@@ -1,14 +1,13 @@
 """Per-board ONNX shards: for every stage and board, a model that takes the stage's env tensors and
 returns that board's channel slice of the unit's exit (plus the stage's extra full-tensor values).
 
-The board's slice is computed directly, not cut out of a full computation: the unit's conv/linear keeps
-only the board's output channels (weight rows), and every per-channel op of its chain (BN, depthwise conv,
-layer scale) keeps only those channels' parameters. Grouped and depthwise units gather, for each kept
-channel, the input channels of its group and run one group per kept channel.
+The ONNX backend of the layout (layout.py). The board's slice is computed directly, not cut out of a full
+computation: the unit's conv/linear keeps only the board's output channels (weight rows), and every
+per-channel op of its chain (BN, depthwise conv, layer scale) keeps only those channels' parameters, by the
+rules of oprules.py (grouped units gather, for each kept channel, the input channels of its group).
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import warnings
@@ -24,6 +23,7 @@ import torch.nn as nn
 from .errors import BundleError
 from .graph import ModelGraph, PreActivationPoint
 from .layout import Layout, derive_layout
+from .oprules import slice_chain_module, slice_constant, unit_rule
 from .runtime.manifest import (CompensationEntry, HeadEntry, InputEntry, Manifest, ModelEntry, OutputEntry,
                                ShardEntry, StageEntry, TensorEntry)
 from .stages import Stage
@@ -34,77 +34,6 @@ SLICE_OUTPUT = "slice"
 # With compensation, every stage shard takes these two extra inputs: one value per channel of the board's
 # slice, a per-channel affine applied at the unit's pre-activation point (ones and zeros change nothing).
 AFFINE_INPUTS = ("compensation_scale", "compensation_shift")
-
-
-class GatherConv(nn.Module):
-    """The kept output channels of a grouped conv: gather each one's input group, then one group each."""
-
-    def __init__(self, conv: nn.Conv2d, keep: np.ndarray):
-        super().__init__()
-        in_per_group = conv.in_channels // conv.groups
-        out_per_group = conv.out_channels // conv.groups
-        groups = keep // out_per_group
-        gather = (groups[:, None] * in_per_group + np.arange(in_per_group)[None, :]).reshape(-1)
-        self.register_buffer("gather", torch.as_tensor(gather, dtype=torch.int64))
-        self.conv = nn.Conv2d(len(keep) * in_per_group, len(keep), conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, groups=len(keep), bias=conv.bias is not None,
-                              padding_mode=conv.padding_mode)
-        idx = torch.as_tensor(keep)
-        self.conv.weight.data = conv.weight.data[idx].clone()
-        if conv.bias is not None:
-            self.conv.bias.data = conv.bias.data[idx].clone()
-
-    def forward(self, x):
-        return self.conv(torch.index_select(x, 1, self.gather))
-
-
-def slice_unit_module(mod: nn.Module, keep: np.ndarray) -> nn.Module:
-    """The unit's conv/linear computing only output channels `keep`."""
-    idx = torch.as_tensor(keep)
-    if isinstance(mod, nn.Linear):
-        new = nn.Linear(mod.in_features, len(keep), bias=mod.bias is not None)
-    elif mod.groups == 1:
-        new = nn.Conv2d(mod.in_channels, len(keep), mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        bias=mod.bias is not None, padding_mode=mod.padding_mode)
-    else:
-        return GatherConv(mod, keep)
-    new.weight.data = mod.weight.data[idx].clone()
-    if mod.bias is not None:
-        new.bias.data = mod.bias.data[idx].clone()
-    return new.eval()
-
-
-def slice_chain_module(mod: nn.Module, keep: np.ndarray) -> nn.Module:
-    """A channel-local module of the chain restricted to channels `keep` (BN, depthwise conv, PReLU...)."""
-    idx = torch.as_tensor(keep)
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        new = copy.deepcopy(mod)
-        new.num_features = len(keep)
-        for name in ("weight", "bias"):
-            if getattr(mod, name) is not None:
-                setattr(new, name, nn.Parameter(getattr(mod, name).data[idx].clone()))
-        for name in ("running_mean", "running_var"):
-            if getattr(mod, name) is not None:
-                setattr(new, name, getattr(mod, name)[idx].clone())
-        return new.eval()
-    if isinstance(mod, nn.Conv2d):   # depthwise: channel c reads only channel c
-        new = nn.Conv2d(len(keep), len(keep), mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        groups=len(keep), bias=mod.bias is not None, padding_mode=mod.padding_mode)
-        new.weight.data = mod.weight.data[idx].clone()
-        if mod.bias is not None:
-            new.bias.data = mod.bias.data[idx].clone()
-        return new.eval()
-    if any(True for _ in mod.parameters()) and not (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
-        raise BundleError(f"internal: no rule to slice the per-channel parameters of {type(mod).__name__}")
-    return mod
-
-
-def _slice_constant(value: torch.Tensor, channels: int, keep: np.ndarray) -> torch.Tensor:
-    """A per-channel constant (e.g. layer scale, shape (C, 1, 1)) restricted to `keep`."""
-    dims = [d for d, s in enumerate(value.shape) if s == channels]
-    if value.numel() <= 1 or not dims:
-        return value
-    return torch.index_select(value, dims[0], torch.as_tensor(keep)).clone()
 
 
 def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
@@ -134,7 +63,7 @@ def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
         args = fx.node.map_arg(node.args, lambda a: env[a.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
         if unit and name == unit.node:
-            env[name] = g.call_module(attach(node.target, slice_unit_module(modules[node.target], keep)), args, kwargs)
+            env[name] = g.call_module(attach(node.target, unit_rule(modules[node.target]).slice(modules[node.target], keep)), args, kwargs)
         elif node.op == "call_module":
             mod = modules[node.target]
             mod = slice_chain_module(mod, keep) if name in chain else mod
@@ -142,7 +71,7 @@ def stage_module(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
         elif node.op == "get_attr":
             value = _fetch(gm, node.target)
             if unit and any(u.name in chain for u in node.users):
-                value = _slice_constant(value, unit.channels, keep)
+                value = slice_constant(value, unit.channels, keep)
             safe = node.target.replace(".", "_")
             root.register_buffer(safe, value.detach().clone())
             env[name] = g.get_attr(safe)
