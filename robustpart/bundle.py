@@ -229,7 +229,7 @@ class Bundle:
             if placement is None:
                 continue
             for b, shard in enumerate(stage.shards):
-                if sorted(shard.channels) != sorted(int(c) for c in placement.boards[b]):
+                if sorted(shard.channels) != sorted(int(c) for c in placement.board_channels[b]):
                     raise BundleError(f"{where} plan.json disagree about the channels of unit {stage.unit} on "
                                       f"board {b}; compile the bundle again")
 

@@ -62,7 +62,7 @@ def plan_cost(graph: ModelGraph, plan: Plan) -> PlanCost:
     for board in range(plan.n_boards):
         bytes_, macs = float(graph.replicated_param_bytes), float(graph.replicated_macs)
         for unit in graph.units:
-            share = plan.units[unit.name].boards[board].size / unit.channels
+            share = plan.units[unit.name].board_channels[board].size / unit.channels
             bytes_ += unit.param_bytes * share
             macs += unit.macs * share
         boards.append(BoardCost(board, bytes_, macs))

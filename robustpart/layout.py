@@ -65,7 +65,7 @@ def derive_layout(graph: ModelGraph, plan: Plan) -> Layout:
     cut = cut_stages(graph)
     fills = fill_values(graph, plan)
     stages = tuple(StageLayout(stage=s, unit=s.unit,
-                               slices=tuple(np.asarray(held, dtype=np.int64) for held in plan.units[s.unit.name].boards),
+                               slices=tuple(np.asarray(held, dtype=np.int64) for held in plan.units[s.unit.name].board_channels),
                                affine=pre_activation_point(graph, s.unit), fill=fills[s.unit.name])
                    for s in cut.stages)
     return Layout(plan.n_boards, cut.input_name, stages, cut.head, cut.output_name, plan.fill)

@@ -22,13 +22,13 @@ class UnitPlacement:
     """Channels of one unit on each board; `groups[c]` is channel c's importance group (robust only)."""
 
     channels: int
-    boards: list[np.ndarray]
+    board_channels: list[np.ndarray]     # [b]: the channels board b computes
     groups: np.ndarray | None = None
 
     def copies(self) -> np.ndarray:
         """How many boards hold each channel."""
         count = np.zeros(self.channels, dtype=np.int64)
-        for held in self.boards:
+        for held in self.board_channels:
             np.add.at(count, held, 1)
         return count
 
@@ -36,13 +36,13 @@ class UnitPlacement:
         """Boolean mask of the channels still held by at least one live board."""
         failed = set(failed)
         alive = np.zeros(self.channels, dtype=bool)
-        for board, held in enumerate(self.boards):
+        for board, held in enumerate(self.board_channels):
             if board not in failed:
                 alive[held] = True
         return alive
 
     def to_json(self) -> dict:
-        out = {"channels": self.channels, "boards": [held.tolist() for held in self.boards]}
+        out = {"channels": self.channels, "boards": [held.tolist() for held in self.board_channels]}
         if self.groups is not None:
             out["groups"] = self.groups.tolist()
         return out
@@ -51,7 +51,7 @@ class UnitPlacement:
     def from_json(cls, data: dict) -> "UnitPlacement":
         groups = data.get("groups")
         return cls(channels=int(data["channels"]),
-                   boards=[np.asarray(b, dtype=np.int64) for b in data["boards"]],
+                   board_channels=[np.asarray(b, dtype=np.int64) for b in data["boards"]],
                    groups=None if groups is None else np.asarray(groups, dtype=np.int64))
 
 
@@ -94,9 +94,9 @@ class Plan:
             if unit_channels is not None and unit_channels[name] != p.channels:
                 raise PlanError(f"unit '{name}' has {unit_channels[name]} channels in the model, "
                                 f"{p.channels} in the plan")
-            if len(p.boards) != self.n_boards:
-                raise PlanError(f"unit '{name}' is placed on {len(p.boards)} boards, plan has {self.n_boards}")
-            for board, held in enumerate(p.boards):
+            if len(p.board_channels) != self.n_boards:
+                raise PlanError(f"unit '{name}' is placed on {len(p.board_channels)} boards, plan has {self.n_boards}")
+            for board, held in enumerate(p.board_channels):
                 if held.size and (held.min() < 0 or held.max() >= p.channels):
                     raise PlanError(f"unit '{name}' board {board} holds a channel index outside "
                                     f"0..{p.channels - 1}")

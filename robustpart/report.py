@@ -33,7 +33,7 @@ def plan_report_text(graph: ModelGraph, plan: Plan, cost: PlanCost) -> str:
         p = plan.units[unit.name]
         groups = "-" if p.groups is None else str(int(p.groups.max()) + 1)
         rows.append([unit.name, unit.kind, str(unit.channels), str(int(p.copies().sum()) - unit.channels), groups,
-                     " ".join(str(b.size) for b in p.boards)])
+                     " ".join(str(b.size) for b in p.board_channels)])
     lines.append(table(["unit", "kind", "channels", "replicas", "groups", "channels per board"], rows))
     return "\n".join(lines) + "\n"
 

@@ -170,7 +170,7 @@ def test_least_squares_fill_rebuilds_redundant_channels():
     spec = InputSpec(shape=(1, 2, 3), mean=(0.0,), std=(1.0,), num_classes=3)
     graph = trace(Redundant().eval(), spec, "redundant")
     plan = make_plan(channels_of(graph), 2, "lop")      # fc1: board 0 holds 0,1; board 1 holds 2,3
-    plan.units["fc1"].boards = [np.array([0, 2]), np.array([1, 3])]
+    plan.units["fc1"].board_channels = [np.array([0, 2]), np.array([1, 3])]
     plan.validate(channels_of(graph))
     x = torch.randn(64, 1, 2, 3)
     ls = compute_compensation(graph, plan, x, 1, CompensationPolicy(affine="none", fill="ls", ridge=1e-9))

@@ -43,10 +43,10 @@ def test_robust_plan_properties_on_random_scores(n_boards, threshold):
     plan = make_plan(UNITS, n_boards, "robust", scores, threshold)
     plan.validate(UNITS)
     for p in plan.units.values():
-        counts = [b.size for b in p.boards]
+        counts = [b.size for b in p.board_channels]
         for gid in np.unique(p.groups):
             members = set(np.flatnonzero(p.groups == gid).tolist())
-            per_board = [len(members & set(b.tolist())) for b in p.boards]
+            per_board = [len(members & set(b.tolist())) for b in p.board_channels]
             assert len(set(per_board)) == 1, "every board gets the same number of channels of a group"
         assert len(set(counts)) == 1
         copies = p.copies()
@@ -77,7 +77,7 @@ def test_robust_plan_on_real_scores_of_a_trained_model():
 
 def test_lop_is_contiguous_and_even():
     plan = make_plan(SPLIT_UNITS, 4, "lop")
-    b = plan.units["b"].boards
+    b = plan.units["b"].board_channels
     assert [x.tolist() for x in b] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     assert plan.replication_factor() == 1.0
 
@@ -92,7 +92,7 @@ def test_random_is_an_even_split_that_depends_on_the_seed():
     assert a.to_json() == b.to_json()
     assert a.to_json() != c.to_json()
     assert a.replication_factor() == 1.0
-    assert sorted(len(x) for x in a.units["d"].boards) == [16, 16, 16, 16]
+    assert sorted(len(x) for x in a.units["d"].board_channels) == [16, 16, 16, 16]
 
 
 def test_replicate_option_keeps_a_unit_whole():
@@ -120,7 +120,7 @@ def test_json_round_trip(tmp_path):
     assert again.to_json() == plan.to_json()
     assert again.options["threshold"] == 0.3 and again.options["criteria"] == ["s0", "s1", "s2"]
     for name in UNITS:
-        assert all(np.array_equal(x, y) for x, y in zip(plan.units[name].boards, again.units[name].boards))
+        assert all(np.array_equal(x, y) for x, y in zip(plan.units[name].board_channels, again.units[name].board_channels))
 
 
 def test_validate_refuses_bad_plans():

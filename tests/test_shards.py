@@ -60,11 +60,11 @@ def test_tiny_model_every_failure_set(tmp_path, tiny_model, tiny_graph, tiny_ima
     check_against_simulator(bundle, tiny_graph, plan, tiny_images, [1, 2])
     manifest = load_manifest(bundle)
     for stage in manifest.stages:
-        for shard in stage["shards"]:
-            model = onnx.load(str(bundle / shard["file"]))
+        for shard in stage.shards:
+            model = onnx.load(str(bundle / shard.file))
             onnx.checker.check_model(model, full_check=True)
             # a shard holds only its channels: its output has as many channels as the manifest lists
-            assert len(shard["channels"]) == len(plan.units[stage["unit"]].boards[shard["board"]])
+            assert len(shard.channels) == len(plan.units[stage.unit].board_channels[shard.board])
 
 
 def test_grouped_and_depthwise_units_with_arbitrary_channel_subsets(tmp_path):
