@@ -71,7 +71,7 @@ def run_process(argv: list[str]) -> ProcessRun:
     progress lines name."""
     run = ProcessRun(argv)
     start = time.monotonic()
-    child = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "robustpart.cli.main", *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     state = {"phase": "load", "since": 0.0}
     run.phases["load"] = [0.0, 0]

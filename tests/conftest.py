@@ -1,25 +1,34 @@
 """Fixtures shared by the tests. Nothing here imports torch at import time, so the runtime tests (marker
 `board`) run in an environment with only the runtime extra: the torch fixtures import it when used, and the
 mesh fixtures take the committed bundles (tests/fixture_bundles.py) where torch is absent."""
+import re
+from pathlib import Path
+
 import pytest
 
 from fixture_bundles import fixture_bundle, fixture_images, have_torch
 
-# The test modules that need only the runtime extra (numpy, onnxruntime, pyzmq): every test in them is marked
-# `board`, and where torch is not installed they are the only ones collected (the others import it). CI runs
-# `pytest -m board` in such an environment too (.ci/run). A module joins with one line here.
+# The test modules that need only the runtime extra (numpy, onnxruntime, pyzmq), and so are marked `board`:
+# those listed here (every test in them gets the marker) and those that say `pytestmark = pytest.mark.board`.
+# Where torch is not installed they are the only ones collected (the others import it); CI runs
+# `pytest -m board` in such an environment too (.ci/run). A module joins with one line, here or in it.
 BOARD_MODULES = {
-    "test_board_env.py",
     "test_mesh.py",
     "test_mesh_cli.py",
     "test_mesh_faults.py",
     "test_mesh_netns.py",
+    "test_mesh_state.py",
 }
+_MARKS_ITSELF = re.compile(r"^pytestmark\s*=.*\bboard\b", re.MULTILINE)
+
+
+def is_board_module(path: Path) -> bool:
+    return path.name in BOARD_MODULES or bool(_MARKS_ITSELF.search(path.read_text(encoding="utf-8")))
 
 
 def pytest_ignore_collect(collection_path, config):
     if not have_torch() and collection_path.name.startswith("test_") and collection_path.suffix == ".py":
-        return collection_path.name not in BOARD_MODULES or None
+        return not is_board_module(collection_path) or None
     return None
 
 

@@ -1,6 +1,6 @@
 """What a board does without torch: load and verify a bundle, `robustpart inspect` it, run it with the
-LocalExecutor. Marked `board` (conftest.BOARD_MODULES): CI also runs this in an environment with only the
-runtime extra, on the committed fixture bundles (tests/fixture_bundles.py)."""
+LocalExecutor. Marked `board`: CI also runs this in an environment with only the runtime extra, on the
+committed fixture bundles (tests/fixture_bundles.py)."""
 import json
 import shutil
 import subprocess
@@ -12,7 +12,9 @@ import pytest
 from robustpart.bundle import Bundle
 from robustpart.runtime import LocalExecutor, load_manifest
 
-from fixture_bundles import BUNDLES, IMAGES_FILE, ASSETS, committed, expected_key, expected_outputs, failure_sets
+from fixture_bundles import ASSETS, BUNDLES, IMAGES_FILE, committed, expected_key, expected_outputs, failure_sets
+
+pytestmark = pytest.mark.board
 
 HEAVY = ("torch", "torchvision", "scipy", "onnx", "networkx")
 
