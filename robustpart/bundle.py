@@ -149,10 +149,7 @@ class Bundle:
 
     def load_compensation(self):
         """The compensation data, hash-checked against compensation.json; None when the bundle has none."""
-        from .runtime.compensation import Compensation
-        if self.compensation is None:
-            return None
-        return Compensation.load(self.path / COMPENSATION_DATA, self.compensation.sha256)
+        return None if self.compensation is None else self.compensation.load(self.path)
 
     @classmethod
     def load(cls, path: Path | str) -> "Bundle":

@@ -184,6 +184,18 @@ class CompensationEntry(_DictAccess):
     max_set_bytes: int = 0
     affine_inputs: tuple[str, ...] = ()
 
+    def load(self, root: Path, board: int | None = None):
+        """The data this entry names, under bundle directory `root`, hash-checked. With `board`, only the
+        failure sets that board survives are kept in memory."""
+        from .compensation import Compensation
+        path = Path(root) / self.file
+        if not path.resolve().is_relative_to(Path(root).resolve()):
+            raise BundleError(f"compensation file {self.file!r} points outside the bundle directory; compile again")
+        data = Compensation.load(path, self.sha256)
+        if board is not None:
+            data.sets = {failed: units for failed, units in data.sets.items() if board not in failed}
+        return data
+
     def to_json(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "policy": self.policy, "max_failures": self.max_failures,
                 "sets": [list(s) for s in self.sets], "seconds": self.seconds, "bytes": self.bytes,
@@ -247,13 +259,7 @@ class Manifest:
     def load_compensation(self, board: int | None = None):
         """The bundle's compensation data (hash-checked), or None when it has none. With `board`, only the
         failure sets that board survives are kept in memory."""
-        from .compensation import Compensation
-        if self.compensation is None:
-            return None
-        comp = Compensation.load(self.root / self.compensation.file, self.compensation.sha256)
-        if board is not None:
-            comp.sets = {failed: units for failed, units in comp.sets.items() if board not in failed}
-        return comp
+        return None if self.compensation is None else self.compensation.load(self.root, board)
 
     def compensation_tables(self, board: int | None = None, with_data: bool = True):
         """What a runtime feeds the shards' affine inputs and applies at assemblies; `with_data=False`: the
