@@ -103,18 +103,16 @@ def analytic_bytes(manifest, live: list[int]) -> dict:
     exchanged = manifest.stages if manifest.head else manifest.stages[:-1]
     all_to_all = minimum = 0
     for stage in exchanged:
-        shape, axis = stage["shape"], stage["axis"]
-        per_channel = int(np.prod(shape)) // shape[axis - 1] * 4
-        held = {b: set(stage["shards"][b]["channels"]) for b in live}
+        per_channel = int(np.prod(stage.shape)) // stage.channels * 4
+        held = {b: set(stage.shards[b].channels) for b in live}
         available = set().union(*held.values())
         all_to_all += sum(len(held[b]) for b in live) * (len(live) - 1) * per_channel
         minimum += sum(len(available - held[b]) for b in live) * per_channel
     last = manifest.stages[-1]
-    final = int(np.prod(manifest.data["output"]["shape"])) * 4 if manifest.head else \
-        len(set().union(*(last["shards"][b]["channels"] for b in live))) * int(np.prod(last["shape"])) // \
-        last["shape"][last["axis"] - 1] * 4
+    final = int(np.prod(manifest.output.shape)) * 4 if manifest.head else \
+        len(set().union(*(last.shards[b].channels for b in live))) * int(np.prod(last.shape)) // last.channels * 4
     return {"board_to_board_all_to_all": all_to_all, "board_to_board_minimum": minimum,
-            "client_minimum": {"sent": int(np.prod(manifest.input["shape"])) * 4 * len(live), "received": final},
+            "client_minimum": {"sent": int(np.prod(manifest.input.shape)) * 4 * len(live), "received": final},
             "messages_between_boards": len(exchanged) * len(live) * (len(live) - 1)}
 
 
@@ -214,10 +212,10 @@ def main() -> None:
         raise SystemExit(f"{args.bundle} has no manifest.json; make it with: uv run robustpart compile "
                          f"fmnist_vgg16_bn --devices 4 --scores l1 --out {args.bundle}")
     local = LocalExecutor(args.bundle)
-    if local.manifest.input["shape"] == [1, 28, 28]:          # the reference VGG: real Fashion-MNIST images
+    if local.manifest.input.shape == (1, 28, 28):          # the reference VGG: real Fashion-MNIST images
         images, _ = load_inputs("bundled", local.manifest, 64)
     else:
-        images = np.random.default_rng(0).standard_normal((16, *local.manifest.input["shape"])).astype(np.float32)
+        images = np.random.default_rng(0).standard_normal((16, *local.manifest.input.shape)).astype(np.float32)
     settings = MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms)
     results = {"bundle": str(args.bundle), "boards": local.manifest.boards,
                "settings_ms": {"heartbeat": args.heartbeat_ms, "timeout": args.timeout_ms}}

@@ -44,21 +44,21 @@ def median_seconds(fn, repeats: int) -> float:
 def shard_time(manifest, options, repeats: int) -> float:
     """Seconds per image summed over every stage of every board (each board's env from a real run)."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, *manifest.input["shape"]), dtype=np.float32)
-    env = {manifest.input["name"]: x}
+    x = rng.standard_normal((1, *manifest.input.shape), dtype=np.float32)
+    env = {manifest.input.name: x}
     total = 0.0
     for stage in manifest.stages:
         assembler = StageAssembler(stage, manifest.boards)
-        feeds = {name: env[name] for name in stage["inputs"]}
+        feeds = {name: env[name] for name in stage.inputs}
         slices = {}
         for board in range(manifest.boards):
             session = open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
             total += median_seconds(lambda: session.run(None, feeds), repeats)
             outputs = session.run(None, feeds)
             slices[board] = outputs[0]
-        env[stage["tensor"]] = assembler.assemble(slices, 1)
-        for meta, value in zip(stage["extras"], outputs[1:]):
-            env[meta["name"]] = value
+        env[stage.tensor] = assembler.assemble(slices, 1)
+        for meta, value in zip(stage.extras, outputs[1:]):
+            env[meta.name] = value
     return total
 
 

@@ -20,8 +20,8 @@ from scipy.stats import spearmanr
 
 from robustpart import zoo
 from robustpart.calibration import calibration_images
-from robustpart.models import load_graph
 from robustpart.criteria import compute_scores
+from robustpart.models import load_graph
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         print(f"{model} ...", file=sys.stderr, flush=True)
         rows.append(agreement(model, args.weights, args.images))
-    print(f"| model | units / channels | exact JSD | fast JSD | Spearman mean | Spearman min |")
+    print("| model | units / channels | exact JSD | fast JSD | Spearman mean | Spearman min |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['units']} / {r['channels']} | {r['exact_s']:.1f}s | {r['fast_s']:.1f}s | "

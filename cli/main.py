@@ -15,6 +15,7 @@ from robustpart import checks, options as defaults
 from robustpart.errors import ModelError, RobustpartError, Terminated, UsageError, WeightsError
 from robustpart.policies import (COMPENSATION, COMPENSATION_ROWS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERIA,
                                  EVAL_BACKENDS, JSD_MODES, PARTITIONERS)
+from robustpart.runtime.mesh.settings import MeshSettings
 
 DEMO_MODEL = "fmnist_vgg16_bn"
 
@@ -201,16 +202,18 @@ def _torch_device_option(p) -> None:
 def _mesh_options(p) -> None:
     p.add_argument("--peers", help="board inventory: a JSON file or host:port,host:port,... (default: boards.json "
                                    "next to the manifest, else 127.0.0.1:5550+K)")
-    p.add_argument("--heartbeat-ms", type=float, help="heartbeat interval (default 100)")
-    p.add_argument("--timeout-ms", type=float, help="a board silent this long is declared dead (default 500)")
+    mesh = MeshSettings()
+    p.add_argument("--heartbeat-ms", type=float, help=f"heartbeat interval (default {mesh.heartbeat * 1e3:g})")
+    p.add_argument("--timeout-ms", type=float,
+                   help=f"a board silent this long is declared dead (default {mesh.timeout * 1e3:g})")
     p.add_argument("--stage-timeout-ms", type=float, help="how long a stage waits for a live board's slice "
                                                           "(default: --timeout-ms)")
     p.add_argument("--key", type=Path, help="this process's CURVE secret key (when the inventory lists keys)")
-    p.add_argument("--client-idle-ms", type=float, help="boards forget a client silent this long (default 60000)")
+    p.add_argument("--client-idle-ms", type=float,
+                   help=f"boards forget a client silent this long (default {mesh.client_idle * 1e3:g})")
 
 
 def _mesh_settings(args):
-    from robustpart.runtime.mesh.settings import MeshSettings
     return MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms, args.stage_timeout_ms, args.client_idle_ms)
 
 

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from .errors import RobustpartError
+from .errors import ConfigError
 
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 
@@ -22,10 +22,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise RobustpartError(f"--torch-device {name}: this torch build sees no CUDA GPU; use "
+            raise ConfigError(f"--torch-device {name}: this torch build sees no CUDA GPU; use "
                                   f"--torch-device cpu (or auto)")
         return torch.device(name)
-    raise RobustpartError(f"unknown --torch-device '{name}'; choose one of {', '.join(TORCH_DEVICES)}")
+    raise ConfigError(f"unknown --torch-device '{name}'; choose one of {', '.join(TORCH_DEVICES)}")
 
 
 @contextlib.contextmanager

@@ -1,27 +1,29 @@
 """Failure-aware compensation: fitted on calibration data, applied identically by the simulator, the
 LocalExecutor and the mesh boards; identity with no failure; refused when tampered."""
 import itertools
-import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import TINY_SPEC, TinyNet, randomized
 
-from robustpart.compensate import compute_compensation, default_max_failures, prepare_compensation
+from robustpart.compensate import (
+    compute_compensation,
+    default_max_failures,
+    prepare_compensation,
+)
 from robustpart.emit import write_bundle
-from robustpart.options import CompileOptions
-from robustpart.policies import COMPENSATION, CompensationPolicy
 from robustpart.errors import BundleError, ConfigError
 from robustpart.graph import pre_activation_point, trace
 from robustpart.models import ModelSource
+from robustpart.options import CompileOptions
 from robustpart.partition import make_plan
+from robustpart.policies import COMPENSATION, CompensationPolicy
 from robustpart.runtime import LocalExecutor, load_manifest
 from robustpart.simulate import FailureSimulator
 from robustpart.spec import InputSpec
-
-from tiny_models import TINY_SPEC, TinyNet, randomized
 
 
 def close(out, ref, rel=1e-4):

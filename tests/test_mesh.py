@@ -18,7 +18,7 @@ from robustpart.runtime.mesh.settings import MeshSettings
 
 def test_header_round_trip_keeps_every_field():
     h = Header(Kind.RESULT, 3, 2**62 + 5, session=2**63 - 1, request=77, stage=15, batch=2, mask=0b1011,
-               aux=123456, aux2=9, flags=wire.FLAG_MIXED)
+               mesh_bytes=123456, watermark=9, flags=wire.FLAG_MIXED)
     packed = h.pack()
     assert len(packed) == wire.HEADER_BYTES
     assert Header.unpack(packed) == h
@@ -44,7 +44,7 @@ def test_arrays_travel_as_raw_frames_and_sizes_are_checked():
 
 def test_hello_payload_and_bit_masks():
     frames = wire.hello(2, 11, 0b111, 5, "abc", "board")
-    assert Header.unpack(frames[0]).aux == 5
+    assert Header.unpack(frames[0]).knows_you == 5
     assert wire.parse_hello(frames[1:]) == {"bundle": "abc", "role": "board"}
     with pytest.raises(ProtocolError, match="malformed HELLO"):
         wire.parse_hello([b"{not json"])

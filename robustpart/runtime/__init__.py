@@ -3,11 +3,12 @@
 The manifest and compensation values need numpy alone; the executor's names (which import onnxruntime)
 are imported on first use, so reading a bundle does not need onnxruntime.
 """
+from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
 
 __all__ = ["LocalExecutor", "Manifest", "StageAssembler", "load_manifest", "open_session", "resolve_providers",
            "session_options"]
-_EXECUTOR_NAMES = {"LocalExecutor", "StageAssembler", "open_session", "resolve_providers", "session_options"}
+_EXECUTOR_NAMES = {"LocalExecutor", "open_session", "resolve_providers", "session_options"}
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 Stage by stage, every live board runs its shard on the env tensors; the stage's full tensor is assembled
 from the live boards' slices (the first live copy of a replicated channel) and what no live board returns
-is filled from the manifest's fill values. The mesh runtime reuses `StageAssembler` and `open_session`.
+is filled from the manifest's fill values (assembly.py). The mesh runtime reuses `open_session`.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, DataError
-from .compensation import UnitCompensation, reconstruct_lost
-from .manifest import Manifest, StageEntry, load_manifest
+from .assembly import StageAssembler
+from .manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -55,54 +55,6 @@ def open_session(path: Path, providers: list[str], options: ort.SessionOptions) 
     if missing:
         log.warning("execution providers %s are not available in this onnxruntime build; using %s", missing, usable)
     return ort.InferenceSession(str(path), sess_options=options, providers=usable)
-
-
-class StageAssembler:
-    """Builds a stage's full tensor from the slices of the boards that answered."""
-
-    def __init__(self, stage: StageEntry, boards: int):
-        self.axis = stage.axis
-        self.shape = stage.shape
-        self.channels = stage.channels
-        self.held = [s.channel_array for s in stage.shards]
-        fill = stage.fill_values
-        self.fill = None if fill is None else np.asarray(fill, dtype=np.float32)
-        self._plans: dict[frozenset, tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]] = {}
-
-    def _plan(self, answered: frozenset) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]:
-        """For each answering board: (board, positions in its slice, channels) it contributes first; and the
-        channels none of them holds."""
-        if answered not in self._plans:
-            taken = np.zeros(self.channels, dtype=bool)
-            plan = []
-            for board in sorted(answered):
-                held = self.held[board]
-                fresh = ~taken[held]
-                if fresh.any():
-                    plan.append((board, np.flatnonzero(fresh), held[fresh]))
-                    taken[held[fresh]] = True
-            self._plans[answered] = (plan, np.flatnonzero(~taken))
-        return self._plans[answered]
-
-    def assemble(self, slices: dict[int, np.ndarray], batch: int, prepared: UnitCompensation | None = None
-                 ) -> np.ndarray:
-        """`prepared`: compensation for the channels no slice brings, used only when it was prepared for exactly
-        the channels missing here (otherwise the plain fill values stand)."""
-        full = np.zeros((batch, *self.shape), dtype=np.float32)
-        if self.fill is not None:
-            shape = [1] * full.ndim
-            shape[self.axis] = self.channels
-            full += self.fill.reshape(shape)
-        contributions, lost = self._plan(frozenset(slices))
-        for board, positions, channels in contributions:
-            index = [slice(None)] * full.ndim
-            index[self.axis] = channels
-            src = [slice(None)] * full.ndim
-            src[self.axis] = positions
-            full[tuple(index)] = slices[board][tuple(src)]
-        if prepared is not None and np.array_equal(prepared.lost, lost):
-            reconstruct_lost(full, self.axis, prepared.lost, prepared.fill, prepared.recon)
-        return full
 
 
 def _checked_failure_set(failed: Iterable[int], n_boards: int) -> frozenset:

@@ -30,22 +30,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class _DictAccess:
-    """TRANSITION (issue 11, while the mesh modules move to attributes): `entry["key"]` reads the attribute."""
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        return getattr(self, key, default)
-
-
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
 @dataclass(frozen=True)
-class TensorEntry(_DictAccess):
+class TensorEntry:
     """A full-tensor value a stage also returns (an "extra"); `shape` without the batch axis."""
     name: str
     shape: tuple[int, ...]
@@ -59,7 +49,7 @@ class TensorEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class ShardEntry(_DictAccess):
+class ShardEntry:
     """One board's shard of one stage: its file, hash, the channels it returns and its parameter bytes."""
     board: int
     file: str
@@ -81,7 +71,7 @@ class ShardEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class StageEntry(_DictAccess):
+class StageEntry:
     """Stage `index` computes unit `unit`: every board reads the env tensors `inputs` and returns its
     channels (along `axis` of the full tensor `tensor`, of `shape` without the batch axis) plus `extras`;
     a channel no live board returns takes its fill value (zero when `fill_values` is None)."""
@@ -121,7 +111,7 @@ class StageEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class HeadEntry(_DictAccess):
+class HeadEntry:
     """The model's last full-tensor ops after the last unit (every board and the client can run it)."""
     inputs: tuple[str, ...]
     file: str
@@ -138,7 +128,7 @@ class HeadEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class InputEntry(_DictAccess):
+class InputEntry:
     name: str
     shape: tuple[int, ...]           # without the batch axis
     dtype: str
@@ -155,7 +145,7 @@ class InputEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class OutputEntry(_DictAccess):
+class OutputEntry:
     name: str
     shape: tuple[int, ...]
     num_classes: int | None
@@ -171,7 +161,7 @@ class OutputEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class CompensationEntry(_DictAccess):
+class CompensationEntry:
     """The compensation data file and how it was made: written once, to compensation.json and (with the
     shards' affine input names) into the manifest."""
     file: str
@@ -209,7 +199,7 @@ class CompensationEntry(_DictAccess):
 
 
 @dataclass(frozen=True)
-class ModelEntry(_DictAccess):
+class ModelEntry:
     name: str
     source_hash: str
 
@@ -237,14 +227,6 @@ class Manifest:
     head: HeadEntry | None
     schema_version: int = SCHEMA_VERSION
     root: Path = field(default=Path("."), compare=False)
-
-    @property
-    def data(self) -> dict:           # TRANSITION, see _DictAccess
-        return self.to_json()
-
-    @property
-    def compensation_entry(self):     # TRANSITION, see _DictAccess
-        return self.compensation
 
     def shard_path(self, stage: StageEntry, board: int) -> Path:
         return self.root / stage.shards[board].file

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ...errors import RobustpartError
+from ...errors import MeshError
 from ..manifest import load_manifest
 from .peers import BoardAddress, Inventory
 from .settings import MeshSettings
@@ -74,7 +74,7 @@ class LocalCluster:
         self.close()
 
     def command(self, board: int, key: Path | str | None = None) -> list[str]:
-        cmd = [sys.executable, "-m", "cli.main", *(["-v"] if self.verbose else []), "serve", str(self.bundle),
+        cmd = [sys.executable, "-m", "robustpart.cli.main", *(["-v"] if self.verbose else []), "serve", str(self.bundle),
                "--device", str(board), "--peers", str(self.inventory_file), "--provider", self.provider,
                "--events", str(self.events_file(board)), *self.settings.as_args()]
         if key is None and self.key_dir is not None:
@@ -97,7 +97,7 @@ class LocalCluster:
     def start_board(self, board: int, key: Path | str | None = None) -> int:
         """Start board `board` (with secret key file `key` instead of the key directory's, if given)."""
         if board in self.procs and self.procs[board].poll() is None:
-            raise RobustpartError(f"board {board} is already running (pid {self.procs[board].pid})")
+            raise MeshError(f"board {board} is already running (pid {self.procs[board].pid})")
         with open(self.log_file(board), "a") as out:
             self.procs[board] = subprocess.Popen(self.command(board, key), stdout=out, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL)
@@ -113,19 +113,19 @@ class LocalCluster:
             for board in list(pending):
                 proc = self.procs[board]
                 if proc.poll() is not None:
-                    raise RobustpartError(f"board {board} exited with code {proc.returncode}: "
+                    raise MeshError(f"board {board} exited with code {proc.returncode}: "
                                           f"{self.log_file(board).read_text()[-2000:]}")
                 if any(e["event"] == "ready" and e.get("pid") == proc.pid for e in self.events(board)):
                     pending.discard(board)
             if pending and time.monotonic() > end:
-                raise RobustpartError(f"boards {sorted(pending)} did not start within {timeout:g} s; see "
+                raise MeshError(f"boards {sorted(pending)} did not start within {timeout:g} s; see "
                                       f"{self.workdir}")
             time.sleep(0.05)
 
     def _signal(self, board: int, sig: int) -> None:
         proc = self.procs.get(board)
         if proc is None or proc.poll() is not None:
-            raise RobustpartError(f"board {board} is not running")
+            raise MeshError(f"board {board} is not running")
         os.kill(proc.pid, sig)
 
     def kill(self, board: int) -> float:

@@ -20,9 +20,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"}
 
 
 def input_spec(manifest: Manifest) -> InputSpec:
-    data = manifest.input
-    return InputSpec(tuple(data["shape"]), tuple(data["mean"]), tuple(data["std"]),
-                     manifest.data["output"]["num_classes"])
+    return InputSpec(manifest.input.shape, manifest.input.mean, manifest.input.std, manifest.output.num_classes)
 
 
 def load_inputs(source: str | Path, manifest: Manifest,

@@ -13,7 +13,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from ...errors import RobustpartError
+from ...errors import MeshError
 from .peers import BoardAddress, Inventory, localhost_inventory
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def make_keys(out: Path | str, boards: int, clients: tuple[str, ...] = ("client"
               inventory: Inventory | None = None) -> Path:
     """Certificates for `boards` boards and the named clients in `out`; returns the inventory written."""
     if not zmq.has("curve"):
-        raise RobustpartError("this libzmq has no CURVE support; install pyzmq wheels (they bundle libsodium)")
+        raise MeshError("this libzmq has no CURVE support; install pyzmq wheels (they bundle libsodium)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = inventory or localhost_inventory(boards)
@@ -44,14 +44,14 @@ def _create(out: Path, name: str) -> tuple[bytes, bytes]:
 def load_secret_key(path: Path | str | None, who: str) -> tuple[bytes, bytes]:
     """(public, secret) from a .key_secret file; the mesh needs one when the inventory has keys."""
     if path is None:
-        raise RobustpartError(f"the board inventory has CURVE keys, so {who} needs its secret key: pass "
+        raise MeshError(f"the board inventory has CURVE keys, so {who} needs its secret key: pass "
                               f"--key FILE.key_secret (made by `robustpart keys`)")
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise RobustpartError(f"cannot read secret key {path}: {exc}") from exc
+        raise MeshError(f"cannot read secret key {path}: {exc}") from exc
     if not secret:
-        raise RobustpartError(f"{path} holds a public key only; give the .key_secret file")
+        raise MeshError(f"{path} holds a public key only; give the .key_secret file")
     return public, secret
 
 

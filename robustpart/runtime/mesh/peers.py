@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import RobustpartError
+from ...errors import MeshError
 
 INVENTORY_FILE = "boards.json"
 DEFAULT_HOST = "127.0.0.1"
@@ -97,13 +97,13 @@ def _is_file(path: Path) -> bool:
 def _parse_address(text: str, where: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
-        raise RobustpartError(f"{where}: address {text!r} is not host:port (e.g. 10.0.0.10:5550)")
+        raise MeshError(f"{where}: address {text!r} is not host:port (e.g. 10.0.0.10:5550)")
     try:
         number = int(port)
     except ValueError:
         number = -1
     if not 0 < number < 65536:
-        raise RobustpartError(f"{where}: port {port!r} in {text!r} is not a port number (1..65535)")
+        raise MeshError(f"{where}: port {port!r} in {text!r} is not a port number (1..65535)")
     return host.strip("[]"), number
 
 
@@ -111,7 +111,7 @@ def _parse_key(value, where: str) -> bytes | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) != 40:
-        raise RobustpartError(f"{where}: public_key must be a 40-character Z85 string (see `robustpart keys`)")
+        raise MeshError(f"{where}: public_key must be a 40-character Z85 string (see `robustpart keys`)")
     return value.encode()
 
 
@@ -120,30 +120,30 @@ def _from_json(path: Path) -> Inventory:
         data = json.loads(path.read_text())
         entries = data["boards"]
     except (OSError, ValueError) as exc:
-        raise RobustpartError(f"cannot read board inventory {path}: {exc}") from exc
+        raise MeshError(f"cannot read board inventory {path}: {exc}") from exc
     except (KeyError, TypeError):
-        raise RobustpartError(f"board inventory {path} needs a \"boards\" list of {{id, address}}") from None
+        raise MeshError(f"board inventory {path} needs a \"boards\" list of {{id, address}}") from None
     boards = []
     if not isinstance(entries, list):
-        raise RobustpartError(f"board inventory {path} needs a \"boards\" list of {{id, address}}")
+        raise MeshError(f"board inventory {path} needs a \"boards\" list of {{id, address}}")
     for i, entry in enumerate(entries):
         where = f"{path}: boards[{i}]"
         if not isinstance(entry, dict) or "id" not in entry or "address" not in entry:
-            raise RobustpartError(f"{where} needs \"id\" and \"address\" (host:port)")
+            raise MeshError(f"{where} needs \"id\" and \"address\" (host:port)")
         host, port = _parse_address(str(entry["address"]), where)
         try:
             board = int(entry["id"])
         except (TypeError, ValueError):
-            raise RobustpartError(f"{where}: \"id\" must be an integer board id, got {entry['id']!r}") from None
+            raise MeshError(f"{where}: \"id\" must be an integer board id, got {entry['id']!r}") from None
         boards.append(BoardAddress(board, host, port, _parse_key(entry.get("public_key"), where)))
     clients = {}
     clients_list = data.get("clients", [])
     if not isinstance(clients_list, list):
-        raise RobustpartError(f"board inventory {path}: \"clients\" must be a list of {{name, public_key}}")
+        raise MeshError(f"board inventory {path}: \"clients\" must be a list of {{name, public_key}}")
     for i, entry in enumerate(clients_list):
         where = f"{path}: clients[{i}]"
         if not isinstance(entry, dict) or "public_key" not in entry:
-            raise RobustpartError(f"{where} needs a \"public_key\"")
+            raise MeshError(f"{where} needs a \"public_key\"")
         clients[str(entry.get("name", f"client{i}"))] = _parse_key(entry["public_key"], where)
     boards.sort(key=lambda b: b.id)
     _refuse_shared_addresses(boards, str(path))
@@ -154,7 +154,7 @@ def _refuse_shared_addresses(boards: list[BoardAddress], where: str) -> None:
     seen: dict[str, int] = {}
     for b in boards:
         if b.address in seen and seen[b.address] != b.id:
-            raise RobustpartError(f"{where}: boards {seen[b.address]} and {b.id} both listen at {b.address}; give "
+            raise MeshError(f"{where}: boards {seen[b.address]} and {b.id} both listen at {b.address}; give "
                                   f"every board its own host:port")
         seen[b.address] = b.id
 
@@ -173,7 +173,7 @@ def parse_address_list(text: str, where: str = "--peers") -> list[BoardAddress]:
     """Board k at the k-th address of `host:port,host:port,...`; the same address twice is refused."""
     addresses = [a.strip() for a in str(text).split(",")]
     if not all(addresses):
-        raise RobustpartError(f"{where}: {text!r} has an empty entry; give host:port,host:port,... (no empty "
+        raise MeshError(f"{where}: {text!r} has an empty entry; give host:port,host:port,... (no empty "
                               f"items)")
     boards = [BoardAddress(k, *_parse_address(a, where)) for k, a in enumerate(addresses)]
     _refuse_shared_addresses(boards, where)
@@ -189,9 +189,9 @@ def load_inventory(peers: str | Path | None, bundle: Path | str | None, boards: 
         if _is_file(path):
             inventory = _from_json(path)
         elif path.is_dir():
-            raise RobustpartError(f"--peers {peers} is a directory; give its boards.json, or host:port,...")
+            raise MeshError(f"--peers {peers} is a directory; give its boards.json, or host:port,...")
         else:
-            raise RobustpartError(f"--peers {str(peers)[:80]!r} is neither an inventory file that exists nor "
+            raise MeshError(f"--peers {str(peers)[:80]!r} is neither an inventory file that exists nor "
                                   f"host:port,host:port,... (e.g. 10.0.0.10:5550,10.0.0.11:5550)")
     elif bundle is not None and (Path(bundle) / INVENTORY_FILE).is_file():
         inventory = _from_json(Path(bundle) / INVENTORY_FILE)
@@ -199,10 +199,10 @@ def load_inventory(peers: str | Path | None, bundle: Path | str | None, boards: 
         inventory = localhost_inventory(boards)
     ids = [b.id for b in inventory.boards]
     if ids != list(range(boards)):
-        raise RobustpartError(f"board inventory ({inventory.source}) lists boards {ids} but the bundle has "
+        raise MeshError(f"board inventory ({inventory.source}) lists boards {ids} but the bundle has "
                               f"{boards} boards: list each of 0..{boards - 1} once")
     keyed = [b.public_key is not None for b in inventory.boards]
     if any(keyed) and not all(keyed):
-        raise RobustpartError(f"board inventory ({inventory.source}) has public keys for some boards only: "
+        raise MeshError(f"board inventory ({inventory.source}) has public keys for some boards only: "
                               f"give every board a key (CURVE) or none")
     return inventory

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import RobustpartError
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,15 @@ class MeshSettings:
 
     def __post_init__(self):
         if not 0 < self.heartbeat < self.timeout:
-            raise RobustpartError(f"need 0 < heartbeat < timeout (got heartbeat {self.heartbeat * 1e3:g} ms, "
+            raise ConfigError(f"need 0 < heartbeat < timeout (got heartbeat {self.heartbeat * 1e3:g} ms, "
                                   f"timeout {self.timeout * 1e3:g} ms): a peer must get several heartbeats in "
                                   f"before it is declared dead")
         if self.stage_timeout is not None and self.stage_timeout <= 0:
-            raise RobustpartError(f"the stage timeout must be > 0 ms, got {self.stage_timeout * 1e3:g}")
+            raise ConfigError(f"the stage timeout must be > 0 ms, got {self.stage_timeout * 1e3:g}")
         if self.client_idle <= self.timeout:
-            raise RobustpartError(f"the client idle limit ({self.client_idle * 1e3:g} ms) must exceed the timeout")
+            raise ConfigError(f"the client idle limit ({self.client_idle * 1e3:g} ms) must exceed the timeout")
         if self.hwm < 1 or self.max_pending < 1:
-            raise RobustpartError("hwm and max_pending must be >= 1")
+            raise ConfigError("hwm and max_pending must be >= 1")
 
     @property
     def wait(self) -> float:

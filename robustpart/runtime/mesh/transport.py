@@ -15,7 +15,7 @@ from collections import Counter
 
 import zmq
 
-from ...errors import RobustpartError
+from ...errors import MeshError
 from .protocol import frames_bytes
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,16 @@ def router(context: zmq.Context, endpoint: str, hwm: int, own_keys: tuple[bytes,
         sock.close(0)
         hint = ("another process (a board with this id?) already listens there; stop it or give this board "
                 "another port in the inventory" if exc.errno == errno.EADDRINUSE else "check the address")
-        raise RobustpartError(f"cannot listen on {endpoint}: {exc.strerror}; {hint}") from exc
+        raise MeshError(f"cannot listen on {endpoint}: {exc.strerror}; {hint}") from exc
     return sock
 
 
 class Sender:
     """Non-blocking sends with counters: what went out, and what was dropped because the peer's queue
-    was full, it was not connected, or (ROUTER) it is gone."""
+    was full, it was not connected, or (ROUTER) it is gone. `stats`: a Counter to count into (default: a new one)."""
 
-    def __init__(self):
-        self.stats: Counter = Counter()
+    def __init__(self, stats: Counter | None = None):
+        self.stats: Counter = Counter() if stats is None else stats
 
     def send(self, sock: zmq.Socket, frames: list, what: str) -> bool:
         try:

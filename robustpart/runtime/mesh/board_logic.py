@@ -1,0 +1,365 @@
+"""One board's mesh logic as a pure state machine: `BoardMachine.handle(event, now) -> actions`.
+
+No sockets, no ONNX Runtime, no clock: the shell (board.py) feeds it what arrived, the time and the shards'
+outputs, and carries out what it returns (events.py). Tests drive it with a fake clock and numpy shards.
+
+Per request (client session, request id) and stage s:
+  compute own slice of s -> send it to the request's other boards that are alive ->
+  wait until every such board's slice is in, or the board is declared dead, or the stage timeout ->
+  assemble (missing channels per the fill policy), recording which boards were used and the lineage ->
+  next stage. After the last stage the board's final slice goes to the client (or, when the bundle has a
+  head, the boards also exchange the last stage, run the head and send the output).
+A board whose slice was missing at some stage is not waited for again in that request. Slices that arrive
+before their request's INPUT are kept (up to `max_pending` requests) until it comes.
+
+One shard runs at a time: a tick starts the next ready request's stage (RunShard), its ShardDone continues it.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import protocol as wire
+from .events import Emit, Message, RunShard, SendClient, SendPeer, ShardDone, Tick
+from .handshake import ACCEPTED, REFUSED, STALE, Handshake
+from .lineage import ANY, Lineage, after_assembly
+from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
+from .protocol import CLIENT, Header, Kind, ProtocolError
+from .settings import MeshSettings
+from .spec import Assemble, MeshSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    session: int
+    rid: int
+    members: int               # boards the client asked to compute it (bit mask)
+    deadline: float            # local time after which the client no longer waits
+    batch: int
+    env: dict
+    stage: int = 0             # stage being computed or waited for; == #stages: the head
+    waiting: bool = False      # own slice of `stage` is out, waiting for the peers'
+    wait_until: float = 0.0
+    own: np.ndarray | None = None
+    lineage: Lineage = ANY     # lineage of the env the current stage is computed from
+    slices: dict = field(default_factory=dict)   # stage -> {board: (array, Lineage)}
+    excluded: int = 0          # boards whose slice was missing at some stage: not waited for again
+    used: list = field(default_factory=list)     # boards used at each assembly (bit masks)
+    sent_bytes: int = 0
+
+
+@dataclass
+class Client:
+    routing: bytes
+    last_heard: float
+
+
+class BoardMachine:
+    def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
+                 assemble: Assemble):
+        self.me, self.spec, self.settings, self.incarnation = me, spec, settings, incarnation
+        self.assemble = assemble
+        self.n, self.last = spec.boards, len(spec.stages) - 1
+        self.slice_shapes = [[s.slice_shape(b) for b in range(self.n)] for s in spec.stages]
+        self.peers = [b for b in range(self.n) if b != me]
+        self.liveness = Liveness(self.peers, settings.timeout)
+        self.boards = Handshake(me, incarnation, bundle, "board", "board")      # peers, by board id
+        self.guests = Handshake(me, incarnation, bundle, "board", "client")     # clients, by session
+        self.clients: dict[int, Client] = {}
+        self.requests: dict[tuple[int, int], Request] = {}
+        self.pending: dict[tuple[int, int], tuple[float, dict]] = {}   # slices that beat their INPUT here
+        self.started: dict[int, int] = {}      # session -> highest request id started
+        self.watermark: dict[int, int] = {}    # session -> requests below it are finished at the client
+        self.ready: deque[Request] = deque()
+        self.running: tuple[int, int] | None = None     # the request whose shard runs now
+        self.next_beat = float("-inf")
+        self.last_hello: dict[int, float] = {}          # peer -> when we last greeted it
+        self.last_client_hello: dict[int, float] = {}   # session -> when we last asked it to greet us
+        self.stats: Counter = Counter()
+        self._actions: list = []
+
+    def handle(self, event, now: float) -> list:
+        if isinstance(event, Message):           # the most frequent first
+            try:
+                self._message(event, now)
+            except ProtocolError as exc:
+                self.stats["malformed"] += 1
+                log.warning("board %d: dropped a malformed message: %s", self.me, exc)
+        elif isinstance(event, Tick):
+            self._tick(now)
+        elif isinstance(event, ShardDone):
+            self._shard_done(event, now)
+        else:
+            raise TypeError(f"a board cannot handle {event!r}")
+        actions, self._actions = self._actions, []
+        return actions
+
+    def wake_at(self, now: float) -> float:
+        """When the next tick is due (`now`: a shard is ready to run)."""
+        if self.ready and self.running is None:
+            return now
+        times = [self.next_beat, now + self.liveness.next_check(now) + 1e-3]
+        times += [r.wait_until for r in self.requests.values() if r.waiting]
+        return max(now, min(times))
+
+    def _emit(self, event: str, **fields) -> None:
+        self._actions.append(Emit(event, fields))
+
+    # ---- receiving -------------------------------------------------------------------------------------
+
+    def _message(self, m: Message, now: float) -> None:
+        h = m.header
+        if h.sender == CLIENT:
+            self._from_client(m.routing, h, m.payload, now)
+        elif h.sender in self.liveness.peers:
+            self._from_board(h, m.payload, now)
+        else:
+            raise ProtocolError(f"sender id {h.sender} is not a peer of board {self.me} (boards 0..{self.n - 1})")
+
+    def _from_board(self, h: Header, payload, now: float) -> None:
+        p = h.sender
+        if h.kind == Kind.HELLO:
+            greeting = self.boards.greeted(p, h, payload)
+            if greeting.outcome == ACCEPTED:
+                self._heard(p, h.incarnation, now, view=h.mask)
+            elif greeting.outcome == STALE:
+                self.stats["stale"] += 1
+            elif greeting.reason:
+                self._emit("refused", peer=p, reason=f"board {p} is {greeting.reason}")
+            if greeting.reply:
+                self._hello(p, now, force=True)
+            return
+        problem = self.boards.admits(p, h.incarnation)
+        if problem:             # from before a restart, or from a peer that has not greeted us yet
+            self.stats[problem] += 1
+            self._hello(p, now)
+            return
+        self._heard(p, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
+        if h.kind == Kind.SLICE:
+            self._on_slice(h, payload, now)
+        elif h.kind != Kind.HEARTBEAT:
+            raise ProtocolError(f"board {p} sent a {h.kind.name}, which only clients send")
+
+    def _heard(self, p: int, incarnation: int, now: float, view: int | None) -> None:
+        event = self.liveness.heard(p, incarnation, now, view)
+        if event in (JOINED, REJOINED, RESTARTED):
+            self._emit(event, peer=p, incarnation=incarnation)
+        if event == RESTARTED:                  # the new process knows nothing of requests in flight
+            for req in self.requests.values():
+                req.excluded |= 1 << p
+
+    def _from_client(self, routing: bytes, h: Header, payload, now: float) -> None:
+        session = h.session
+        if h.kind == Kind.HELLO:
+            greeting = self.guests.greeted(session, h, payload)
+            if greeting.outcome == ACCEPTED:
+                if session not in self.clients:
+                    self._emit("client", session=session)
+                self.clients[session] = Client(routing, now)
+            elif greeting.outcome == REFUSED and greeting.reason:
+                self._emit("refused", peer=CLIENT, session=session, reason=f"a client is {greeting.reason}")
+            if greeting.reply:
+                self._actions.append(SendClient(routing, self.guests.hello(session, self._view()), "hello"))
+            return
+        if self.guests.admits(session, h.incarnation):
+            # e.g. this board restarted, or forgot an idle client: ask it to say HELLO again (rate-limited)
+            self.stats["unannounced"] += 1
+            if now - self.last_client_hello.get(session, -1.0) > self.settings.heartbeat / 2:
+                self.last_client_hello[session] = now
+                self._actions.append(SendClient(routing, self.guests.hello(session, self._view()), "hello"))
+            return
+        client = self.clients[session]
+        client.routing, client.last_heard = routing, now
+        if h.watermark > self.watermark.get(session, 0):
+            self.watermark[session] = h.watermark
+        if h.kind == Kind.INPUT:
+            self._on_input(h, payload, now)
+        elif h.kind != Kind.HEARTBEAT:
+            raise ProtocolError(f"a client sent a {h.kind.name}, which only boards send")
+
+    def _started_or_done(self, session: int, rid: int) -> bool:
+        """Started here already, or finished at the client (below its watermark)."""
+        return rid <= self.started.get(session, 0) or rid < self.watermark.get(session, 0)
+
+    def _on_input(self, h: Header, payload, now: float) -> None:
+        key = (h.session, h.request)
+        if not h.mask >> self.me & 1:
+            self.stats["not_member"] += 1          # the client computes this one without us
+            return
+        if self._started_or_done(h.session, h.request):
+            self.stats["duplicate_or_stale_inputs"] += 1
+            return
+        if not payload or h.batch < 1:
+            raise ProtocolError("INPUT without an input tensor")
+        x = wire.read_array(payload[0], (h.batch, *self.spec.input_shape))
+        req = Request(h.session, h.request, h.mask, now + h.deadline_ms / 1e3, h.batch, {self.spec.input_name: x})
+        self.started[h.session] = h.request
+        self.requests[key] = req
+        early = self.pending.pop(key, None)
+        if early:
+            for (stage, p), (array, lineage) in early[1].items():
+                self._store(req, stage, p, array, lineage)
+        self.ready.append(req)
+
+    def _on_slice(self, h: Header, payload, now: float) -> None:
+        key = (h.session, h.request)
+        if not 0 <= h.stage <= self.last or not payload:
+            raise ProtocolError(f"SLICE for stage {h.stage}; the bundle has stages 0..{self.last}")
+        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][h.sender]))
+        lineage = Lineage.from_wire(h.mask, h.flags)
+        req = self.requests.get(key)
+        if req is not None:
+            self._store(req, h.stage, h.sender, array, lineage)
+        elif self._started_or_done(h.session, h.request):
+            self.stats["late_slices"] += 1
+        else:                                      # its INPUT is still on the way to this board
+            if key not in self.pending and len(self.pending) >= self.settings.max_pending:
+                self.pending.pop(next(iter(self.pending)))
+                self.stats["dropped_pending"] += 1
+            self.pending.setdefault(key, (now, {}))[1][(h.stage, h.sender)] = (array, lineage)
+
+    def _store(self, req: Request, stage: int, p: int, array: np.ndarray, lineage: Lineage) -> None:
+        if not req.members >> p & 1 or req.excluded >> p & 1 or stage < req.stage:
+            self.stats["late_slices"] += 1
+            return
+        if array.shape[0] != req.batch:
+            raise ProtocolError(f"slice from board {p} has batch {array.shape[0]}, the request has {req.batch}")
+        req.slices.setdefault(stage, {})[p] = (array, lineage)
+
+    # ---- ticking, computing ----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        for peer in self.liveness.check(now):
+            self._emit(DEAD, peer=peer, silent_ms=round((now - self.liveness.peers[peer].last_heard) * 1e3, 1))
+        if now >= self.next_beat:
+            self._beat(now)
+            self.next_beat = max(self.next_beat + self.settings.heartbeat, now)
+        self._expire(now)
+        for req in list(self.requests.values()):
+            if req.waiting and (now >= req.wait_until or not self._missing(req)):
+                self._assemble(req)
+        if self.ready and self.running is None:
+            self._run(self.ready.popleft())
+
+    def _run(self, req: Request) -> None:
+        s = req.stage
+        if s > self.last:                          # the head, on the assembled env
+            feeds, failed = {name: req.env[name] for name in self.spec.head_inputs}, frozenset()
+        else:
+            feeds = {name: req.env[name] for name in self.spec.stages[s].inputs}
+            failed = self._failed(req.members & ~req.excluded)
+        self.running = (req.session, req.rid)
+        self._actions.append(RunShard(req.session, req.rid, s, feeds, failed))
+
+    def _shard_done(self, done: ShardDone, now: float) -> None:
+        self.running = None
+        req = self.requests.get((done.session, done.request))
+        if req is None:                            # expired while its shard ran
+            return
+        s, outputs = done.stage, done.outputs
+        if s > self.last:
+            self._result(req, s, outputs[0])
+            return
+        for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
+            req.env[name] = value
+        if s == self.last and self.spec.head_inputs is None:
+            self._result(req, s, outputs[0])       # the client assembles the final slices
+            return
+        req.own = outputs[0]
+        targets = self._targets(req)
+        if targets:
+            frames = [Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
+                             req.lineage.boards, flags=req.lineage.flags).pack(), wire.array_frame(req.own)]
+            for p in targets:
+                self._actions.append(SendPeer(p, frames, "slices"))
+            req.sent_bytes += wire.frames_bytes(frames) * len(targets)
+        req.waiting, req.wait_until = True, now + self.settings.wait
+        if not self._missing(req):                 # the last board to finish a stage has every slice already
+            self._assemble(req)
+
+    def _targets(self, req: Request) -> list[int]:
+        return [p for p in self.peers if req.members >> p & 1 and not req.excluded >> p & 1
+                and self.liveness.is_alive(p)]
+
+    def _missing(self, req: Request) -> list[int]:
+        got = req.slices.get(req.stage, {})
+        return [p for p in self._targets(req) if p not in got]
+
+    def _assemble(self, req: Request) -> None:
+        s = req.stage
+        if self._missing(req):
+            self.stats["stage_timeouts"] += 1
+        got = req.slices.pop(s, {})
+        slices = {self.me: req.own, **{p: a for p, (a, _) in got.items()}}
+        used = wire.mask_of(slices)
+        req.excluded |= req.members & ~used           # missing now: not waited for again in this request
+        req.lineage = after_assembly(used, [req.lineage, *(lin for _, lin in got.values())])
+        req.env[self.spec.stages[s].tensor] = self.assemble(s, slices, req.batch, self._failed(used))
+        req.used.append(used)
+        req.own, req.waiting, req.stage = None, False, s + 1
+        self.ready.append(req)
+
+    def _failed(self, answering: int) -> frozenset:
+        """The failure set this board compensates for: every board outside `answering` (a bit mask). The
+        affine of a stage follows the boards the request still counts on; the fill at an assembly follows
+        the boards whose slices it has, so a view that differs between boards still gives an answer."""
+        return frozenset(b for b in range(self.n) if not answering >> b & 1)
+
+    def _result(self, req: Request, stage: int, output: np.ndarray) -> None:
+        lineage = req.lineage
+        header = Header(Kind.RESULT, self.me, self.incarnation, req.session, req.rid, stage, req.batch,
+                        lineage.boards, mesh_bytes=req.sent_bytes, flags=lineage.flags)
+        frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output)]
+        self._to_client(req.session, frames, "results")
+        del self.requests[(req.session, req.rid)]
+
+    # ---- housekeeping ----------------------------------------------------------------------------------
+
+    def _view(self) -> int:
+        return wire.mask_of(self.liveness.alive()) | 1 << self.me
+
+    def _hello(self, p: int, now: float, force: bool = False) -> None:
+        if force or now - self.last_hello.get(p, -1.0) > self.settings.heartbeat / 2:
+            self.last_hello[p] = now
+            self._actions.append(SendPeer(p, self.boards.hello(p, self._view()), "hello"))
+
+    def _beat(self, now: float) -> None:
+        beat = wire.heartbeat(self.me, self.incarnation, self._view())
+        for p in self.peers:
+            if self.liveness.is_alive(p):
+                self._actions.append(SendPeer(p, beat, "heartbeats"))
+            else:                                   # not (or no longer) connected: greet until it answers
+                self._hello(p, now, force=True)
+        for session in list(self.clients):
+            if now - self.clients[session].last_heard > self.settings.client_idle:
+                for table in (self.clients, self.started, self.watermark, self.last_client_hello):
+                    table.pop(session, None)
+                self.guests.forget(session)
+                self._emit("client_gone", session=session)
+            else:
+                self._to_client(session, beat, "heartbeats")
+
+    def _to_client(self, session: int, frames: list, what: str) -> None:
+        client = self.clients.get(session)
+        if client is None:
+            self.stats[f"dropped_{what}"] += 1
+            return
+        self._actions.append(SendClient(client.routing, frames, what))
+
+    def _expire(self, now: float) -> None:
+        expired = [key for key, req in self.requests.items()
+                   if now > req.deadline or req.rid < self.watermark.get(req.session, 0)]
+        for key in expired:
+            del self.requests[key]
+        if expired:
+            self.stats["expired"] += len(expired)
+            self.ready = deque(r for r in self.ready if (r.session, r.rid) in self.requests)
+        horizon = max(2 * self.settings.wait, 1.0)
+        for key, (since, _) in list(self.pending.items()):
+            if now - since > horizon or key[1] < self.watermark.get(key[0], 0):
+                del self.pending[key]

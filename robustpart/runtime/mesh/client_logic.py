@@ -1,0 +1,263 @@
+"""The mesh client's logic as a pure state machine: `ClientMachine.handle(event, now) -> actions`.
+
+Per request the client picks the boards that all hear each other (membership.py, from the views the
+boards gossip in their heartbeats), sends the input to each of them, and answers as soon as
+
+- some set Q of boards has delivered final slices all of lineage Q: the answer is exactly the bundle's
+  output with every other board failed (`LocalExecutor(failed=F)`), reported as consistent with F; the
+  first such set wins, slices arriving later are dropped;
+- or every board it is still waiting for is dead or has answered, or the deadline passed: what arrived is
+  assembled and reported as MIXED (the boards' views changed during the request), never as a clean F;
+- with nothing at all by the deadline: "no answer (deadline)". Nothing waits past the deadline.
+
+With a head in the bundle the boards send outputs instead of slices; the first consistent one is taken.
+No sockets and no clock here: the shell (client.py) feeds it what arrived and the time.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import protocol as wire
+from .events import Answered, Emit, Message, SendPeer, Submit, Tick
+from .handshake import ACCEPTED, REFUSED, Handshake
+from .lineage import Lineage, after_assembly, complete_set
+from .liveness import DEAD, RESTARTED, Liveness
+from .membership import agreed_members
+from .protocol import CLIENT, Header, Kind, ProtocolError
+from .settings import MeshSettings
+from .spec import Assemble, MeshSpec
+
+log = logging.getLogger(__name__)
+
+OK, MIXED, DEADLINE, NO_BOARDS = "ok", "mixed", "no answer (deadline)", "no answer (no live boards)"
+
+
+@dataclass
+class Answer:
+    index: int                          # position in the stream
+    request: int
+    output: np.ndarray | None           # (batch, ...) model output; None without an answer
+    boards: tuple[int, ...]             # boards whose final slices (or output) make up the answer
+    status: str                         # OK, MIXED, DEADLINE or NO_BOARDS
+    failed: tuple[int, ...] | None      # OK: equals LocalExecutor(failed=failed).run(x)
+    latency: float                      # seconds from sending to answering
+    sent_bytes: int                     # client -> boards for this request
+    received_bytes: int                 # boards -> client for this request (until answered)
+    mesh_bytes: int                     # board -> board slices, as reported by the answering boards
+    per_stage: list[tuple[int, ...]] = field(default_factory=list)   # boards used per stage (first board)
+    submitted_at: float = 0.0           # wall clock (time.time()) when sent
+
+    @property
+    def consistent(self) -> bool:
+        return self.status == OK
+
+    @property
+    def prediction(self) -> int | None:
+        return None if self.output is None else int(np.argmax(self.output.reshape(len(self.output), -1)[0]))
+
+
+@dataclass
+class _Pending:
+    index: int
+    rid: int
+    members: int
+    sent_at: float
+    deadline: float
+    batch: int
+    sent_bytes: int
+    wall: float
+    results: dict = field(default_factory=dict)    # board -> (array, Lineage, used masks, mesh bytes)
+    received_bytes: int = 0
+
+
+class ClientMachine:
+    def __init__(self, spec: MeshSpec, settings: MeshSettings, session: int, bundle: str, deadline: float,
+                 assemble: Assemble):
+        self.spec, self.settings, self.session, self.deadline = spec, settings, session, deadline
+        self.assemble = assemble
+        self.n, self.last = spec.boards, len(spec.stages) - 1
+        self.final_shapes = [spec.stages[-1].slice_shape(b) for b in range(self.n)]
+        self.liveness = Liveness(range(self.n), settings.timeout)
+        self.boards = Handshake(CLIENT, session, bundle, "client", "board", session=session)
+        self.last_sent: dict[int, float] = {}      # board -> when we last sent it anything
+        self.pending: dict[int, _Pending] = {}
+        self.next_rid = 1                          # the id of the next Submit
+        self.next_beat = float("-inf")
+        self.stats: Counter = Counter()
+        self._actions: list = []
+
+    def handle(self, event, now: float) -> list:
+        if isinstance(event, Message):           # the most frequent first
+            try:
+                self._message(event, now)
+            except ProtocolError as exc:
+                self.stats["malformed"] += 1
+                log.warning("client: dropped a malformed message: %s", exc)
+        elif isinstance(event, Tick):
+            self._tick(now)
+        elif isinstance(event, Submit):
+            self._submit(event, now)
+        else:
+            raise TypeError(f"a client cannot handle {event!r}")
+        actions, self._actions = self._actions, []
+        return actions
+
+    def wake_at(self, now: float) -> float:
+        """When the next tick is due: a heartbeat, a possible liveness change or a request's deadline."""
+        times = [self.next_beat, now + self.liveness.next_check(now) + 1e-3]
+        return max(now, min(times + [p.deadline for p in self.pending.values()]))
+
+    def members(self) -> int:
+        """Bit mask of the boards the next request goes to."""
+        return agreed_members(self.liveness.alive(), self.liveness.views())
+
+    def _emit(self, event: str, **fields) -> None:
+        self._actions.append(Emit(event, fields))
+
+    # ---- requests --------------------------------------------------------------------------------------
+
+    def _submit(self, submit: Submit, now: float) -> None:
+        rid, watermark = self.next_rid, self._watermark()
+        self.next_rid += 1
+        members = self.members()
+        x = submit.x
+        header = Header(Kind.INPUT, CLIENT, self.session, self.session, rid, -1, len(x), members,
+                        deadline_ms=int(self.deadline * 1e3), watermark=watermark)
+        frames = [header.pack(), wire.array_frame(x)]
+        boards = wire.boards_of(members)
+        for b in boards:
+            self._send(b, frames, "inputs", now)
+        p = _Pending(submit.index, rid, members, now, now + self.deadline, len(x),
+                     wire.frames_bytes(frames) * len(boards), submit.wall)
+        self.pending[rid] = p
+        self._try_finish(p, now)
+
+    def _tick(self, now: float) -> None:
+        for board in self.liveness.check(now):
+            self._emit(DEAD, board=board)
+        if now >= self.next_beat:
+            self._beat(now)
+            self.next_beat = now + self.settings.heartbeat
+        for p in list(self.pending.values()):
+            self._try_finish(p, now)
+
+    # ---- receiving -------------------------------------------------------------------------------------
+
+    def _message(self, m: Message, now: float) -> None:
+        h, payload = m.header, m.payload
+        b = h.sender
+        if not 0 <= b < self.n:
+            raise ProtocolError(f"a message from board {b}, which is not in the inventory")
+        if h.kind == Kind.HELLO:
+            greeting = self.boards.greeted(b, h, payload)
+            if greeting.outcome == ACCEPTED:
+                self._heard(b, h.incarnation, now, view=h.mask)
+            elif greeting.outcome == REFUSED and greeting.reason:
+                self._emit("refused", board=b, reason=f"board {b} is {greeting.reason}")
+            if greeting.reply:
+                self._hello(b, now)
+            return
+        problem = self.boards.admits(b, h.incarnation)
+        if problem:
+            self.stats[problem] += 1
+            return
+        self._heard(b, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
+        if h.kind == Kind.RESULT:
+            self._on_result(h, payload, now)
+
+    def _heard(self, b: int, incarnation: int, now: float, view: int | None) -> None:
+        event = self.liveness.heard(b, incarnation, now, view)
+        if event:
+            self._emit(event, board=b)
+        if event == RESTARTED:                      # the new process lost the requests in flight
+            for p in self.pending.values():
+                p.members &= ~(1 << b)
+
+    def _on_result(self, h: Header, payload, now: float) -> None:
+        p = self.pending.get(h.request)
+        if p is None or h.session != self.session:
+            self.stats["late_results"] += 1         # answered already (or never ours)
+            return
+        if len(payload) != 2:
+            raise ProtocolError(f"RESULT with {len(payload)} payload frames, expected 2")
+        shape = (p.batch, *(self.spec.output_shape if self.spec.head_inputs is not None else
+                            self.final_shapes[h.sender]))
+        array = wire.read_array(payload[1], shape)
+        used = wire.read_masks(payload[0])
+        p.results[h.sender] = (array, Lineage.from_wire(h.mask, h.flags), used, h.mesh_bytes)
+        p.received_bytes += wire.HEADER_BYTES + len(payload[0]) + len(payload[1])
+        self._try_finish(p, now)
+
+    # ---- answering -------------------------------------------------------------------------------------
+
+    def _try_finish(self, p: _Pending, now: float) -> None:
+        lineages = {b: r[1] for b, r in p.results.items()}
+        waiting = p.members & wire.mask_of(self.liveness.alive()) & ~wire.mask_of(p.results)
+        give_up = not waiting or now >= p.deadline
+        if self.spec.head_inputs is not None:
+            clean = [b for b, lin in lineages.items() if not lin.mixed]
+            if clean:
+                self._answer(p, [clean[0]], lineages[clean[0]], now)
+            elif give_up and lineages:
+                self._answer(p, [max(lineages, key=lambda b: len(p.results[b][2]))], None, now)
+            elif give_up:
+                self._answer(p, [], None, now)
+            return
+        q = complete_set(lineages)
+        if q is not None:
+            self._answer(p, list(wire.boards_of(q)), lineages[wire.boards_of(q)[0]], now)
+        elif give_up:
+            boards = sorted(p.results)
+            lineage = after_assembly(wire.mask_of(boards), lineages.values()) if boards else None
+            self._answer(p, boards, lineage, now)
+
+    def _answer(self, p: _Pending, boards: list[int], lineage: Lineage | None, now: float) -> None:
+        del self.pending[p.rid]
+        clean = lineage is not None and not lineage.mixed and bool(boards)
+        output, failed = None, None
+        first = p.results[boards[0]] if boards else None        # per-stage board sets: as this board saw them
+        if boards:
+            if self.spec.head_inputs is not None:
+                output = np.array(p.results[boards[0]][0])
+                if clean:          # the head's output was computed from the boards its lineage names
+                    boards = list(wire.boards_of(lineage.boards))
+            else:
+                missing = frozenset(b for b in range(self.n) if b not in boards)
+                output = self.assemble(self.last, {b: p.results[b][0] for b in boards}, p.batch, missing)
+            if clean:
+                failed = tuple(b for b in range(self.n) if b not in boards)
+        status = OK if clean else MIXED if boards else (NO_BOARDS if p.members == 0 else DEADLINE)
+        per_stage = [wire.boards_of(int(m)) for m in first[2]] if first else []
+        self._actions.append(Answered(Answer(
+            p.index, p.rid, output, tuple(boards), status, failed, now - p.sent_at, p.sent_bytes, p.received_bytes,
+            sum(r[3] for r in p.results.values()), per_stage, p.wall)))
+
+    # ---- housekeeping ----------------------------------------------------------------------------------
+
+    def _watermark(self) -> int:
+        """Requests below it are finished here: the boards may drop them."""
+        return min(self.pending, default=self.next_rid)
+
+    def _hello(self, b: int, now: float) -> None:
+        self._actions.append(SendPeer(b, self.boards.hello(b), "hello"))
+        self.last_sent[b] = now
+
+    def _send(self, b: int, frames: list, what: str, now: float) -> None:
+        """Send to board b; after a silence long enough for it to have forgotten us, HELLO goes first (on the
+        same connection, so it arrives first and the board knows us again when the message comes)."""
+        if now - self.last_sent.get(b, now) > self.settings.client_idle / 2:
+            self._hello(b, now)
+        self._actions.append(SendPeer(b, frames, what))
+        self.last_sent[b] = now
+
+    def _beat(self, now: float) -> None:
+        beat = wire.heartbeat(CLIENT, self.session, session=self.session, watermark=self._watermark())
+        for b in range(self.n):
+            if self.liveness.is_alive(b):
+                self._send(b, beat, "heartbeats", now)
+            else:
+                self._hello(b, now)
