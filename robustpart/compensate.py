@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from .batching import batch_size_for
 from .calibration import CalibrationSource, Progress, calibration_images
-from .criteria.fx_exec import OutOfPlaceInterpreter, last_uses
+from .criteria.fx_exec import NodeRunner, last_uses
 from .device import resolve_device
 from .errors import ConfigError, DataError
 from .graph import ModelGraph
@@ -160,7 +160,7 @@ class Program:
         self.points = [FitPoint(n, *by_target[n.target]) for n in self.nodes
                        if n.op == "call_module" and n.target in by_target]
         self.last_use = last_uses(self.nodes)
-        self.interpreter = OutOfPlaceInterpreter(sim.module)
+        self.interpreter = NodeRunner(sim.module)     # in place as the model is: no tensor is re-read
 
     def segments(self):
         """(nodes to run before the fit point, the fit point) in graph order."""
@@ -325,7 +325,10 @@ class _Calibrator:
             taken += len(chosen)
         mean_s, mean_t, gram, cross = sums.centred()
         ridge = self.policy.ridge * float(torch.diagonal(gram).mean()) + 1e-12
-        coef = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype, device=device), cross)
+        # the ridge makes the system positive definite: Cholesky, half the work of a general solve
+        system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype, device=device)
+        factor, info = torch.linalg.cholesky_ex(system)
+        coef = torch.cholesky_solve(cross, factor) if int(info) == 0 else torch.linalg.solve(system, cross)
         fill = mean_t - mean_s @ coef
         return fill.float().cpu().numpy(), coef.T.contiguous().float().cpu().numpy()
 

@@ -62,7 +62,9 @@ class ChannelMask(nn.Module):
         if self.recon is not None:
             kept, matrix = self.recon
             values = values + recombine(x.index_select(self.axis, kept), matrix, self.axis)
-        return x.index_copy(self.axis, self.lost, values.contiguous())
+        # in place: the exit's value has no other reader (the mask took over all its uses), and writing the
+        # lost channels into it saves allocating (and page-faulting) a tensor of the exit's size
+        return x.index_copy_(self.axis, self.lost, values.contiguous())
 
 
 def recombine(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
@@ -74,8 +76,8 @@ def recombine(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 class ChannelAffine(nn.Module):
-    """x * scale + shift per channel along `axis` (compensation at a unit's pre-activation point);
-    a no-op while unset."""
+    """x * scale + shift per channel along `axis` (compensation at a unit's pre-activation point), in place
+    (x has no other reader); a no-op while unset."""
 
     def __init__(self, axis: int, ndim: int, device: torch.device = CPU):
         super().__init__()
@@ -95,7 +97,7 @@ class ChannelAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return x
-        return x * self.scale + self.shift
+        return x.mul_(self.scale).add_(self.shift)
 
 
 class FailureSimulator:

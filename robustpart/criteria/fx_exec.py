@@ -22,12 +22,29 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
                  operator.itruediv: operator.truediv}
 
 
-class OutOfPlaceInterpreter(fx.Interpreter):
-    """An fx Interpreter over an environment the caller owns (`self.env`), with in-place ops made
-    out of place: cached tensors are never modified."""
+class NodeRunner(fx.Interpreter):
+    """An fx Interpreter over an environment the caller owns (`self.env`), running chosen nodes; ops run
+    as traced (in place where the model is), so memory and time are the model's own."""
 
     def __init__(self, module: fx.GraphModule):
         super().__init__(module, garbage_collect_values=False)
+
+    def evaluate(self, nodes: Iterable[fx.Node], env: dict[fx.Node, object],
+                 last_use: dict[fx.Node, fx.Node] | None = None, keep: set[fx.Node] = frozenset()) -> None:
+        """Compute `nodes` in order into `env` (which holds their inputs); a value whose last reader
+        has run is dropped unless it is in `keep`, so memory stays at the live set."""
+        self.env = env
+        for node in nodes:
+            env[node] = self.run_node(node)
+            if last_use is None:
+                continue
+            for used in node.all_input_nodes:
+                if last_use.get(used) is node and used not in keep:
+                    env.pop(used, None)
+
+
+class OutOfPlaceInterpreter(NodeRunner):
+    """A NodeRunner with in-place ops made out of place: cached tensors are never modified."""
 
     def call_function(self, target, args, kwargs):
         target = _OUT_OF_PLACE.get(target, target)
@@ -49,19 +66,6 @@ class OutOfPlaceInterpreter(fx.Interpreter):
             finally:
                 module.inplace = True
         return super().call_module(target, args, kwargs)
-
-    def evaluate(self, nodes: Iterable[fx.Node], env: dict[fx.Node, object],
-                 last_use: dict[fx.Node, fx.Node] | None = None, keep: set[fx.Node] = frozenset()) -> None:
-        """Compute `nodes` in order into `env` (which holds their inputs); a value whose last reader
-        has run is dropped unless it is in `keep`, so memory stays at the live set."""
-        self.env = env
-        for node in nodes:
-            env[node] = self.run_node(node)
-            if last_use is None:
-                continue
-            for used in node.all_input_nodes:
-                if last_use.get(used) is node and used not in keep:
-                    env.pop(used, None)
 
 
 def last_uses(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
