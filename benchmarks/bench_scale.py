@@ -180,9 +180,9 @@ def bench_model(model: str, folder: Path, work: Path, args) -> list[str]:
         f"{fwd_comp:.1f} s -> ratio {comp_ratio:.2f} (target <= 1.5) {'PASS' if comp_ratio <= 1.5 else 'FAIL'}",
         f"{model}: evaluate {eval_seconds:.1f} s for {passes} passes x {args.eval_images} images; one forward pass "
         f"{fwd_eval:.2f} s -> ratio {eval_ratio:.2f} (target <= 1.3) {'PASS' if eval_ratio <= 1.3 else 'FAIL'}",
-        f"{model}: compile peak {compile_run.peak_rss / gb:.2f} GB (target <= 8 GB), wall "
-        f"{compile_run.wall / 60:.1f} min (target <= 30 min)"
-        f" {'PASS' if compile_run.peak_rss <= 8e9 and compile_run.wall <= 1800 else 'FAIL'}"]
+        f"{model}: compile peak {compile_run.peak_rss / gb:.2f} GB, wall {compile_run.wall / 60:.1f} min" +
+        (f" (target for vgg16: <= 8 GB, <= 30 min) {'PASS' if compile_run.peak_rss <= 8e9 and compile_run.wall <= 1800 else 'FAIL'}"
+         if model == "vgg16" else "")]
     return rows + [""] + summary
 
 
