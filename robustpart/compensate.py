@@ -89,6 +89,41 @@ def _rows(x: torch.Tensor, axis: int, rows: torch.Tensor, channels: torch.Tensor
     return y[image[:, None], channels[None, :], position[:, None]]
 
 
+class Scratch:
+    """One reusable buffer for temporaries of activation size: a fresh tensor of that size costs more in
+    page faults than the arithmetic done in it."""
+
+    LIMIT = 64 << 20             # bytes; larger temporaries are taken in chunks of images
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < x.numel() or self.buffer.dtype != x.dtype \
+                or self.buffer.device != x.device:
+            self.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        return self.buffer[:x.numel()].view(x.shape)
+
+
+def centred_moments(x: torch.Tensor, axis: int, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and sum of squared deviations of x along `axis` (float64), in two passes around
+    the float32 mean: as exact as torch.var_mean and, on the CPU, several times faster."""
+    dims = [d for d in range(x.dim()) if d != axis]
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    rough = x.mean(dim=dims).reshape(shape)
+    first, second = 0.0, 0.0
+    per_image = max(1, x[:1].numel() * x.element_size())
+    step = max(1, Scratch.LIMIT // per_image) if axis != 0 else len(x)
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        d = torch.sub(chunk, rough, out=scratch.like(chunk))
+        first = first + d.sum(dim=dims).double()            # float32 sums of centred values: accurate
+        second = second + d.square_().sum(dim=dims).double()
+    n = x.numel() // x.shape[axis]
+    return rough.reshape(-1).double() + first / n, second - first.square() / n
+
+
 class Moments:
     """Per-channel count, mean and sum of squared deviations over every position of a tensor's channel
     axis, merged batch by batch in float64 (Chan et al.'s parallel update)."""
@@ -96,11 +131,9 @@ class Moments:
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
-    def add(self, x: torch.Tensor, axis: int) -> None:
-        dims = [d for d in range(x.dim()) if d != axis]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+    def add(self, x: torch.Tensor, axis: int, scratch: Scratch) -> None:
+        mean, m2 = centred_moments(x, axis, scratch)
         n = x.numel() // x.shape[axis]
-        mean, m2 = mean.double(), var.double() * n
         if self.n == 0:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -216,6 +249,7 @@ class _Calibrator:
         self.param_bytes = {u.name: u.param_bytes for u in sim.graph.units}
         self.starts = np.cumsum([0] + [len(b) for b in batches[:-1]]).tolist()
         self.n_images = sum(len(b) for b in batches)
+        self.scratch = Scratch()
 
     def healthy(self, ls_units: set[str]) -> HealthyStats:
         """One pass of the healthy model over the batches."""
@@ -228,7 +262,7 @@ class _Calibrator:
                 for nodes, point in self.program.segments():
                     self.program.run(nodes, env)
                     x = env[point.node.args[0]]
-                    stats.moments[(point.unit, point.kind)].add(x, point.axis)
+                    stats.moments[(point.unit, point.kind)].add(x, point.axis, self.scratch)
                     if point.kind == "exit" and point.unit in ls_units:
                         if point.unit not in stats.rows:
                             channels = x.shape[point.axis]
@@ -268,7 +302,7 @@ class _Calibrator:
                     result: dict[str, UnitCompensation]) -> None:
         corrupted = Moments()
         for x in inputs:
-            corrupted.add(x, point.axis)
+            corrupted.add(x, point.axis, self.scratch)
         scale, shift = self._affine(point.unit, healthy.moments[(point.unit, "affine")], corrupted)
         entry = result.setdefault(point.unit, UnitCompensation())
         entry.scale, entry.shift = scale.float().cpu().numpy(), shift.float().cpu().numpy()
