@@ -268,7 +268,7 @@ def test_with_a_head_each_board_sends_the_output_and_a_consistent_one_is_taken()
 # ---- what the machines depend on --------------------------------------------------------------------------
 
 PURE = {"board_logic", "client_logic", "events", "handshake", "spec", "protocol", "lineage", "liveness",
-        "membership", "settings"}
+        "membership", "settings", "machine"}
 
 
 def test_the_state_machines_import_only_numpy_and_the_standard_library():

@@ -4,7 +4,8 @@ The logic is pure state machines (`handle(event, now) -> actions`, no sockets, n
 
     board_logic  BoardMachine: requests, stages, waits     board     DeviceServer, its shell (`robustpart serve`)
     client_logic ClientMachine: membership, answers        client    MeshClient, its shell (`robustpart run`)
-    events       the events and actions between them       spec      what the machines know of the bundle
+    machine      what both machines share (dispatch)       events    the events and actions between them
+    spec         what the machines know of the bundle
     handshake    HELLO, for both ends                      protocol  frame layout, encode / decode
     liveness     heartbeat / detection state machine       lineage   which failure set an answer stands for
     membership   which boards compute a request            settings  timings with defaults

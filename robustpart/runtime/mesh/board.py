@@ -26,11 +26,10 @@ from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, load_manifest
 from . import protocol as wire
 from .board_logic import BoardMachine
-from .events import TICK, Message, RunShard, SendClient, SendPeer, ShardDone
+from .events import TICK, RunShard, SendClient, SendPeer, ShardDone
 from .keys import load_secret_key, start_authenticator
 from .liveness import DEAD
 from .peers import Inventory, load_inventory
-from .protocol import Header, ProtocolError
 from .settings import MeshSettings
 from .spec import mesh_spec
 from .transport import Sender, dealer, router
@@ -117,17 +116,7 @@ class DeviceServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.stats["received_messages"] += 1
-            self.stats["received_bytes"] += sum(len(f) for f in frames[1:])
-            try:
-                if len(frames) < 2:
-                    raise ProtocolError("a message without a header frame")
-                header = Header.unpack(frames[1].bytes)
-            except ProtocolError as exc:
-                self.stats["malformed"] += 1
-                log.warning("board %d: dropped a malformed message: %s", self.me, exc)
-                continue
-            self._execute(self.machine.handle(Message(header, frames[2:], frames[0].bytes), time.monotonic()))
+            self._execute(self.machine.receive(frames[1:], time.monotonic(), routing=frames[0].bytes))
 
     def _execute(self, actions: list) -> None:
         for action in actions:

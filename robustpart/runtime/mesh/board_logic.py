@@ -16,22 +16,20 @@ One shard runs at a time: a tick starts the next ready request's stage (RunShard
 """
 from __future__ import annotations
 
-import logging
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import protocol as wire
-from .events import Emit, Message, RunShard, SendClient, SendPeer, ShardDone, Tick
+from .events import Message, RunShard, SendClient, SendPeer, ShardDone
 from .handshake import ACCEPTED, REFUSED, STALE, Handshake
 from .lineage import ANY, Lineage, after_assembly
 from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
+from .machine import Machine
 from .protocol import CLIENT, Header, Kind, ProtocolError
 from .settings import MeshSettings
 from .spec import Assemble, MeshSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,9 +57,12 @@ class Client:
     last_heard: float
 
 
-class BoardMachine:
+class BoardMachine(Machine):
+    own_event = ShardDone                  # the outputs of a RunShard come back as this
+
     def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
                  assemble: Assemble):
+        super().__init__(f"board {me}")
         self.me, self.spec, self.settings, self.incarnation = me, spec, settings, incarnation
         self.assemble = assemble
         self.n, self.last = spec.boards, len(spec.stages) - 1
@@ -80,24 +81,6 @@ class BoardMachine:
         self.next_beat = float("-inf")
         self.last_hello: dict[int, float] = {}          # peer -> when we last greeted it
         self.last_client_hello: dict[int, float] = {}   # session -> when we last asked it to greet us
-        self.stats: Counter = Counter()
-        self._actions: list = []
-
-    def handle(self, event, now: float) -> list:
-        if isinstance(event, Message):           # the most frequent first
-            try:
-                self._message(event, now)
-            except ProtocolError as exc:
-                self.stats["malformed"] += 1
-                log.warning("board %d: dropped a malformed message: %s", self.me, exc)
-        elif isinstance(event, Tick):
-            self._tick(now)
-        elif isinstance(event, ShardDone):
-            self._shard_done(event, now)
-        else:
-            raise TypeError(f"a board cannot handle {event!r}")
-        actions, self._actions = self._actions, []
-        return actions
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due (`now`: a shard is ready to run)."""
@@ -106,9 +89,6 @@ class BoardMachine:
         times = [self.next_beat, now + self.liveness.next_check(now) + 1e-3]
         times += [r.wait_until for r in self.requests.values() if r.waiting]
         return max(now, min(times))
-
-    def _emit(self, event: str, **fields) -> None:
-        self._actions.append(Emit(event, fields))
 
     # ---- receiving -------------------------------------------------------------------------------------
 
@@ -255,6 +235,9 @@ class BoardMachine:
             failed = self._failed(req.members & ~req.excluded)
         self.running = (req.session, req.rid)
         self._actions.append(RunShard(req.session, req.rid, s, feeds, failed))
+
+    def _own_event(self, event, now: float) -> None:
+        self._shard_done(event, now)
 
     def _shard_done(self, done: ShardDone, now: float) -> None:
         self.running = None

@@ -20,10 +20,9 @@ from ..assembly import StageAssembler
 from ..manifest import MANIFEST, load_manifest
 from . import protocol as wire
 from .client_logic import DEADLINE, MIXED, NO_BOARDS, OK, Answer, ClientMachine
-from .events import TICK, Answered, Message, SendPeer, Submit
+from .events import TICK, Answered, SendPeer, Submit
 from .keys import load_secret_key
 from .peers import Inventory, load_inventory
-from .protocol import Header, ProtocolError
 from .settings import MeshSettings
 from .spec import mesh_spec
 from .transport import Sender, dealer
@@ -169,15 +168,7 @@ class MeshClient:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.stats["received_messages"] += 1
-            self.stats["received_bytes"] += sum(len(f) for f in frames)
-            try:
-                header = Header.unpack(frames[0].bytes)
-            except ProtocolError as exc:
-                self.stats["malformed"] += 1
-                log.warning("client: dropped a malformed message: %s", exc)
-                continue
-            self._execute(self.machine.handle(Message(header, frames[1:]), time.monotonic()))
+            self._execute(self.machine.receive(frames, time.monotonic()))
 
     def _execute(self, actions: list) -> None:
         for action in actions:

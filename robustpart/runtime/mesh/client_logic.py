@@ -15,23 +15,20 @@ No sockets and no clock here: the shell (client.py) feeds it what arrived and th
 """
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import protocol as wire
-from .events import Answered, Emit, Message, SendPeer, Submit, Tick
+from .events import Answered, Message, SendPeer, Submit
 from .handshake import ACCEPTED, REFUSED, Handshake
 from .lineage import Lineage, after_assembly, complete_set
 from .liveness import DEAD, RESTARTED, Liveness
+from .machine import Machine
 from .membership import agreed_members
 from .protocol import CLIENT, Header, Kind, ProtocolError
 from .settings import MeshSettings
 from .spec import Assemble, MeshSpec
-
-log = logging.getLogger(__name__)
 
 OK, MIXED, DEADLINE, NO_BOARDS = "ok", "mixed", "no answer (deadline)", "no answer (no live boards)"
 
@@ -74,9 +71,12 @@ class _Pending:
     received_bytes: int = 0
 
 
-class ClientMachine:
+class ClientMachine(Machine):
+    own_event = Submit                     # a new request
+
     def __init__(self, spec: MeshSpec, settings: MeshSettings, session: int, bundle: str, deadline: float,
                  assemble: Assemble):
+        super().__init__("client")
         self.spec, self.settings, self.session, self.deadline = spec, settings, session, deadline
         self.assemble = assemble
         self.n, self.last = spec.boards, len(spec.stages) - 1
@@ -87,24 +87,6 @@ class ClientMachine:
         self.pending: dict[int, _Pending] = {}
         self.next_rid = 1                          # the id of the next Submit
         self.next_beat = float("-inf")
-        self.stats: Counter = Counter()
-        self._actions: list = []
-
-    def handle(self, event, now: float) -> list:
-        if isinstance(event, Message):           # the most frequent first
-            try:
-                self._message(event, now)
-            except ProtocolError as exc:
-                self.stats["malformed"] += 1
-                log.warning("client: dropped a malformed message: %s", exc)
-        elif isinstance(event, Tick):
-            self._tick(now)
-        elif isinstance(event, Submit):
-            self._submit(event, now)
-        else:
-            raise TypeError(f"a client cannot handle {event!r}")
-        actions, self._actions = self._actions, []
-        return actions
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due: a heartbeat, a possible liveness change or a request's deadline."""
@@ -115,10 +97,10 @@ class ClientMachine:
         """Bit mask of the boards the next request goes to."""
         return agreed_members(self.liveness.alive(), self.liveness.views())
 
-    def _emit(self, event: str, **fields) -> None:
-        self._actions.append(Emit(event, fields))
-
     # ---- requests --------------------------------------------------------------------------------------
+
+    def _own_event(self, event, now: float) -> None:
+        self._submit(event, now)
 
     def _submit(self, submit: Submit, now: float) -> None:
         rid, watermark = self.next_rid, self._watermark()
