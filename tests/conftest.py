@@ -43,11 +43,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tiny_model():
-    import torch
-
-    from tiny_models import TinyNet, randomized
-    torch.manual_seed(0)
-    return randomized(TinyNet())
+    from tiny_models import tiny_net
+    return tiny_net()
 
 
 @pytest.fixture

@@ -42,16 +42,14 @@ def mesh_parts():
     import torch
 
     from robustpart.compensate import prepare_compensation
-    from robustpart.graph import trace
     from robustpart.models import ModelSource
     from robustpart.options import CompileOptions
     from robustpart.partition import make_plan
 
     from plan_helpers import random_scores
-    from tiny_models import TINY_SPEC, TinyNet, randomized
+    from tiny_models import TINY_SPEC, tiny_traced
     boards = BUNDLES["mesh"][1]
-    torch.manual_seed(0)
-    graph = trace(randomized(TinyNet()), TINY_SPEC, "tiny")
+    _, graph = tiny_traced()
     channels = {u.name: u.channels for u in graph.units}
     plan = make_plan(channels, boards, "robust", random_scores(channels), 1.0)
     calibration = torch.randn(32, *TINY_SPEC.shape, generator=torch.Generator().manual_seed(5))

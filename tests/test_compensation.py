@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from tiny_models import TINY_SPEC, TinyNet, randomized
+from tiny_models import tiny_traced
 
 from robustpart.compensate import (
     compute_compensation,
@@ -36,9 +36,7 @@ def channels_of(graph):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = randomized(TinyNet())
-    graph = trace(model, TINY_SPEC, "tiny")
+    model, graph = tiny_traced()
     g = torch.Generator().manual_seed(1)
     calibration = torch.randn(48, 3, 8, 8, generator=g)
     images = torch.randn(20, 3, 8, 8, generator=g)

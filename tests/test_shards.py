@@ -124,9 +124,8 @@ def test_named_models_at_imagenet_shape(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory, ):
-    from tiny_models import TINY_SPEC, TinyNet, randomized
-    torch.manual_seed(0)
-    graph = trace(randomized(TinyNet()), TINY_SPEC, "tiny")
+    from tiny_models import tiny_traced
+    _, graph = tiny_traced()
     root = tmp_path_factory.mktemp("bundle")
     write_bundle(root, graph, make_plan(unit_channels(graph), 2, "lop"))
     return root

@@ -61,11 +61,8 @@ def all_sets(n):
 
 @pytest.fixture(scope="module")
 def tiny_variants():
-    from tiny_models import TINY_SPEC, TinyNet, randomized
-    from robustpart.graph import trace
-    torch.manual_seed(0)
-    model = randomized(TinyNet())
-    graph = trace(model, TINY_SPEC, "tiny")
+    from tiny_models import tiny_traced
+    model, graph = tiny_traced()
     g = torch.Generator().manual_seed(3)
     images = torch.randn(N_IMAGES, 3, 8, 8, generator=g)
     labels = model(images).argmax(1).detach()          # healthy accuracy 1: failures show as losses

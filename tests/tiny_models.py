@@ -58,3 +58,16 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
     return model.eval()
+
+
+def tiny_net() -> nn.Module:
+    """The tests' TinyNet: weights from torch's seed 0, BatchNorm statistics randomized."""
+    torch.manual_seed(0)
+    return randomized(TinyNet())
+
+
+def tiny_traced():
+    """(tiny_net(), its trace)."""
+    from robustpart.graph import trace
+    model = tiny_net()
+    return model, trace(model, TINY_SPEC, "tiny")
