@@ -27,7 +27,7 @@ from pathlib import Path
 from .checks import check_bundle_dir, check_output_dir, mesh_board_limit
 from .errors import BundleError, RobustpartError, Terminated
 from .plan import Plan
-from .runtime.manifest import MANIFEST, CompensationEntry, Manifest, load_manifest
+from .runtime.manifest import MANIFEST, CompensationEntry, Manifest, check_files, load_manifest
 from .scores import Scores
 
 BUNDLE_SCHEMA = 1
@@ -201,7 +201,7 @@ class Bundle:
             if self.compensation is not None:
                 self.load_compensation()
             return None
-        self.manifest = load_manifest(self.path)
+        check_files(self.manifest)
         return self.manifest
 
     def _check_manifest(self) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .fills import fill_values
 from .graph import ModelGraph, PartitionUnit, PreActivationPoint, pre_activation_point
-from .plan import Plan
+from .plan import Plan, UnitPlacement
 from .stages import Stage, cut_stages
 
 
@@ -24,9 +24,14 @@ from .stages import Stage, cut_stages
 class StageLayout:
     stage: Stage                         # inputs, nodes, extras (fx node names)
     unit: PartitionUnit
-    slices: tuple[np.ndarray, ...]       # per board: the unit's channels it computes and returns
+    placement: UnitPlacement             # the plan's channels of the unit on each board
     affine: PreActivationPoint           # where compensation's per-channel affine applies
     fill: np.ndarray                     # [channels] float32: a lost channel's value
+
+    @property
+    def slices(self) -> list[np.ndarray]:
+        """Per board: the unit's channels it computes and returns."""
+        return self.placement.board_channels
 
     @property
     def index(self) -> int:
@@ -38,12 +43,7 @@ class StageLayout:
 
     def surviving(self, failed: Iterable[int]) -> np.ndarray:
         """Boolean mask of the channels some live board returns."""
-        failed = set(failed)
-        alive = np.zeros(self.unit.channels, dtype=bool)
-        for board, held in enumerate(self.slices):
-            if board not in failed:
-                alive[held] = True
-        return alive
+        return self.placement.surviving(failed)
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ def derive_layout(graph: ModelGraph, plan: Plan) -> Layout:
     plan.validate({u.name: u.channels for u in graph.units})
     cut = cut_stages(graph)
     fills = fill_values(graph, plan)
-    stages = tuple(StageLayout(stage=s, unit=s.unit,
-                               slices=tuple(np.asarray(held, dtype=np.int64) for held in plan.units[s.unit.name].board_channels),
+    stages = tuple(StageLayout(stage=s, unit=s.unit, placement=plan.units[s.unit.name],
                                affine=pre_activation_point(graph, s.unit), fill=fills[s.unit.name])
                    for s in cut.stages)
     return Layout(plan.n_boards, cut.input_name, stages, cut.head, cut.output_name, plan.fill)

@@ -15,6 +15,17 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+class _Lazy:
+    """A built-in entry not imported yet: "package.module:attribute"."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self):
+        module, attribute = self.path.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind                   # e.g. "importance criterion", for error messages
@@ -26,7 +37,7 @@ class Registry(Generic[T]):
         """A built-in entry implemented by `path` ("module:attribute"), imported on first use, or without
         `path` a plain choice (the entry is its name). `traits`: what callers must know without importing
         it (e.g. needs_data=True)."""
-        self._entries[name] = f"builtins:str:{name}" if path is None else path
+        self._entries[name] = name if path is None else _Lazy(path)
         self._help[name], self._traits[name] = help, traits
 
     def register(self, name: str, help: str = "", **traits) -> Callable[[T], T]:
@@ -60,8 +71,6 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         entry = self._entries[self.check(name)]
-        if isinstance(entry, str):
-            module, attribute, *plain = entry.split(":")
-            entry = plain[0] if plain else getattr(importlib.import_module(module), attribute)
-            self._entries[name] = entry
+        if isinstance(entry, _Lazy):
+            entry = self._entries[name] = entry.load()
         return entry

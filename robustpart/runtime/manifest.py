@@ -89,12 +89,6 @@ class StageEntry:
     def channels(self) -> int:
         return self.shape[self.axis - 1]
 
-    def slice_shape(self, board: int) -> tuple[int, ...]:
-        """The shape (without the batch axis) of the slice `board` returns."""
-        shape = list(self.shape)
-        shape[self.axis - 1] = len(self.shards[board].channels)
-        return tuple(shape)
-
     def to_json(self) -> dict:
         return {"index": self.index, "unit": self.unit, "inputs": list(self.inputs), "tensor": self.tensor,
                 "shape": list(self.shape), "axis": self.axis, "extras": [e.to_json() for e in self.extras],
@@ -231,9 +225,6 @@ class Manifest:
     def shard_path(self, stage: StageEntry, board: int) -> Path:
         return self.root / stage.shards[board].file
 
-    def channels(self, stage: StageEntry, board: int) -> np.ndarray:
-        return stage.shards[board].channel_array
-
     def param_bytes(self, board: int) -> int:
         total = sum(s.shards[board].param_bytes for s in self.stages)
         return total + (self.head.param_bytes if self.head else 0)
@@ -310,7 +301,7 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
         if bad:
             raise BundleError(f"board id {bad[0]} is out of range: the bundle has boards 0..{manifest.boards - 1}")
     if verify:
-        _check_files(manifest, range(manifest.boards) if boards is None else boards)
+        check_files(manifest, boards)
     return manifest
 
 
@@ -337,7 +328,10 @@ def _check_structure(m: Manifest) -> None:
             raise BundleError(f"{where}: {len(stage.fill_values)} fill values for {channels} channels")
 
 
-def _check_files(m: Manifest, boards) -> None:
+def check_files(m: Manifest, boards: list[int] | None = None) -> None:
+    """Every file the manifest names for `boards` (default all) and the head and compensation data: inside
+    the bundle, present, and matching its SHA-256."""
+    boards = range(m.boards) if boards is None else boards
     files = [(stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages for b in boards]
     if m.head:
         files.append((m.head.file, m.head.sha256))
