@@ -415,7 +415,8 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
     name = options.compensate
     if name == "none" or plan.n_boards < 2:
         return None
-    policy = policy_named(DEFAULT_COMPENSATION if name == "auto" else name)
+    policy_name = DEFAULT_COMPENSATION if name == "auto" else name
+    policy = policy_named(policy_name)
     k = options.compensate_up_to if options.compensate_up_to is not None else default_max_failures(plan.n_boards)
     sets = compensated_sets(plan.n_boards, k)
     if not any((~plan.surviving(u, failed)).any() for failed in sets for u in plan.units):
@@ -438,13 +439,13 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
     data = compute_compensation(graph, plan, calibration, k, policy, progress, options.batch_size,
                                 options.torch_device)
     seconds = time.perf_counter() - start
-    info = {"policy": {"name": DEFAULT_COMPENSATION if name == "auto" else name, **policy.to_json(),
+    info = {"policy": {"name": policy_name, **policy.to_json(),
                        "calibration_images": len(calibration), "seed": options.seed,
                        "calibration_data": None if options.calib_data is None else str(options.calib_data),
                        "synthesized": source is not None and source.kind == "synthesized"},
             "max_failures": k, "sets": [list(failed) for failed in sets], "seconds": round(seconds, 3),
             "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes()}
     progress = progress or (lambda msg: log.info(msg))
-    progress(f"compensation ({info['policy']['name']}) for {len(sets)} failure sets of 1..{k} boards: "
+    progress(f"compensation ({policy_name}) for {len(sets)} failure sets of 1..{k} boards: "
              f"{seconds:.1f} s, {data.nbytes / 1e6:.2f} MB")
     return PreparedCompensation(data, info)
