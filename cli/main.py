@@ -15,6 +15,8 @@ from robustpart import checks, options as defaults
 from robustpart.errors import ModelError, RobustpartError, Terminated, UsageError, WeightsError
 from robustpart.policies import (COMPENSATION, COMPENSATION_ROWS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERIA,
                                  EVAL_BACKENDS, JSD_MODES, PARTITIONERS)
+from robustpart.options import BALANCES
+from robustpart.plan import MODES, SKIPS
 from robustpart.runtime.mesh.settings import MeshSettings
 
 DEMO_MODEL = "fmnist_vgg16_bn"
@@ -120,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration images for compensation (default {defaults.DEFAULT_COMPENSATE_CALIB})")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
+    c.add_argument("--mode", choices=MODES, default=defaults.DEFAULT_MODE,
+                   help="horizontal: every unit split over every board; pipeline: consecutive blocks of units, one "
+                        "board each; hybrid: blocks on groups of boards, split within the group (default "
+                        f"{defaults.DEFAULT_MODE})")
+    c.add_argument("--balance", choices=BALANCES,
+                   help=f"pipeline / hybrid: cut where the blocks' parameter bytes or MACs are balanced (default "
+                        f"{defaults.DEFAULT_BALANCE})")
+    c.add_argument("--cuts", type=_names, help="pipeline / hybrid: cut after these units instead (one fewer than "
+                                               "the blocks; only where a single tensor crosses)")
+    c.add_argument("--groups", help="hybrid: BxG, B blocks of G boards each (default 2 x N/2)")
+    c.add_argument("--skip", choices=SKIPS,
+                   help="pipeline / hybrid: failover = a dead block's output is rebuilt by a fitted adapter from "
+                        "the last live block's (ResiliNet), none = it reads zeros (default: failover when there are "
+                        "calibration images, else none)")
+    c.add_argument("--no-exits", action="store_true",
+                   help="pipeline / hybrid: no early exits (a classifier at each cut, answering when every later "
+                        "block is dead; default on when there are calibration images)")
     _torch_device_option(c)
 
     e = sub.add_parser("evaluate", help="accuracy of a bundle's plan under every k-board failure set")
@@ -245,7 +264,9 @@ def cmd_compile(args, progress) -> int:
                              shards=not args.no_shards, jsd=given_or_default("jsd"), compensate=args.compensate,
                              compensate_up_to=args.compensate_up_to,
                              compensate_calib=given_or_default("compensate_calib"), batch_size=args.batch_size,
-                             torch_device=str(resolve_device(args.torch_device)))
+                             torch_device=str(resolve_device(args.torch_device)), mode=args.mode,
+                             balance=given_or_default("balance"), cuts=args.cuts, groups=args.groups,
+                             skip=given_or_default("skip"), exits=False if args.no_exits else None)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")
@@ -455,6 +476,15 @@ def check_compile(args) -> None:
     if args.compensate == "none":
         _refuse_unused(_given(args, "compensate_up_to", "compensate_calib"), "--compensate none prepares no "
                        "compensation")
+    if args.mode == "horizontal":
+        _refuse_unused(_given(args, "balance", "cuts", "groups", "skip") + (["--no-exits"] if args.no_exits else []),
+                       "they shape pipeline and hybrid plans (--mode pipeline|hybrid)")
+    elif args.mode == "pipeline":
+        _refuse_unused(_given(args, "groups", "threshold", "thresholds_file", "scores", "jsd", "calib",
+                              "reuse_scores") + (["--method"] if args.method != defaults.DEFAULT_METHOD else []),
+                       "--mode pipeline puts each block whole on one board: nothing is scored or split")
+    if args.cuts is not None:
+        _refuse_unused(_given(args, "balance"), "--cuts names the cut points")
     if args.scores and set(args.scores) == {"l1"}:
         _refuse_unused(_given(args, "calib", "jsd"), "--scores l1 scores from the weights alone")
     elif args.scores and "jsd" not in args.scores:

@@ -6,6 +6,8 @@
     report.json   per-board cost and per-unit summary; report.txt is the same for people
     compensation.npz / compensation.json   per failure set, the compensation data (robustpart.compensate),
                   and its policy, cost and SHA-256
+    adapters.npz / adapters.json           pipeline / hybrid: the skip and exit adapters (robustpart.skips),
+                  who holds each, their bytes and SHA-256
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place only
 when complete, so a failed compile leaves nothing behind (and an earlier bundle stays intact).
@@ -27,6 +29,7 @@ from pathlib import Path
 from .checks import check_bundle_dir, check_output_dir, mesh_board_limit
 from .errors import BundleError, RobustpartError, Terminated
 from .plan import Plan
+from .runtime.adapters import ADAPTER_INFO, AdapterEntry
 from .runtime.manifest import MANIFEST, CompensationEntry, Manifest, check_files, load_manifest
 from .scores import Scores
 
@@ -146,6 +149,11 @@ class Bundle:
     scores: Scores | None
     compensation: CompensationEntry | None = None
     manifest: Manifest | None = None
+    adapters: AdapterEntry | None = None
+
+    def load_adapters(self):
+        """The skip / exit adapters, hash-checked against adapters.json; None when the bundle has none."""
+        return None if self.adapters is None else self.adapters.load(self.path)
 
     def load_compensation(self):
         """The compensation data, hash-checked against compensation.json; None when the bundle has none."""
@@ -185,7 +193,17 @@ class Bundle:
                 compensation = CompensationEntry.from_json(info)
             except (KeyError, TypeError, ValueError) as exc:
                 raise BundleError(f"{path / COMPENSATION_INFO} is malformed ({exc}); compile again") from exc
-        bundle = cls(path=path, model=model, plan=plan, scores=scores, compensation=compensation)
+        adapters = None
+        if (path / ADAPTER_INFO).is_file():
+            try:
+                adapters = AdapterEntry.from_json(_read_json_object(path / ADAPTER_INFO))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{path / ADAPTER_INFO} is malformed ({exc}); compile again") from exc
+        elif plan.blocks and (plan.skip != "none" or plan.exits):
+            raise BundleError(f"bundle {path}: the plan uses skip '{plan.skip}' / exits but {ADAPTER_INFO} is "
+                              f"missing; compile the bundle again")
+        bundle = cls(path=path, model=model, plan=plan, scores=scores, compensation=compensation,
+                     adapters=adapters)
         if (path / MANIFEST).exists() or (path / "shards").exists():
             bundle.manifest = load_manifest(path, verify=False)
             bundle._check_manifest()
@@ -197,6 +215,8 @@ class Bundle:
         at load), every shard's and the compensation data's SHA-256, and that every file named lies inside
         the bundle. Returns the Manifest, or None for a bundle compiled with --no-shards (then only the
         compensation data, if any, is hash-checked)."""
+        if self.adapters is not None:
+            self.load_adapters()
         if self.manifest is None:
             if self.compensation is not None:
                 self.load_compensation()

@@ -53,6 +53,7 @@ from .options import CompileOptions
 from .plan import Plan
 from .policies import COMPENSATION, DEFAULT_COMPENSATION, CompensationPolicy
 from .runtime.compensation import Compensation, UnitCompensation
+from .lstsq import CrossMoments
 from .simulate import AFFINE_PREFIX, MASK_PREFIX, FailureSimulator
 
 log = logging.getLogger(__name__)
@@ -146,37 +147,6 @@ class Moments:
     @property
     def var(self) -> torch.Tensor:
         return self.m2 / self.n
-
-
-class CrossMoments:
-    """Sums for a least-squares fit of targets T on sources S over rows seen batch by batch.
-
-    The products are float32 matrix multiplies (half the time of float64 on a CPU) of the data shifted by
-    the first batch's means; the sums are kept in float64. Shifting removes the cancellation that makes a
-    raw float32 Gram matrix of post-ReLU activations inaccurate: the shifted Gram matches the float64 one
-    to ~1e-7 relative, the unshifted one only to ~1e-4."""
-
-    def __init__(self):
-        self.n, self.s, self.t, self.ss, self.st = 0, 0.0, 0.0, 0.0, 0.0
-        self.shift_s: torch.Tensor | None = None
-        self.shift_t: torch.Tensor | None = None
-
-    def add(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        source, target = source.float(), target.float()
-        if self.shift_s is None:
-            self.shift_s, self.shift_t = source.mean(0), target.mean(0)
-        source, target = source - self.shift_s, target - self.shift_t
-        self.n += len(source)
-        self.s = self.s + source.sum(0, dtype=torch.float64)
-        self.t = self.t + target.sum(0, dtype=torch.float64)
-        self.ss = self.ss + (source.T @ source).double()
-        self.st = self.st + (source.T @ target).double()
-
-    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mean of S, mean of T, Cov(S, S), Cov(S, T) (population)."""
-        mean_s, mean_t = self.s / self.n, self.t / self.n
-        return (mean_s + self.shift_s.double(), mean_t + self.shift_t.double(),
-                self.ss / self.n - torch.outer(mean_s, mean_s), self.st / self.n - torch.outer(mean_s, mean_t))
 
 
 @dataclass(frozen=True)
@@ -286,15 +256,19 @@ class _Calibrator:
     def fit(self, failed: tuple[int, ...], healthy: HealthyStats) -> dict[str, UnitCompensation]:
         """One failure set: the batches advance together from fit point to fit point."""
         self.sim.set_failures(())
+        self.sim.route.actions = self.sim.cut_actions(set(failed))   # dead blocks answered by their adapters
+        dead = self.sim.dead_units(failed)
         result: dict[str, UnitCompensation] = {}
-        dirty = False                 # has an earlier exit lost channels in this pass?
+        dirty = False                 # has an earlier exit lost channels (or a block died) in this pass?
         envs = [{self.program.input: batch.to(self.sim.device)} for batch in self.batches]
         with torch.no_grad():
             for nodes, point in self.program.segments():
                 for env in envs:
                     self.program.run(nodes, env)
                 inputs = [env[point.node.args[0]] for env in envs]
-                if point.kind == "affine" and dirty and self.policy.affine != "none":
+                if point.unit in dead:         # nothing computes it: its block's output is replaced
+                    dirty = True
+                elif point.kind == "affine" and dirty and self.policy.affine != "none":
                     self._fit_affine(point, inputs, healthy, result)
                 elif point.kind == "exit":
                     keep = self.sim.layout.stage_of(point.unit).surviving(failed)
@@ -367,13 +341,7 @@ class _Calibrator:
             chosen = rows.in_batch(first, len(x), device)
             sums.add(_rows(x, point.axis, chosen, kept), targets[taken:taken + len(chosen)][:, lost])
             taken += len(chosen)
-        mean_s, mean_t, gram, cross = sums.centred()
-        ridge = self.policy.ridge * float(torch.diagonal(gram).mean()) + 1e-12
-        # the ridge makes the system positive definite: Cholesky, half the work of a general solve
-        system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype, device=device)
-        factor, info = torch.linalg.cholesky_ex(system)
-        coef = torch.cholesky_solve(cross, factor) if int(info) == 0 else torch.linalg.solve(system, cross)
-        fill = mean_t - mean_s @ coef
+        coef, fill = sums.ridge_fit(self.policy.ridge)
         return fill.float().cpu().numpy(), coef.T.contiguous().float().cpu().numpy()
 
 
@@ -387,13 +355,16 @@ def _uses_ls(policy: CompensationPolicy, keep: np.ndarray, unit_bytes: int) -> b
 
 def compute_compensation(graph: ModelGraph, plan: Plan, calibration: torch.Tensor, max_failures: int,
                          policy: CompensationPolicy, progress: Callable[[str], None] | None = None,
-                         batch_size: int | None = None, device: torch.device | str | None = None) -> Compensation:
+                         batch_size: int | None = None, device: torch.device | str | None = None,
+                         adapters=None) -> Compensation:
     """Compensation for every failure set of 1..max_failures boards, fitted on `calibration` (no labels),
-    `batch_size` images at a time (default from the model's activation size), on `device` (default CPU)."""
+    `batch_size` images at a time (default from the model's activation size), on `device` (default CPU).
+    For a pipeline / hybrid plan, `adapters` (runtime.adapters.AdapterSet) answer for its dead blocks while
+    the live blocks after them are fitted."""
     sets = compensated_sets(plan.n_boards, max_failures)
     size = batch_size_for(graph, batch_size)
     batches = [calibration[i:i + size] for i in range(0, len(calibration), size)]
-    sim = FailureSimulator(graph, plan, device=resolve_device(device or "cpu"))
+    sim = FailureSimulator(graph, plan, device=resolve_device(device or "cpu"), adapters=adapters)
     calibrator = _Calibrator(sim, policy, batches)
     ls_units = {u.name for u in graph.units for failed in sets
                 if _uses_ls(policy, plan.surviving(u.name, failed), u.param_bytes)}
@@ -417,8 +388,8 @@ class PreparedCompensation:
 
 
 def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions, progress: Progress | None = None,
-                         calibration: torch.Tensor | None = None, source: CalibrationSource | None = None
-                         ) -> PreparedCompensation | None:
+                         calibration: torch.Tensor | None = None, source: CalibrationSource | None = None,
+                         adapters=None) -> PreparedCompensation | None:
     """Compensation for the plan's failure sets per `options.compensate`, or None (none asked, nothing to
     compensate, or "auto" without calibration images). `calibration` overrides the images `source` (default:
     the images the options name) gives."""
@@ -447,7 +418,7 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
         return None
     start = time.perf_counter()
     data = compute_compensation(graph, plan, calibration, k, policy, progress, options.batch_size,
-                                options.torch_device)
+                                options.torch_device, adapters)
     seconds = time.perf_counter() - start
     info = {"policy": {"name": policy_name, **policy.to_json(),
                        "calibration_images": len(calibration), "seed": options.seed,

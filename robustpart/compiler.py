@@ -5,6 +5,7 @@ Each stage lives with its value: `models.load_graph`, `criteria.compute_scores`,
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from .bundle import Bundle
 from .calibration import CalibrationSource, calibration_images
 from .checks import check_compile_numbers, check_existing, check_output_dir
 from .compensate import prepare_compensation
+from .skips import prepare_adapters
 from .criteria import compute_scores
 from .device import resolve_device
 from .emit import emit_bundle
@@ -49,12 +51,18 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     if calibration.kind != "data":
         progress(calibration.describe())
     scores = _scores_for(graph, options, reuse_scores, progress, calibration)
+    options = _with_techniques(options, calibration, progress)
     plan = plan_for(graph, options, scores)
-    compensation = prepare_compensation(graph, plan, options, progress, source=calibration)
+    if plan.blocks:
+        progress(f"{plan.mode}: {len(plan.blocks)} blocks cut after "
+                 f"{', '.join(b.units[-1] for b in plan.blocks[:-1])}")
+    adapters = prepare_adapters(graph, plan, options, progress, calibration)
+    compensation = prepare_compensation(graph, plan, options, progress, source=calibration,
+                                        adapters=adapters.data if adapters else None)
     out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
     progress(f"writing {out}")
     return emit_bundle(out, graph, source, plan, scores, options.shards, progress, compensation,
-                       calibration.describe()).path
+                       calibration.describe(), adapters).path
 
 
 def check_compile_options(options: CompileOptions, out: Path | None = None, reuse_scores: Path | None = None) -> None:
@@ -70,6 +78,7 @@ def check_compile_options(options: CompileOptions, out: Path | None = None, reus
     if options.compensate not in ("auto", "none"):
         COMPENSATION.check(options.compensate)
     resolve_device(options.torch_device)
+    _check_block_options(options)
     if options.thresholds_file is not None:
         check_existing(options.thresholds_file, "--thresholds-file", "file", error=PlanError)
         load_thresholds(options.thresholds_file)
@@ -89,9 +98,40 @@ def check_compile_options(options: CompileOptions, out: Path | None = None, reus
         check_output_dir(out)
 
 
+def _with_techniques(options: CompileOptions, calibration: CalibrationSource, progress: Progress) -> CompileOptions:
+    """Resolve the pipeline / hybrid techniques left to auto: skips and exits when there are calibration
+    images to fit them on, else none (said in one line); asked for explicitly without images: an error."""
+    if options.mode == "horizontal":
+        return options
+    fit = calibration.kind is not None
+    if not fit and (options.skip == "failover" or options.exits):
+        raise DataError(f"--skip failover and early exits are fitted on calibration images: "
+                        f"{calibration.describe()}; or compile with --skip none --no-exits")
+    skip = options.skip if options.skip != "auto" else ("failover" if fit else "none")
+    exits = options.exits if options.exits is not None else fit
+    if not fit:
+        progress("no calibration images: a dead block's output reads as zeros (no skip adapters, no early "
+                 "exits); --calib-data DIR fits them")
+    return dataclasses.replace(options, skip=skip, exits=exits)
+
+
+def _check_block_options(options: CompileOptions) -> None:
+    """Pipeline / hybrid options: given only with their mode, and (for now) without what they lack."""
+    from .options import BALANCES
+    from .plan import MODES, SKIPS
+    if options.mode not in MODES:
+        raise PlanError(f"unknown --mode '{options.mode}'; choose one of {', '.join(MODES)}")
+    if options.balance not in BALANCES:
+        raise PlanError(f"unknown --balance '{options.balance}'; choose one of {', '.join(BALANCES)}")
+    if options.skip not in (*SKIPS, "auto"):
+        raise PlanError(f"unknown --skip '{options.skip}'; choose one of {', '.join(SKIPS)}, auto")
+    if options.mode == "horizontal":
+        return
+
+
 def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None, progress: Progress,
                 source: CalibrationSource) -> Scores | None:
-    if options.method != "robust":
+    if options.method != "robust" or options.mode == "pipeline":    # a pipeline block holds its units whole
         return None
     if reuse is not None:
         bundle = Bundle.load(reuse)

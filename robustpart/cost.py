@@ -2,7 +2,8 @@
 
 A board holds the per-channel parameters of the channels it computes (the unit's weights and bias, and
 the BN statistics, depthwise kernels and scales of its chain), plus every parameter of the full-tensor
-ops, which run on every board.
+ops, which run on every board (in pipeline / hybrid mode too: an upper bound there, since such ops run only
+in their block), plus what `extra` names (a pipeline plan's skip and exit adapters).
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class PlanCost:
                 "max_macs": round(self.max_macs), "full_macs": self.full_macs}
 
 
-def plan_cost(graph: ModelGraph, plan: Plan) -> PlanCost:
+def plan_cost(graph: ModelGraph, plan: Plan, extra: list[int] | None = None) -> PlanCost:
     boards = []
     for board in range(plan.n_boards):
         bytes_, macs = float(graph.replicated_param_bytes), float(graph.replicated_macs)
+        bytes_ += extra[board] if extra else 0
         for unit in graph.units:
             share = plan.units[unit.name].board_channels[board].size / unit.channels
             bytes_ += unit.param_bytes * share

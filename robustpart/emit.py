@@ -13,6 +13,7 @@ from .graph import ModelGraph
 from .models import ModelSource
 from .plan import Plan
 from .report import plan_report_text
+from .runtime.adapters import ADAPTER_DATA, ADAPTER_INFO, AdapterEntry
 from .runtime.manifest import CompensationEntry
 from .scores import Scores
 from .shards import write_shards
@@ -22,17 +23,20 @@ Progress = Callable[[str], None]
 
 def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                 shards: bool = True, progress: Progress | None = None,
-                compensation: PreparedCompensation | None = None, calibration: str | None = None) -> Bundle:
+                compensation: PreparedCompensation | None = None, calibration: str | None = None,
+                adapters=None) -> Bundle:
     """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded."""
     path = write_atomically(Path(out), lambda tmp: write_bundle(tmp, graph, source, plan, scores, shards, progress,
-                                                                compensation, calibration))
+                                                                compensation, calibration, adapters))
     return Bundle.load(path)
 
 
 def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                  shards: bool = True, progress: Progress | None = None,
-                 compensation: PreparedCompensation | None = None, calibration: str | None = None) -> None:
-    """Write every file of a bundle into the (empty, temporary) directory `tmp`; `emit` makes it atomic."""
+                 compensation: PreparedCompensation | None = None, calibration: str | None = None,
+                 adapters=None) -> None:
+    """Write every file of a bundle into the (empty, temporary) directory `tmp`; `emit` makes it atomic.
+    `adapters`: the skips.PreparedAdapters of a pipeline / hybrid plan."""
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
              "units": [u.to_json() for u in graph.units],
              "param_bytes": {"total": graph.total_param_bytes, "replicated": graph.replicated_param_bytes},
@@ -41,7 +45,11 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
     plan.save(tmp / "plan.json")
     if scores is not None:
         scores.save(tmp / "scores.npz")
-    cost = plan_cost(graph, plan)
+    held = None
+    if adapters is not None:
+        from .routes import held_adapter_bytes
+        held = held_adapter_bytes(plan, {(p["source"], p["target"]): p["bytes"] for p in adapters.info["pairs"]})
+    cost = plan_cost(graph, plan, held)
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
     text = plan_report_text(graph, plan, cost) + (f"\n{calibration}\n" if calibration else "")
@@ -53,9 +61,18 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
                                              **compensation.info})
         (tmp / COMPENSATION_INFO).write_text(json.dumps(entry.to_json(), indent=1))
         text += _compensation_text(entry, graph.total_param_bytes)
+    adapter_entry = None
+    if adapters is not None:
+        data = adapters.data.to_bytes()
+        (tmp / ADAPTER_DATA).write_bytes(data)
+        adapter_entry = AdapterEntry.from_json({"file": ADAPTER_DATA, "sha256": hashlib.sha256(data).hexdigest(),
+                                                **adapters.info})
+        (tmp / ADAPTER_INFO).write_text(json.dumps(adapter_entry.to_json(), indent=1))
+        text += (f"\n{len(adapter_entry.pairs)} skip / exit adapters: {adapters.info['bytes'] / 1e6:.2f} MB, fitted "
+                 f"on {adapters.info['calibration_images']} calibration images\n")
     (tmp / "report.txt").write_text(text)
     if shards:
-        write_shards(tmp, graph, plan, progress, entry).write(tmp)
+        write_shards(tmp, graph, plan, progress, entry, adapter_entry).write(tmp)
 
 
 def _compensation_text(entry: CompensationEntry, model_bytes: int) -> str:

@@ -24,6 +24,7 @@ from .policies import COMPENSATION_ROWS, EVAL_BACKENDS
 from .simulate import FailureSimulator
 
 if TYPE_CHECKING:
+    from .runtime.adapters import AdapterSet
     from .runtime.compensation import Compensation
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ class PlanEvaluator:
     channels as one already seen is not run again."""
 
     def __init__(self, graph: ModelGraph, plan: Plan, images: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int = 500, compensation=None):
-        self.sim = FailureSimulator(graph, plan, compensation)
+                 batch_size: int = 500, compensation=None, adapters=None):
+        self.sim = FailureSimulator(graph, plan, compensation, adapters=adapters)
         self.plan, self.images, self.labels, self.batch_size = plan, images, labels, batch_size
         self._cache: dict[tuple, float] = {}
         self.runs = 0
@@ -117,16 +118,19 @@ class PlanEvaluator:
 
 def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], label: str | None = None,
                   fail_probs: dict[str, list[float]] | None = None,
-                  progress: Callable[[str], None] | None = None, evaluator=None) -> MethodReport:
+                  progress: Callable[[str], None] | None = None, evaluator=None,
+                  extra_bytes: list[int] | None = None) -> MethodReport:
     """Accuracy with no failure, mean/min/max over every failure set of each size in `ks`, the expected
     accuracy for each named list of per-board failure probabilities, and the per-board cost. `evaluator`
-    (default: the torch simulator) answers accuracy(failed)."""
+    (default: the torch simulator) answers accuracy(failed); `extra_bytes`: per board, what it holds beyond
+    the plan's parameters (adapters)."""
     n = plan.n_boards
     check_failure_sizes(ks, n)
     ev = evaluator or PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
     label = label or plan.method
     report = MethodReport(label=label, plan=plan, accuracy=ev.accuracy(), by_k={},
-                          replication=plan.replication_factor(), cost=plan_cost(graph, plan).to_json())
+                          replication=plan.replication_factor(),
+                          cost=plan_cost(graph, plan, extra_bytes).to_json())
     for k in ks:
         sets = failure_sets(n, k)
         accs = []
@@ -178,17 +182,26 @@ class BundleEvaluation:
 
 @dataclass
 class MethodVariant:
-    """One row of the evaluation: a plan, with or without compensation."""
+    """One row of the evaluation: a plan, with or without compensation (and a pipeline / hybrid plan's
+    skip and exit adapters)."""
     label: str
     plan: Plan
     compensation: Compensation | None = None
+    adapters: AdapterSet | None = None
+
+    def held_bytes(self) -> list[int] | None:
+        """Per board, the adapter bytes it holds (None without adapters)."""
+        if self.adapters is None:
+            return None
+        from .routes import held_adapter_bytes
+        return held_adapter_bytes(self.plan, {p: self.adapters.bytes_of(p) for p in self.adapters.weights})
 
 
 class SimulatorRunner:
     """Predicted classes of a batch under a failure set, by the torch failure simulator."""
 
     def __init__(self, graph: ModelGraph, variant: MethodVariant, device: torch.device | None = None):
-        self.sim = FailureSimulator(graph, variant.plan, variant.compensation, device)
+        self.sim = FailureSimulator(graph, variant.plan, variant.compensation, device, variant.adapters)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, failed: tuple[int, ...]) -> torch.Tensor:
@@ -341,7 +354,8 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     seconds = time.perf_counter() - start
     log.info("evaluate: %d images in batches of %d, %d distinct forward passes per batch, %.1f s (%s)",
              evaluator.images, batch_size, evaluator.passes_per_batch, seconds, device)
-    reports = [evaluate_plan(graph, v.plan, None, None, ks, v.label, fail_probs, None, _Lookup(acc, evaluator.runs(i)))
+    reports = [evaluate_plan(graph, v.plan, None, None, ks, v.label, fail_probs, None, _Lookup(acc, evaluator.runs(i)),
+                             v.held_bytes())
                for i, (v, acc) in enumerate(zip(variants, evaluator.accuracies()))]
     return BundleEvaluation(model=graph.name, data=stream.source, ks=ks, reports=reports, images=evaluator.images,
                             passes_per_batch=evaluator.passes_per_batch, batch_size=batch_size, seconds=seconds)
@@ -377,14 +391,16 @@ def _variants(bundle, graph: ModelGraph, plans: list[tuple[str, Plan]], compensa
     """Each plan without and/or with compensation, as `compensation` asks (a plan with none: one row)."""
     variants = []
     for i, (label, p) in enumerate(plans):
+        # plans[0] is the bundle's own plan, with the bundle's compensation and (pipeline / hybrid) adapters
+        adapters = bundle.load_adapters() if i == 0 else None
         prepared = None
-        if compensation != "without":      # plans[0] is the bundle's own plan, with the bundle's compensation
+        if compensation != "without":
             prepared = (bundle.load_compensation() if i == 0 else
                         _compensation_like(bundle, graph, p, progress, device))
         if compensation != "with" or prepared is None:
-            variants.append(MethodVariant(label, p))
+            variants.append(MethodVariant(label, p, adapters=adapters))
         if prepared is not None:
-            variants.append(MethodVariant(f"{label} +comp", p, prepared))
+            variants.append(MethodVariant(f"{label} +comp", p, prepared, adapters))
     return variants
 
 
@@ -415,6 +431,10 @@ def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress, device: 
 
 
 def _label(plan: Plan) -> str:
-    if plan.method == "robust":
-        return f"robust t={plan.options.get('threshold')}"
-    return plan.method
+    label = f"robust t={plan.options.get('threshold')}" if plan.method == "robust" else plan.method
+    if plan.blocks:
+        techniques = [f"skip {plan.skip}"] * (plan.skip != "none") + ["exits"] * plan.exits
+        groups = "x".join(map(str, (len(plan.blocks), len(plan.blocks[0].boards))))
+        label = (f"pipeline" if plan.mode == "pipeline" else f"hybrid {groups} {label}") + \
+            "".join(f" + {t}" for t in techniques)
+    return label

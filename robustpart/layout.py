@@ -50,10 +50,13 @@ class StageLayout:
 class Layout:
     n_boards: int
     input_name: str
-    stages: tuple[StageLayout, ...]
+    stages: tuple[StageLayout, ...]      # the unit stages
     head: Stage | None                   # the full-tensor ops after the last exit (None: the output is one)
     output_name: str
     fill_policy: str
+    sequence: tuple[StageLayout | Stage, ...] = ()   # unit stages and the cut stages of a pipeline / hybrid
+                                                     # plan's blocks (stages.py), in the order they run
+    blocks: tuple = ()                               # the plan's blocks (plan.Block), empty in horizontal mode
 
     def stage_of(self, unit: str) -> StageLayout:
         return next(s for s in self.stages if s.unit.name == unit)
@@ -62,9 +65,20 @@ class Layout:
 def derive_layout(graph: ModelGraph, plan: Plan) -> Layout:
     """The layout of `plan` on `graph` (the plan is checked against the graph's units first)."""
     plan.validate({u.name: u.channels for u in graph.units})
-    cut = cut_stages(graph)
+    cut = cut_stages(graph, block_outputs(plan))
     fills = fill_values(graph, plan)
-    stages = tuple(StageLayout(stage=s, unit=s.unit, placement=plan.units[s.unit.name],
-                               affine=pre_activation_point(graph, s.unit), fill=fills[s.unit.name])
-                   for s in cut.stages)
-    return Layout(plan.n_boards, cut.input_name, stages, cut.head, cut.output_name, plan.fill)
+    sequence = tuple(StageLayout(stage=s, unit=s.unit, placement=plan.units[s.unit.name],
+                                 affine=pre_activation_point(graph, s.unit), fill=fills[s.unit.name])
+                     if s.unit is not None else s for s in cut.stages)
+    stages = tuple(s for s in sequence if isinstance(s, StageLayout))
+    return Layout(plan.n_boards, cut.input_name, stages, cut.head, cut.output_name, plan.fill, sequence,
+                  tuple(plan.blocks))
+
+
+def block_outputs(plan: Plan) -> dict[str, int]:
+    """A pipeline / hybrid plan's block outputs (the last block's is the model's): node -> units before it."""
+    out, before = {}, 0
+    for block in plan.blocks[:-1]:
+        before += len(block.units)
+        out[block.output] = before
+    return out

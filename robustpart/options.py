@@ -11,6 +11,11 @@ DEFAULT_FILL = "zero"
 DEFAULT_JSD_MODE = "auto"
 DEFAULT_CALIB = 64               # calibration images for the data-driven scores
 DEFAULT_COMPENSATE_CALIB = 256   # calibration images for compensation
+DEFAULT_MODE = "horizontal"      # plan.MODES
+BALANCES = ("params", "macs")    # pipeline / hybrid: what the cut points balance over the blocks
+DEFAULT_BALANCE = "params"
+DEFAULT_SKIP = "auto"            # pipeline / hybrid: plan.SKIPS, or auto = failover when calibration images
+                                 # are at hand to fit the adapters, else none
 SYNTHESIZE = "synthesize"        # --calib-data synthesize: images made from the model's BatchNorm statistics
 
 
@@ -35,3 +40,10 @@ class CompileOptions:
     compensate_calib: int = DEFAULT_COMPENSATE_CALIB
     batch_size: int | None = None         # images per batch in scoring and compensation (default: batching.py)
     torch_device: str = "cpu"             # where scoring and compensation run: cpu, cuda or auto
+    mode: str = DEFAULT_MODE              # horizontal, pipeline (a block per board) or hybrid (a block per group)
+    balance: str = DEFAULT_BALANCE        # how pipeline / hybrid cut points are chosen, unless `cuts` names them
+    cuts: list[str] | None = None         # units after which to cut (pipeline / hybrid)
+    groups: str | None = None             # hybrid: "BxG", B blocks of G boards (default 2 x devices/2)
+    skip: str = DEFAULT_SKIP              # pipeline / hybrid: skip hyperconnections around dead blocks
+    exits: bool | None = None             # pipeline / hybrid: early exits when every later block is dead
+                                          # (None: when calibration images are at hand)

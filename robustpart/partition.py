@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import ConfigError, PlanError
 from .options import DEFAULT_THRESHOLD, CompileOptions
-from .plan import Plan, UnitPlacement
+from .plan import Block, Plan, UnitPlacement
 from .policies import PARTITIONERS
 from .scores import Scores
 
@@ -130,17 +130,48 @@ def resolve_thresholds(units: list[str], threshold: float | None,
     return result
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """Pipeline / hybrid: where the model is cut and how many boards run each block."""
+    mode: str                              # "pipeline" or "hybrid"
+    cuts: list[tuple[str, int]]            # (fx node of the crossing tensor, units before it), in order
+    group_size: int                        # boards per block (1 in pipeline mode)
+    skip: str = "failover"
+    exits: bool = True
+
+
+def _blocks(names: list[str], spec: BlockSpec) -> list[Block]:
+    bounds = [0] + [before for _, before in spec.cuts] + [len(names)]
+    outputs = [node for node, _ in spec.cuts] + [None]
+    g = spec.group_size
+    return [Block(tuple(names[bounds[k]:bounds[k + 1]]), tuple(range(k * g, (k + 1) * g)), outputs[k])
+            for k in range(len(bounds) - 1)]
+
+
+def _in_group(placement: UnitPlacement, group: tuple[int, ...], n_boards: int) -> UnitPlacement:
+    """A placement made over a group's boards 0..g-1, as a placement over all `n_boards` boards."""
+    held = [np.zeros(0, dtype=np.int64) for _ in range(n_boards)]
+    for position, board in enumerate(group):
+        held[board] = placement.board_channels[position]
+    return UnitPlacement(placement.channels, held, placement.groups)
+
+
 def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robust",
               scores: Scores | None = None, threshold: float | None = DEFAULT_THRESHOLD,
               per_unit_thresholds: dict[str, float] | None = None, seed: int = 0,
-              replicate: list[str] | None = None, model: dict | None = None, fill: str = "zero") -> Plan:
+              replicate: list[str] | None = None, model: dict | None = None, fill: str = "zero",
+              blocks: BlockSpec | None = None) -> Plan:
     """Partition every unit over `n_boards` boards. Units matching a `replicate` pattern are placed
-    whole on every board."""
+    whole on every board. With `blocks` (pipeline / hybrid), each block's units are partitioned over its
+    group of boards only (a group of one board holds the whole unit)."""
     if not isinstance(n_boards, int) or n_boards < 1:
         raise PlanError(f"--devices must be an integer >= 1, got {n_boards}")
+    group_size = blocks.group_size if blocks else n_boards
+    if blocks and (len(blocks.cuts) + 1) * group_size != n_boards:
+        raise PlanError(f"{len(blocks.cuts) + 1} blocks of {group_size} boards do not make --devices {n_boards}")
     smallest = min(unit_channels, key=unit_channels.get)
-    if n_boards > unit_channels[smallest] and method in ("lop", "random"):
-        raise PlanError(f"--devices {n_boards} exceeds the {unit_channels[smallest]} output channels of unit "
+    if group_size > unit_channels[smallest] and method in ("lop", "random"):
+        raise PlanError(f"{group_size} boards per block exceeds the {unit_channels[smallest]} output channels of unit "
                         f"'{smallest}': every board must compute at least one channel of every unit")
     partition = get_partitioner(method)
     replicate = replicate or []
@@ -148,21 +179,59 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
     if unknown:
         raise PlanError(f"--replicate names units the model does not have: {unknown}")
     names = list(unit_channels)
-    ctx = PartitionContext(n_boards=n_boards, scores=scores, seed=seed,
-                           thresholds=resolve_thresholds(names, threshold, per_unit_thresholds)
-                           if method == "robust" else {})
+    scored = method == "robust" and group_size > 1        # a block on one board holds its units whole
+    ctx = PartitionContext(n_boards=group_size, scores=scores, seed=seed,
+                           thresholds=resolve_thresholds(names, threshold, per_unit_thresholds) if scored else {})
+    block_list = _blocks(names, blocks) if blocks else [Block(tuple(names), tuple(range(n_boards)), None)]
     units = {}
-    for name in names:
-        whole = any(fnmatch.fnmatchcase(name, p) for p in replicate)
-        units[name] = full_partition(name, unit_channels[name], ctx) if whole \
-            else partition(name, unit_channels[name], ctx)
+    for block in block_list:
+        for name in block.units:
+            whole = group_size == 1 or any(fnmatch.fnmatchcase(name, p) for p in replicate)
+            placed = full_partition(name, unit_channels[name], ctx) if whole \
+                else partition(name, unit_channels[name], ctx)
+            units[name] = _in_group(placed, block.boards, n_boards) if blocks else placed
     options = {"seed": seed, "replicate": replicate}
-    if method == "robust":
+    if scored:
         options.update(threshold=threshold, per_unit_thresholds=per_unit_thresholds or {},
                        criteria=list(scores.criteria))
-    plan = Plan(n_boards=n_boards, units=units, method=method, options=options, model=model or {}, fill=fill)
+    extra = {}
+    if blocks:
+        extra = dict(mode=blocks.mode, blocks=block_list, skip=blocks.skip, exits=blocks.exits)
+    plan = Plan(n_boards=n_boards, units=units, method=method, options=options, model=model or {}, fill=fill,
+                **extra)
     plan.validate(unit_channels)
     return plan
+
+
+def parse_groups(text: str | None, devices: int) -> tuple[int, int]:
+    """`--groups BxG` -> (B blocks, G boards each); default 2 blocks of devices/2."""
+    if text is None:
+        if devices % 2 or devices < 4:
+            raise PlanError(f"--mode hybrid on {devices} devices needs --groups BxG (B blocks of G boards, "
+                            f"B x G = {devices})")
+        return 2, devices // 2
+    blocks, sep, size = text.lower().partition("x")
+    if not sep or not blocks.isdigit() or not size.isdigit() or int(blocks) < 1 or int(size) < 1:
+        raise PlanError(f"--groups {text!r} is not BxG (e.g. 2x2: 2 blocks of 2 boards)")
+    if int(blocks) * int(size) != devices:
+        raise PlanError(f"--groups {text}: {blocks} blocks of {size} boards is not --devices {devices}")
+    return int(blocks), int(size)
+
+
+def block_spec_for(graph, options: CompileOptions) -> BlockSpec | None:
+    """Where a pipeline / hybrid plan cuts the model and how big its groups are (None: horizontal)."""
+    from .cuts import balanced_cuts, named_cuts
+    if options.mode == "horizontal":
+        return None
+    n_blocks, size = (options.devices, 1) if options.mode == "pipeline" else parse_groups(options.groups,
+                                                                                         options.devices)
+    if options.cuts is not None:
+        cuts = named_cuts(graph, options.cuts)
+        if len(cuts) != n_blocks - 1:
+            raise PlanError(f"--cuts names {len(cuts)} cut points; {n_blocks} blocks need {n_blocks - 1}")
+    else:
+        cuts = balanced_cuts(graph, n_blocks, options.balance)
+    return BlockSpec(options.mode, [(c.node, c.units_before) for c in cuts], size, options.skip, options.exits)
 
 
 def plan_for(graph, options: CompileOptions, scores: Scores | None) -> Plan:
@@ -173,4 +242,5 @@ def plan_for(graph, options: CompileOptions, scores: Scores | None) -> Plan:
         threshold = default if default is not None else threshold
     return make_plan({u.name: u.channels for u in graph.units}, options.devices, options.method,
                      scores.select(options.criteria or scores.criteria) if scores is not None else None,
-                     threshold, per_unit, options.seed, options.replicate, graph.identity(), options.fill)
+                     threshold, per_unit, options.seed, options.replicate, graph.identity(), options.fill,
+                     block_spec_for(graph, options))

@@ -55,6 +55,33 @@ class UnitPlacement:
                    groups=None if groups is None else np.asarray(groups, dtype=np.int64))
 
 
+MODES = ("horizontal", "pipeline", "hybrid")
+SKIPS = ("failover", "none")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Consecutive partition units run by one group of boards (pipeline: one board; hybrid: a group that
+    splits each unit horizontally). `output` is the fx node of the one tensor it hands on (a legal cut,
+    cuts.py); None for the last block, whose output is the model's."""
+
+    units: tuple[str, ...]
+    boards: tuple[int, ...]
+    output: str | None
+
+    def failed(self, failed: Iterable[int]) -> bool:
+        """True when every board of the group has failed: nothing computes the block."""
+        return set(self.boards) <= set(failed)
+
+    def to_json(self) -> dict:
+        return {"units": list(self.units), "boards": list(self.boards), "output": self.output}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Block":
+        return cls(tuple(str(u) for u in data["units"]), tuple(int(b) for b in data["boards"]),
+                   None if data.get("output") is None else str(data["output"]))
+
+
 @dataclass
 class Plan:
     n_boards: int
@@ -63,6 +90,16 @@ class Plan:
     options: dict = field(default_factory=dict)     # threshold(s), criteria, seed: how it was made
     model: dict = field(default_factory=dict)       # name, source hash, input spec
     fill: str = "zero"
+    mode: str = "horizontal"                        # MODES
+    blocks: list[Block] = field(default_factory=list)   # empty in horizontal mode (one block, every board)
+    skip: str = "none"                              # SKIPS: a dead block's output is replaced by an adapter
+                                                    # from the last tensor a live block computed
+    exits: bool = False                             # early exits: a classifier at a cut when every later
+                                                    # block is dead
+
+    def block_list(self) -> list[Block]:
+        """The blocks; horizontal mode is the case of one block on every board."""
+        return self.blocks or [Block(tuple(self.units), tuple(range(self.n_boards)), None)]
 
     # ---- queries -------------------------------------------------------------------------------
     def surviving(self, unit: str, failed: Iterable[int]) -> np.ndarray:
@@ -106,12 +143,46 @@ class Plan:
             uncovered = np.flatnonzero(p.copies() == 0)
             if uncovered.size:
                 raise PlanError(f"unit '{name}': channels {uncovered[:8].tolist()} are on no board")
+        self._validate_blocks()
+
+    def _validate_blocks(self) -> None:
+        if self.mode not in MODES:
+            raise PlanError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
+        if self.skip not in SKIPS:
+            raise PlanError(f"unknown skip '{self.skip}'; choose one of {', '.join(SKIPS)}")
+        if not self.blocks:
+            if self.mode != "horizontal" or self.skip != "none" or self.exits:
+                raise PlanError(f"a {self.mode} plan with skip '{self.skip}' and exits={self.exits} needs blocks")
+            return
+        order = [u for b in self.blocks for u in b.units]
+        if order != list(self.units):
+            raise PlanError("the plan's blocks must hold every unit once, in the model's order")
+        seen: set[int] = set()
+        for k, block in enumerate(self.blocks):
+            if not block.units or not block.boards:
+                raise PlanError(f"block {k} has no units or no boards")
+            if any(not 0 <= b < self.n_boards for b in block.boards) or seen & set(block.boards):
+                raise PlanError(f"block {k}: boards {list(block.boards)} are out of range or shared with "
+                                f"another block")
+            seen |= set(block.boards)
+            if (block.output is None) != (k == len(self.blocks) - 1):
+                raise PlanError(f"block {k}: only the last block ends at the model output")
+            for name in block.units:
+                outside = [b for b, held in enumerate(self.units[name].board_channels)
+                           if held.size and b not in block.boards]
+                if outside:
+                    raise PlanError(f"unit '{name}' of block {k} has channels on boards {outside}, outside the "
+                                    f"block's group {list(block.boards)}")
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"schema": PLAN_SCHEMA, "n_boards": self.n_boards, "method": self.method,
-                "options": self.options, "model": self.model, "fill": self.fill,
-                "units": {name: p.to_json() for name, p in self.units.items()}}
+        out = {"schema": PLAN_SCHEMA, "n_boards": self.n_boards, "method": self.method,
+               "options": self.options, "model": self.model, "fill": self.fill,
+               "units": {name: p.to_json() for name, p in self.units.items()}}
+        if self.blocks:
+            out.update(mode=self.mode, blocks=[b.to_json() for b in self.blocks], skip=self.skip,
+                       exits=self.exits)
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
@@ -122,7 +193,10 @@ class Plan:
             plan = cls(n_boards=int(data["n_boards"]), method=str(data["method"]),
                        options=dict(data.get("options", {})), model=dict(data.get("model", {})),
                        fill=str(data.get("fill", "zero")),
-                       units={k: UnitPlacement.from_json(v) for k, v in data["units"].items()})
+                       units={k: UnitPlacement.from_json(v) for k, v in data["units"].items()},
+                       mode=str(data.get("mode", "horizontal")),
+                       blocks=[Block.from_json(b) for b in data.get("blocks", [])],
+                       skip=str(data.get("skip", "none")), exits=bool(data.get("exits", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"plan is malformed: {exc!r}") from exc
         plan.validate()

@@ -22,7 +22,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def plan_report_text(graph: ModelGraph, plan: Plan, cost: PlanCost) -> str:
     lines = [f"model {graph.name}  ({_mb(graph.total_param_bytes)}, {graph.total_macs / 1e6:.1f} M MACs/image)",
-             f"plan  {plan.method} on {plan.n_boards} boards  {_options(plan)}",
+             f"plan  {_plan_line(plan)}",
              f"replication factor {plan.replication_factor():.3f}; max board memory {_mb(cost.max_param_bytes)} = "
              f"{cost.memory_ratio_full:.3f} x full model, {cost.memory_ratio_even:.3f} x even split", ""]
     lines.append(table(["board", "param bytes", "MACs/image"],
@@ -36,6 +36,16 @@ def plan_report_text(graph: ModelGraph, plan: Plan, cost: PlanCost) -> str:
                      " ".join(str(b.size) for b in p.board_channels)])
     lines.append(table(["unit", "kind", "channels", "replicas", "groups", "channels per board"], rows))
     return "\n".join(lines) + "\n"
+
+
+def _plan_line(plan: Plan) -> str:
+    if not plan.blocks:
+        return f"{plan.method} on {plan.n_boards} boards  {_options(plan)}"
+    blocks = "; ".join(f"{b.units[0]}..{b.units[-1]} on board{'s' * (len(b.boards) > 1)} "
+                       f"{','.join(map(str, b.boards))}" for b in plan.blocks)
+    split = f", split by {plan.method} {_options(plan)}" if len(plan.blocks[0].boards) > 1 else ""
+    return (f"{plan.mode} on {plan.n_boards} boards, {len(plan.blocks)} blocks{split}: {blocks}\n"
+            f"      skip {plan.skip}, early exits {'on' if plan.exits else 'off'}; board memory counts the adapters")
 
 
 def _options(plan: Plan) -> str:

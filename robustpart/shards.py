@@ -22,10 +22,10 @@ import torch.nn as nn
 
 from .errors import BundleError
 from .graph import ModelGraph, PreActivationPoint
-from .layout import Layout, derive_layout
+from .layout import Layout, StageLayout, derive_layout
 from .oprules import slice_chain_module, slice_constant, unit_rule
-from .runtime.manifest import (CompensationEntry, HeadEntry, InputEntry, Manifest, ModelEntry, OutputEntry,
-                               ShardEntry, StageEntry, TensorEntry)
+from .runtime.manifest import (BlockEntry, CompensationEntry, HeadEntry, InputEntry, Manifest, ModelEntry,
+                               OutputEntry, PipelineEntry, ShardEntry, StageEntry, TensorEntry)
 from .stages import Stage
 
 log = logging.getLogger(__name__)
@@ -127,22 +127,34 @@ def export_stage(graph: ModelGraph, stage: Stage, keep: np.ndarray | None,
 
 
 def export_all(graph: ModelGraph, layout: Layout, progress: Callable[[str], None] | None = None,
-               affine: bool = False) -> tuple[list[list[bytes]], bytes | None]:
-    """ONNX bytes per stage and board of `layout`, and the head's (or None); `affine`: the shards take the
-    compensation affine's inputs at the layout's affine points."""
+               affine: bool = False) -> tuple[list[list[bytes | None]], bytes | None]:
+    """ONNX bytes per stage of `layout.sequence` and board (None: the board has no work there; a cut stage's
+    boards share one model), and the head's (or None); `affine`: the unit shards take the compensation
+    affine's inputs at the layout's affine points."""
     shards = []
-    for s in layout.stages:
+    for i, s in enumerate(layout.sequence):
+        if not isinstance(s, StageLayout):           # a cut stage: the block's output, whole
+            data = export_stage(graph, s, None)
+            boards = _cut_stage_boards(layout, s)
+            shards.append([data if b in boards else None for b in range(layout.n_boards)])
+            continue
         if progress:
-            progress(f"exporting shards: stage {s.index + 1}/{len(layout.stages)} ({s.unit.name})")
+            progress(f"exporting shards: stage {i + 1}/{len(layout.sequence)} ({s.unit.name})")
         per_board = []
         for b, keep in enumerate(s.slices):
-            if keep.size == 0:
+            if keep.size == 0 and not layout.blocks:
                 raise BundleError(f"board {b} holds no channel of unit '{s.unit.name}'; every board "
                                   f"must compute at least one channel of every unit")
-            per_board.append(export_stage(graph, s.stage, keep, s.affine if affine else None))
+            per_board.append(export_stage(graph, s.stage, keep, s.affine if affine else None) if keep.size else None)
         shards.append(per_board)
     head = export_stage(graph, layout.head, None) if layout.head else None
     return shards, head
+
+
+def _cut_stage_boards(layout: Layout, stage: Stage) -> tuple[int, ...]:
+    """The group of the block whose output a cut stage computes (the block of the unit stage before it)."""
+    before = next(s for s in reversed(layout.sequence[:layout.sequence.index(stage)]) if isinstance(s, StageLayout))
+    return next(b.boards for b in layout.blocks if before.unit.name in b.units)
 
 
 def _initializer_bytes(onnx_bytes: bytes) -> int:
@@ -153,9 +165,10 @@ def _initializer_bytes(onnx_bytes: bytes) -> int:
 
 
 def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], None] | None = None,
-                 compensation: CompensationEntry | None = None) -> Manifest:
+                 compensation: CompensationEntry | None = None, adapters=None) -> Manifest:
     """Write `out/shards/*.onnx` for every stage and board of the plan's layout, and return the manifest
-    describing them. `compensation`: the compensation data's entry (the data file is already in `out`)."""
+    describing them. `compensation`: the compensation data's entry (the data file is already in `out`);
+    `adapters`: a pipeline / hybrid plan's runtime.adapters.AdapterEntry (its file too)."""
     import hashlib
 
     import onnx
@@ -164,26 +177,39 @@ def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], N
     shard_bytes, head_bytes = export_all(graph, layout, progress, affine=compensation is not None)
     (out / "shards").mkdir()
     nodes = {n.name: n for n in graph.module.graph.nodes}
+    saved: dict[str, tuple[str, str, int]] = {}
 
     def save(name: str, data: bytes) -> tuple[str, str, int]:
-        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
-        (out / "shards" / name).write_bytes(data)
-        return f"shards/{name}", hashlib.sha256(data).hexdigest(), _initializer_bytes(data)
+        if name not in saved:            # a cut stage's boards share one file
+            onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+            (out / "shards" / name).write_bytes(data)
+            saved[name] = (f"shards/{name}", hashlib.sha256(data).hexdigest(), _initializer_bytes(data))
+        return saved[name]
 
     def shape_of(name: str) -> tuple[int, ...]:
         return tuple(nodes[name].meta["tensor_meta"].shape[1:])
 
     stages = []
-    for s, per_board in zip(layout.stages, shard_bytes):
+    for index, (s, per_board) in enumerate(zip(layout.sequence, shard_bytes)):
+        unit = s.unit if isinstance(s, StageLayout) else None
+        stage = s.stage if unit else s
+        tensor = s.exit if unit else stage.output
+        shape = tuple(unit.exit_shape) if unit else shape_of(tensor)
         shards = []
         for b, data in enumerate(per_board):
-            file, digest, params = save(f"s{s.index:03d}_b{b}.onnx", data)
-            shards.append(ShardEntry(b, file, digest, tuple(s.slices[b].tolist()), params))
+            if data is None:
+                shards.append(ShardEntry(b, None, None, (), 0))
+                continue
+            name = f"s{index:03d}_b{b}.onnx" if unit else f"s{index:03d}_cut.onnx"
+            channels = tuple(s.slices[b].tolist()) if unit else tuple(range(shape[0]))
+            file, digest, params = save(name, data)
+            shards.append(ShardEntry(b, file, digest, channels, params))
+        fill = s.fill if unit else None
         stages.append(StageEntry(
-            index=s.index, unit=s.unit.name, inputs=tuple(s.stage.inputs), tensor=s.exit,
-            shape=tuple(s.unit.exit_shape), axis=s.unit.exit_axis,
-            extras=tuple(TensorEntry(e, shape_of(e)) for e in s.stage.extras),
-            fill_values=None if not s.fill.any() else tuple(s.fill.tolist()), shards=tuple(shards)))
+            index=index, unit=unit.name if unit else None, inputs=tuple(stage.inputs), tensor=tensor,
+            shape=shape, axis=unit.exit_axis if unit else 1,
+            extras=tuple(TensorEntry(e, shape_of(e)) for e in stage.extras),
+            fill_values=None if fill is None or not fill.any() else tuple(fill.tolist()), shards=tuple(shards)))
     head = None
     if head_bytes is not None:
         head = HeadEntry(tuple(layout.head.inputs), *save("head.onnx", head_bytes))
@@ -194,4 +220,18 @@ def write_shards(out: Path, graph: ModelGraph, plan, progress: Callable[[str], N
         output=OutputEntry(layout.output_name, shape_of(layout.output_name), spec.num_classes, tuple(spec.labels)),
         boards=plan.n_boards, fill_policy=plan.fill,
         compensation=None if compensation is None else replace(compensation, affine_inputs=AFFINE_INPUTS),
-        method=plan.method, options=plan.options, stages=tuple(stages), head=head, root=out)
+        method=plan.method, options=plan.options, stages=tuple(stages), head=head, root=out,
+        pipeline=_pipeline_entry(plan, stages, layout, shape_of, adapters))
+
+
+def _pipeline_entry(plan, stages: list[StageEntry], layout: Layout, shape_of, adapters) -> PipelineEntry | None:
+    """The blocks as stage indices: a block runs its units' stages and the cut stage after them."""
+    if not plan.blocks:
+        return None
+    blocks, first = [], 0
+    for k, block in enumerate(plan.blocks):
+        output = block.output or layout.output_name
+        last = next(i for i, st in enumerate(stages) if st.tensor == output) if block.output else len(stages) - 1
+        blocks.append(BlockEntry(tuple(range(first, last + 1)), block.boards, TensorEntry(output, shape_of(output))))
+        first = last + 1
+    return PipelineEntry(plan.mode, plan.skip, plan.exits, tuple(blocks), adapters)

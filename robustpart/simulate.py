@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .adapter_ops import apply_adapter
 from .errors import PlanError
 from .graph import ModelGraph
 from .layout import Layout, derive_layout
@@ -23,9 +24,11 @@ from .plan import Plan
 
 if TYPE_CHECKING:
     from .runtime.compensation import Compensation
+    from .skips import AdapterSet
 
 CPU = torch.device("cpu")
 AFFINE_PREFIX, MASK_PREFIX = "_robustpart_affine_", "_robustpart_mask_"   # names of the inserted modules
+CUT_PREFIX = "_robustpart_cut_"
 
 
 class ChannelMask(nn.Module):
@@ -100,18 +103,62 @@ class ChannelAffine(nn.Module):
         return x.mul_(self.scale).add_(self.shift)
 
 
+class CutRoute:
+    """What the cut switches of a pipeline / hybrid plan do under the failure set last set: per cut t whose
+    producing block is dead, ("skip" | "exit", j) or ("fill", None) (skips.route); and the cut tensors of
+    this forward that an action reads."""
+
+    def __init__(self):
+        self.actions: dict[int, tuple[str, int | None]] = {}
+        self.adapters: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.record: set[int] = set()       # cuts kept in `values` regardless (adapter fitting reads them)
+
+    def sources(self) -> set[int]:
+        return {j for _, j in self.actions.values() if j is not None} | self.record
+
+
+class CutSwitch(nn.Module):
+    """At cut t (0: the model input; the last: the model output): passes the tensor through while the
+    block before it lives; otherwise rebuilds it per the route (an adapter from an earlier cut, or zeros)."""
+
+    def __init__(self, index: int, shape: tuple[int, ...], route: CutRoute):
+        super().__init__()
+        self.index, self.shape, self.route = index, shape, route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        action = route.actions.get(self.index)
+        if action is not None:
+            kind, j = action
+            if kind == "fill":
+                x = torch.zeros_like(x)
+            else:
+                weight, bias = route.adapters[(j, self.index)]
+                x = apply_adapter(route.values[j], weight, bias, self.shape)
+        if self.index in route.sources():
+            route.values[self.index] = x.clone()      # later ops may write into x in place
+        return x
+
+
 class FailureSimulator:
     """Evaluate `graph`'s model as partitioned by `plan` under any failure set, with the plan's fill and,
     when given, the compensation prepared for that failure set. On a `device` other than the CPU it runs a
     copy of the model there (the graph's own module stays on the CPU for export)."""
 
     def __init__(self, graph: ModelGraph, plan: Plan, compensation: Compensation | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, adapters: AdapterSet | None = None):
         self.graph, self.plan, self.compensation = graph, plan, compensation
         self.layout = derive_layout(graph, plan)
         self.device = torch.device(device or "cpu")
-        self.module, self.masks, self.affines = _with_masks(graph, self.layout, self.device)
+        self.route = CutRoute()
+        self.module, self.masks, self.affines = _with_masks(graph, self.layout, self.device, plan, self.route)
         self.module.eval()
+        self.adapters = adapters
+        if adapters is not None:
+            self.route.adapters = {pair: (torch.as_tensor(w, device=self.device),
+                                          torch.as_tensor(adapters.biases[pair], device=self.device))
+                                   for pair, w in adapters.weights.items()}
 
     def set_failures(self, failed: Iterable[int]) -> None:
         failed = set(failed)
@@ -130,6 +177,21 @@ class FailureSimulator:
                 recon = data.recon
             self.masks[name].set(keep, fill, recon)
             self.affines[name].set(*((data.scale, data.shift) if data is not None else (None, None)))
+        self.route.actions = self.cut_actions(failed)
+
+    def dead_units(self, failed: Iterable[int]) -> set[str]:
+        """The units of the blocks every board of which has failed (a pipeline / hybrid plan's)."""
+        failed = set(failed)
+        return {u for b in self.plan.blocks if b.failed(failed) for u in b.units}
+
+    def cut_actions(self, failed: set[int]) -> dict[int, tuple[str, int | None]]:
+        """The cut route of a pipeline / hybrid plan; a technique whose adapter is missing reads zeros."""
+        if not self.plan.blocks:
+            return {}
+        from .routes import route
+        actions = route(self.plan, failed)
+        return {t: (kind, j) if kind == "fill" or (j, t) in self.route.adapters else ("fill", None)
+                for t, (kind, j) in actions.items()}
 
     @torch.no_grad()
     def batch_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,10 +208,12 @@ class FailureSimulator:
         return torch.cat(outs)
 
 
-def _with_masks(graph: ModelGraph, layout: Layout, device: torch.device = CPU
+def _with_masks(graph: ModelGraph, layout: Layout, device: torch.device = CPU, plan: Plan | None = None,
+                route: CutRoute | None = None
                 ) -> tuple[fx.GraphModule, dict[str, ChannelMask], dict[str, ChannelAffine]]:
     """A copy of the traced graph (sharing the weights on the CPU, a copy of them elsewhere) with a
-    ChannelMask after every stage's exit and a ChannelAffine after its affine point (from the layout)."""
+    ChannelMask after every stage's exit and a ChannelAffine after its affine point (from the layout), and
+    for a plan with blocks a CutSwitch at the input, at every block's output and at the model output."""
     new_graph = copy.deepcopy(graph.module.graph)
     root = nn.Module()
     for name, child in graph.module.named_children():
@@ -176,10 +240,19 @@ def _with_masks(graph: ModelGraph, layout: Layout, device: torch.device = CPU
         insert_after(point.node, affines[unit.name], f"{AFFINE_PREFIX}{i}")
         masks[unit.name] = ChannelMask(unit.exit_axis, len(unit.exit_shape) + 1, device)
         insert_after(stage.exit, masks[unit.name], f"{MASK_PREFIX}{i}")
+    if plan is not None and plan.blocks:
+        cut_nodes = [layout.input_name] + [b.output for b in plan.blocks[:-1]] + [layout.output_name]
+        for t, name in enumerate(cut_nodes):
+            original = next(n for n in graph.module.graph.nodes if n.name == name)
+            shape = tuple(original.meta["tensor_meta"].shape[1:])
+            insert_after(name, CutSwitch(t, shape, route), f"{CUT_PREFIX}{t}")
     new_graph.lint()
     module = fx.GraphModule(root, new_graph)
     if device.type != "cpu":
         module = copy.deepcopy(module).to(device)
         masks = {name: module.get_submodule(f"{MASK_PREFIX}{i}") for i, name in enumerate(masks)}
         affines = {name: module.get_submodule(f"{AFFINE_PREFIX}{i}") for i, name in enumerate(affines)}
+        for sub in module.modules():
+            if isinstance(sub, CutSwitch):
+                sub.route = route          # the copy's switches follow the simulator's route
     return module, masks, affines

@@ -7,6 +7,11 @@ then the unit and its channel-local chain. A full-tensor value that a later stag
 once, by the first stage that needs it, and returned as an *extra* output (every board computes it, from
 the same assembled inputs, so every board has it). The head computes the model output from env tensors
 when the output is not itself a unit's exit.
+
+A pipeline / hybrid plan hands one tensor from block to block (cuts.py). When that tensor is not a unit's
+exit (a residual add, a flatten), a *cut stage* (unit None) right after the block's last unit computes it
+from env, on the block's own boards, so that it is an env tensor the next block reads and a dead block's
+replacement can stand in for.
 """
 from __future__ import annotations
 
@@ -34,16 +39,21 @@ class Stage:
 @dataclass
 class StagePlan:
     input_name: str
-    stages: list[Stage]
+    stages: list[Stage]               # unit stages and cut stages, in the order they run
     head: Stage | None                # None when the model output is the last unit's exit
     output_name: str
+
+    @property
+    def unit_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.unit is not None]
 
 
 def _is_tensor(node: fx.Node) -> bool:
     return node.meta.get("tensor_meta") is not None and hasattr(node.meta["tensor_meta"], "shape")
 
 
-def cut_stages(graph: ModelGraph) -> StagePlan:
+def cut_stages(graph: ModelGraph, cuts: dict[str, int] | None = None) -> StagePlan:
+    """`cuts`: the block outputs of a pipeline / hybrid plan, fx node name -> units before it."""
     gm = graph.module
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -84,8 +94,10 @@ def cut_stages(graph: ModelGraph) -> StagePlan:
             owned.add(n.name)
             stack.extend(a for a in n.all_input_nodes)
 
+    exits = {u.exit_node for u in graph.units}
+    pending = {before: name for name, before in (cuts or {}).items() if name not in exits}
     for i, unit in enumerate(graph.units):
-        stage = Stage(index=i, unit=unit, inputs=[], nodes=[])
+        stage = Stage(index=len(stages), unit=unit, inputs=[], nodes=[])
         owned: set[str] = set()
         conv = nodes[unit.node]
         for arg in conv.all_input_nodes:
@@ -98,6 +110,16 @@ def cut_stages(graph: ModelGraph) -> StagePlan:
         stage.nodes = sorted(owned, key=order.get) + chain_constants + [unit.node, *unit.chain]
         stages.append(stage)
         env.add(unit.exit_node)
+        if i + 1 in pending:                 # a block ends here with a tensor that is not a unit's exit
+            cut = Stage(index=len(stages), unit=None, inputs=[], nodes=[])
+            owned = set()
+            collect(nodes[pending[i + 1]], cut, owned)
+            for name in owned:
+                if _is_tensor(nodes[name]) and nodes[name].op != "get_attr":
+                    owner.setdefault(name, cut)
+            cut.nodes = sorted(owned, key=order.get)
+            stages.append(cut)
+            env.add(pending[i + 1])
     head = None
     if result.name not in env:
         head = Stage(index=len(stages), unit=None, inputs=[], nodes=[])

@@ -21,6 +21,8 @@ SCHEMA_OF = {
     m.StageEntry: STAGE,
     m.TensorEntry: STAGE["properties"]["extras"]["items"],
     m.ShardEntry: STAGE["properties"]["shards"]["items"],
+    m.PipelineEntry: MANIFEST_SCHEMA["properties"]["pipeline"],
+    m.BlockEntry: MANIFEST_SCHEMA["properties"]["pipeline"]["properties"]["blocks"]["items"],
 }
 
 

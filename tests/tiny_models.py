@@ -48,6 +48,42 @@ class HeadNet(nn.Module):
         return torch.softmax(self.b(torch.relu(self.a(x))).mean((2, 3)), dim=1)
 
 
+class ChainNet(nn.Module):
+    """Four blocks: conv-relu | a linear 1x1 conv | conv-relu-global pool | linear. Block b and the classifier
+    are linear in their input, so a fitted adapter around them is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 6, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        x = self.pool(torch.relu(self.c(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class ResNetLike(nn.Module):
+    """A stem, a basic residual block (two convs and the identity), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        x = torch.relu(self.conv3(x)).mean((2, 3))
+        return self.fc(x)
+
+
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BN layers non-trivial statistics so that masking points matter."""
     g = torch.Generator().manual_seed(seed)

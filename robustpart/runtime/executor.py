@@ -14,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, DataError
+from ..routes import route
+from .adapters import apply_adapter
 from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
 
@@ -80,8 +82,10 @@ class LocalExecutor:
         self.failed = _checked_failure_set(failed, n)
         self.live = [b for b in range(n) if b not in self.failed]
         providers, options = resolve_providers(provider), session_options(threads)
-        self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live}
+        self.sessions = [{b: open_session(self.manifest.shard_path(stage, b), providers, options) for b in self.live
+                          if stage.shards[b].has_work}
                          for stage in self.manifest.stages]
+        self.adapters = self.manifest.load_adapters()
         self.assemblers = [StageAssembler(stage, n) for stage in self.manifest.stages]
         self.compensate = compensate
         self._tables = {compensate: self.manifest.compensation_tables(with_data=compensate)}
@@ -118,18 +122,47 @@ class LocalExecutor:
         failed = self._failed_for_run(failed)
         tables = self._tables_for(self.compensate if compensate is None else compensate)
         env = {spec.name: x}
-        for s, (stage, sessions, assembler) in enumerate(zip(self.manifest.stages, self.sessions, self.assemblers)):
-            slices, extras = {}, None
-            for board, session in sessions.items():
-                if board in failed:
-                    continue
-                feeds = {name: env[name] for name in stage.inputs}
-                outputs = session.run(None, {**feeds, **tables.affine_feeds(s, board, failed)})
-                slices[board] = outputs[0]
-                extras = extras or outputs[1:]
-            env[stage.tensor] = assembler.assemble(slices, len(x), tables.exit_data(s, failed))
-            for meta, value in zip(stage.extras, extras):
-                env[meta.name] = value
+        pipeline = self.manifest.pipeline
+        if pipeline is None:
+            self._run_stages(range(len(self.manifest.stages)), env, failed, tables, len(x))
+        else:
+            actions = route(pipeline, failed)
+            cuts = [spec.name] + [b.output.name for b in pipeline.blocks]
+            for k, block in enumerate(pipeline.blocks):
+                if block.failed(failed):
+                    env[cuts[k + 1]] = self._replacement(actions[k + 1], k + 1, env, cuts, block, len(x))
+                    if k == len(pipeline.blocks) - 1:
+                        return env[cuts[-1]]            # an early exit (or nothing) answers, not the head
+                else:
+                    self._run_stages(block.stages, env, failed, tables, len(x))
         if self.head is None:
             return env[self.manifest.output.name]
         return self.head.run(None, {name: env[name] for name in self.manifest.head.inputs})[0]
+
+    def _run_stages(self, indices, env: dict, failed: frozenset, tables, batch: int) -> None:
+        """Run stages `indices` on the live boards that have work in them, assembling each stage's tensor."""
+        for s in indices:
+            stage, sessions, assembler = self.manifest.stages[s], self.sessions[s], self.assemblers[s]
+            live = [b for b in sessions if b not in failed]
+            if stage.unit is None:                     # a cut stage: each live board of the group computes it
+                env[stage.tensor] = sessions[live[0]].run(None, {n: env[n] for n in stage.inputs})[0]
+                continue
+            slices, extras = {}, None
+            for board in live:
+                feeds = {name: env[name] for name in stage.inputs}
+                outputs = sessions[board].run(None, {**feeds, **tables.affine_feeds(s, board, failed)})
+                slices[board] = outputs[0]
+                extras = extras or outputs[1:]
+            env[stage.tensor] = assembler.assemble(slices, batch, tables.exit_data(s, failed))
+            for meta, value in zip(stage.extras, extras or ()):
+                env[meta.name] = value
+
+    def _replacement(self, action: tuple[str, int | None], t: int, env: dict, cuts: list[str], block,
+                     batch: int) -> np.ndarray:
+        """A dead block's output: its skip adapter or early exit applied to the last live cut tensor, or
+        zeros (routes.route)."""
+        kind, j = action
+        if kind == "fill" or self.adapters is None or (j, t) not in self.adapters.weights:
+            return np.zeros((batch, *block.output.shape), dtype=np.float32)
+        return apply_adapter(env[cuts[j]], self.adapters.weights[(j, t)], self.adapters.biases[(j, t)],
+                             block.output.shape)

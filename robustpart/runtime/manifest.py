@@ -50,12 +50,17 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One board's shard of one stage: its file, hash, the channels it returns and its parameter bytes."""
+    """One board's shard of one stage: its file, hash, the channels it returns and its parameter bytes. A
+    board with no work in the stage (outside a pipeline block's group) has no file."""
     board: int
-    file: str
-    sha256: str
+    file: str | None
+    sha256: str | None
     channels: tuple[int, ...]
     param_bytes: int
+
+    @property
+    def has_work(self) -> bool:
+        return self.file is not None
 
     @cached_property
     def channel_array(self) -> np.ndarray:
@@ -74,9 +79,10 @@ class ShardEntry:
 class StageEntry:
     """Stage `index` computes unit `unit`: every board reads the env tensors `inputs` and returns its
     channels (along `axis` of the full tensor `tensor`, of `shape` without the batch axis) plus `extras`;
-    a channel no live board returns takes its fill value (zero when `fill_values` is None)."""
+    a channel no live board returns takes its fill value (zero when `fill_values` is None). A cut stage
+    (`unit` None) computes a pipeline block's output tensor whole on each board of the block's group."""
     index: int
-    unit: str
+    unit: str | None
     inputs: tuple[str, ...]
     tensor: str
     shape: tuple[int, ...]
@@ -193,6 +199,51 @@ class CompensationEntry:
 
 
 @dataclass(frozen=True)
+class BlockEntry:
+    """A pipeline / hybrid block: the stages it runs (indices), its group of boards, the tensor it hands on
+    (the model output for the last block)."""
+    stages: tuple[int, ...]
+    boards: tuple[int, ...]
+    output: TensorEntry
+
+    def failed(self, failed) -> bool:
+        return set(self.boards) <= set(failed)
+
+    def to_json(self) -> dict:
+        return {"stages": list(self.stages), "boards": list(self.boards), "output": self.output.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> BlockEntry:
+        return cls(_ints(d["stages"]), _ints(d["boards"]), TensorEntry.from_json(d["output"]))
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """A pipeline / hybrid bundle's blocks and the techniques that answer for a dead one (routes.py reads
+    `block_list()`, `skip` and `exits` from it as from the Plan); `adapters`: adapters.json's entry."""
+    mode: str
+    skip: str
+    exits: bool
+    blocks: tuple[BlockEntry, ...]
+    adapters: Any = None             # runtime.adapters.AdapterEntry
+
+    def block_list(self) -> tuple[BlockEntry, ...]:
+        return self.blocks
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "skip": self.skip, "exits": self.exits,
+                "blocks": [b.to_json() for b in self.blocks],
+                "adapters": None if self.adapters is None else self.adapters.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> PipelineEntry:
+        from .adapters import AdapterEntry
+        adapters = d.get("adapters")
+        return cls(d["mode"], d["skip"], bool(d["exits"]), tuple(BlockEntry.from_json(b) for b in d["blocks"]),
+                   None if adapters is None else AdapterEntry.from_json(adapters))
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     source_hash: str
@@ -221,13 +272,20 @@ class Manifest:
     head: HeadEntry | None
     schema_version: int = SCHEMA_VERSION
     root: Path = field(default=Path("."), compare=False)
+    pipeline: PipelineEntry | None = None     # a pipeline / hybrid bundle's blocks (None: horizontal)
 
     def shard_path(self, stage: StageEntry, board: int) -> Path:
         return self.root / stage.shards[board].file
 
     def param_bytes(self, board: int) -> int:
         total = sum(s.shards[board].param_bytes for s in self.stages)
-        return total + (self.head.param_bytes if self.head else 0)
+        adapters = self.pipeline.adapters if self.pipeline else None
+        return total + (self.head.param_bytes if self.head else 0) + (adapters.board_bytes(board) if adapters else 0)
+
+    def load_adapters(self):
+        """The skip / exit adapters (hash-checked), or None."""
+        adapters = self.pipeline.adapters if self.pipeline else None
+        return None if adapters is None else adapters.load(self.root)
 
     def load_compensation(self, board: int | None = None):
         """The bundle's compensation data (hash-checked), or None when it has none. With `board`, only the
@@ -248,7 +306,8 @@ class Manifest:
                 "compensation": None if self.compensation is None else self.compensation.to_json(),
                 "provenance": {"method": self.method, "options": self.options},
                 "stages": [s.to_json() for s in self.stages],
-                "head": None if self.head is None else self.head.to_json()}
+                "head": None if self.head is None else self.head.to_json(),
+                **({"pipeline": self.pipeline.to_json()} if self.pipeline else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], root: Path | str = ".") -> Manifest:
@@ -258,14 +317,15 @@ class Manifest:
                    None if comp is None else CompensationEntry.from_json(comp),
                    d["provenance"]["method"], d["provenance"]["options"],
                    tuple(StageEntry.from_json(s) for s in d["stages"]),
-                   None if head is None else HeadEntry.from_json(head), d["schema_version"], Path(root))
+                   None if head is None else HeadEntry.from_json(head), d["schema_version"], Path(root),
+                   PipelineEntry.from_json(d["pipeline"]) if d.get("pipeline") else None)
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=1))
 
 
 JSON_VALUES = (Manifest, ModelEntry, InputEntry, OutputEntry, CompensationEntry, StageEntry, TensorEntry,
-               ShardEntry, HeadEntry)
+               ShardEntry, HeadEntry, BlockEntry, PipelineEntry)
 
 
 def json_keys(value_type) -> set[str]:
@@ -332,7 +392,10 @@ def check_files(m: Manifest, boards: list[int] | None = None) -> None:
     """Every file the manifest names for `boards` (default all) and the head and compensation data: inside
     the bundle, present, and matching its SHA-256."""
     boards = range(m.boards) if boards is None else boards
-    files = [(stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages for b in boards]
+    files = [(stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages for b in boards
+             if stage.shards[b].has_work]
+    if m.pipeline and m.pipeline.adapters:
+        files.append((m.pipeline.adapters.file, m.pipeline.adapters.sha256))
     if m.head:
         files.append((m.head.file, m.head.sha256))
     if m.compensation:

@@ -12,7 +12,8 @@ _SHA256 = {"type": "string", "minLength": 64, "maxLength": 64}
 _SHARD = {
     "type": "object",
     "required": ["board", "file", "sha256", "channels", "param_bytes"],
-    "properties": {"board": {"type": "integer", "minimum": 0}, "file": {"type": "string"}, "sha256": _SHA256,
+    "properties": {"board": {"type": "integer", "minimum": 0}, "file": {"type": ["string", "null"]},
+                   "sha256": {**_SHA256, "type": ["string", "null"]},
                    "channels": _INT_LIST, "param_bytes": {"type": "integer", "minimum": 0}},
 }
 _TENSOR = {"type": "object", "required": ["name", "shape"],
@@ -54,7 +55,8 @@ MANIFEST_SCHEMA = {
             "type": "object",
             "required": ["index", "unit", "inputs", "tensor", "shape", "axis", "extras", "fill_values", "shards"],
             "properties": {
-                "index": {"type": "integer", "minimum": 0}, "unit": {"type": "string"}, "inputs": _NAME_LIST,
+                "index": {"type": "integer", "minimum": 0}, "unit": {"type": ["string", "null"]},
+                "inputs": _NAME_LIST,
                 "tensor": {"type": "string"}, "shape": _INT_LIST, "axis": {"type": "integer", "minimum": 1},
                 "extras": {"type": "array", "items": _TENSOR},
                 "fill_values": {"type": ["array", "null"], "items": {"type": "number"}},
@@ -62,6 +64,17 @@ MANIFEST_SCHEMA = {
         "head": {"type": ["object", "null"], "required": ["inputs", "file", "sha256", "param_bytes"],
                  "properties": {"inputs": _NAME_LIST, "file": {"type": "string"}, "sha256": _SHA256,
                                 "param_bytes": {"type": "integer", "minimum": 0}}},
+        "pipeline": {"type": "object", "required": ["mode", "skip", "exits", "blocks", "adapters"],
+                     "properties": {
+                         "mode": {"type": "string", "enum": ["pipeline", "hybrid"]},
+                         "skip": {"type": "string", "enum": ["failover", "none"]},
+                         "exits": {"type": "boolean"},
+                         "blocks": {"type": "array", "items": {
+                             "type": "object", "required": ["stages", "boards", "output"],
+                             "properties": {"stages": _INT_LIST, "boards": _INT_LIST, "output": _TENSOR}}},
+                         "adapters": {"type": ["object", "null"], "required": ["file", "sha256", "pairs"],
+                                      "properties": {"file": {"type": "string"}, "sha256": _SHA256,
+                                                     "pairs": {"type": "array", "items": {"type": "object"}}}}}},
     },
 }
 

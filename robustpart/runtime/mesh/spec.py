@@ -42,6 +42,11 @@ class MeshSpec:
 
 
 def mesh_spec(manifest) -> MeshSpec:
+    if manifest.pipeline is not None:
+        from ...errors import BundleError
+        raise BundleError(f"this is a {manifest.pipeline.mode} bundle; the board mesh serves horizontal bundles "
+                          f"only for now. Run it in one process with `robustpart evaluate BUNDLE --backend onnx`, "
+                          f"or compile without --mode")
     stages = tuple(StageSpec(s.inputs, s.tensor, tuple(e.name for e in s.extras), s.axis, s.shape,
                              tuple(shard.channels for shard in s.shards)) for s in manifest.stages)
     head = manifest.head

@@ -1,0 +1,72 @@
+"""Which technique answers for a dead block of a pipeline / hybrid plan (plain logic on its blocks: the
+simulator reads them from the Plan, the executor and the boards from the manifest).
+
+Block k reads cut tensor T_k (T_0: the model input) and hands on T_{k+1} (T_B, B blocks: the model
+output). When every board of block k's group has failed, T_{k+1} is rebuilt from T_j, the last cut tensor
+a live block computed (j <= k; the input always counts), by the adapter A_{j->k+1} (skips.py): a skip
+hyperconnection for an inner cut, an early exit for the output. Without that technique it reads as zeros
+(deepFogGuard's null vector).
+
+Who holds an adapter: a skip A_{j->t} (t < B) sits with block t's group, which applies it to the T_j it
+receives when its predecessor is dead; an exit A_{j->B} sits with block j-1's group, which produced T_j
+and answers with the exit when every later block is dead.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # or a runtime.manifest.PipelineEntry: anything with block_list(), skip and exits
+    from .plan import Plan
+
+
+def live_source(plan: Plan, t: int, failed: Iterable[int]) -> int:
+    """For cut t whose producing block t-1 is dead: the last cut j < t a live block computed (0: input)."""
+    blocks, failed = plan.block_list(), set(failed)
+    j = t - 1
+    while j > 0 and blocks[j - 1].failed(failed):
+        j -= 1
+    return j
+
+
+def needed_pairs(plan: Plan) -> list[tuple[int, int]]:
+    """The (source cut, target cut) pairs a plan's techniques may use."""
+    n = len(plan.block_list())
+    pairs = []
+    for t in range(1, n + 1):
+        wanted = plan.exits if t == n else plan.skip == "failover"
+        sources = range(1, t) if t == n else range(0, t)     # an exit from the input means every block died
+        pairs += [(j, t) for j in sources] if wanted else []
+    return pairs
+
+
+def route(plan: Plan, failed: Iterable[int]) -> dict[int, tuple[str, int | None]]:
+    """For every cut t whose producing block is dead: ("skip" | "exit", source j) when the plan has that
+    technique, else ("fill", None): the tensor reads as zeros (deepFogGuard's null vector)."""
+    blocks, failed = plan.block_list(), set(failed)
+    n, out = len(blocks), {}
+    for t in range(1, n + 1):
+        if not blocks[t - 1].failed(failed):
+            continue
+        j = live_source(plan, t, failed)
+        if t == n:
+            out[t] = ("exit", j) if plan.exits and j > 0 else ("fill", None)
+        else:
+            out[t] = ("skip", j) if plan.skip == "failover" else ("fill", None)
+    return out
+
+
+def holder(plan: Plan, pair: tuple[int, int]) -> tuple[int, ...]:
+    """The boards that hold adapter `pair`: the consumer's group for a skip, the producer's for an exit."""
+    blocks = plan.block_list()
+    j, t = pair
+    return blocks[t].boards if t < len(blocks) else blocks[j - 1].boards
+
+
+def held_adapter_bytes(plan: Plan, pair_bytes: dict[tuple[int, int], int]) -> list[int]:
+    """Per board, the bytes of the adapters it holds."""
+    held = [0] * plan.n_boards
+    for pair, n in pair_bytes.items():
+        for board in holder(plan, pair):
+            held[board] += n
+    return held

@@ -1,0 +1,116 @@
+"""Skip hyperconnections and early exits for pipeline / hybrid plans, fitted post-training without labels.
+
+An adapter A_{j->t} rebuilds cut tensor T_t from an earlier cut tensor T_j when the blocks between are
+dead (routes.py says when and who holds it): average pooling to the target's spatial size (global for a
+flat target) and a 1x1 convolution (a linear map for flat tensors), fitted by ridge regression on the
+healthy model's calibration activations so that it reproduces T_t (deepFogGuard's skip hyperconnection,
+ResiliNet's failover mode, fitted in closed form instead of trained with failout). An adapter to the model
+output is an early exit: a linear classifier distilled from the full model's own logits.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .adapter_ops import adapter_supported, pool_to
+from .batching import batch_size_for
+from .device import resolve_device
+from .errors import DataError
+from .lstsq import CrossMoments
+from .routes import holder, needed_pairs
+from .runtime.adapters import AdapterSet
+from .simulate import CutSwitch, FailureSimulator
+
+ROWS_PER_IMAGE = 64          # spatial positions sampled per image for a fit (all of them when fewer)
+
+
+def _target_rows(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """A cut tensor as rows [N * positions, C] (channels last), at the sampled spatial positions."""
+    if x.dim() == 2:
+        return x
+    rows = x.flatten(2).permute(0, 2, 1)                   # [N, H*W, C]
+    return (rows if positions is None else rows[:, positions]).reshape(-1, x.shape[1])
+
+
+def _positions(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
+    if len(shape) != 3 or shape[1] * shape[2] <= ROWS_PER_IMAGE:
+        return None
+    return torch.randperm(shape[1] * shape[2], generator=generator)[:ROWS_PER_IMAGE]
+
+
+def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
+                 progress=None) -> AdapterSet:
+    """Every adapter the plan's techniques need (needed_pairs), fitted on the healthy model's cut tensors
+    over `batches` of calibration images: ridge regression of the target cut on the pooled source cut, sums
+    accumulated batch by batch (compensate.CrossMoments). `sim` is the plan's FailureSimulator."""
+    plan = sim.plan
+    shapes = cut_shapes(sim)
+    pairs = [p for p in needed_pairs(plan) if adapter_supported(shapes[p[0]], shapes[p[1]])]
+    sums = {pair: CrossMoments() for pair in pairs}
+    generator = torch.Generator().manual_seed(0)
+    sim.set_failures(())
+    sim.route.record = {j for j, _ in pairs} | {t for _, t in pairs}
+    try:
+        for b, batch in enumerate(batches):
+            if progress:
+                progress(f"adapters: batch {b + 1}")
+            sim.batch_logits(batch)
+            values = sim.route.values
+            for t in sorted({t for _, t in pairs}):
+                positions = _positions(shapes[t], generator)
+                target = _target_rows(values[t], None if positions is None else positions.to(values[t].device))
+                for j in [j for j, tt in pairs if tt == t]:
+                    source = pool_to(values[j], shapes[t])
+                    if positions is not None:
+                        n = values[j].shape[0]
+                        source = source.reshape(n, -1, source.shape[1])[:, positions.to(source.device)]
+                        source = source.reshape(-1, source.shape[-1])
+                    sums[(j, t)].add(source, target)
+    finally:
+        sim.route.record, sim.route.values = set(), {}
+    out = AdapterSet()
+    for pair, moments in sums.items():
+        coef, intercept = moments.ridge_fit(ridge)
+        out.weights[pair] = coef.T.contiguous().float().cpu().numpy()
+        out.biases[pair] = intercept.float().cpu().numpy()
+    return out
+
+
+def cut_shapes(sim) -> dict[int, tuple[int, ...]]:
+    """Per cut index, the per-image shape of its tensor (from the simulator's switches)."""
+    return {m.index: m.shape for m in sim.module.modules() if isinstance(m, CutSwitch)}
+
+
+@dataclass
+class PreparedAdapters:
+    data: AdapterSet
+    info: dict                   # what adapters.json records (pairs, holders, cost, calibration)
+
+
+def prepare_adapters(graph, plan, options, progress=None, source=None, calibration: torch.Tensor | None = None
+                     ) -> PreparedAdapters | None:
+    """The skip and exit adapters a pipeline / hybrid plan asks for, fitted on `options.compensate_calib`
+    calibration images from `source` (or on `calibration`); None for a plan without those techniques."""
+    if not needed_pairs(plan):
+        return None
+    if calibration is None and (source is None or source.kind is None):   # compiler._with_techniques prevents it
+        why = source.describe() if source is not None else "no calibration source"
+        raise DataError(f"skip hyperconnections and early exits are fitted on calibration images: {why}")
+    images = calibration if calibration is not None else source.images(options.compensate_calib)
+    size = batch_size_for(graph, options.batch_size)
+    sim = FailureSimulator(graph, plan, device=resolve_device(options.torch_device))
+    start = time.perf_counter()
+    data = fit_adapters(sim, [images[i:i + size] for i in range(0, len(images), size)], progress=progress)
+    seconds = time.perf_counter() - start
+    pairs = sorted(data.weights)
+    info = {"pairs": [{"source": j, "target": t, "boards": list(holder(plan, (j, t))),
+                       "bytes": data.bytes_of((j, t))} for j, t in pairs],
+            "calibration_images": len(images), "seed": options.seed, "seconds": round(seconds, 3),
+            "synthesized": source is not None and source.kind == "synthesized",
+            "bytes": sum(data.bytes_of(p) for p in pairs)}
+    if progress:
+        progress(f"adapters: {len(pairs)} skips and exits fitted in {seconds:.1f} s, {info['bytes'] / 1e6:.2f} MB")
+    return PreparedAdapters(data, info)
