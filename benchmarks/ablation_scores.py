@@ -32,7 +32,7 @@ from robustpart.calibration import calibration_images
 from robustpart.evaldata import evaluation_arrays, load_eval_data
 from robustpart.models import load_graph
 from robustpart.cost import threshold_for_memory
-from robustpart.evaluate import evaluate_plan
+from robustpart.evaluation import evaluate_plan
 from robustpart.partition import make_plan
 from robustpart.criteria import compute_scores
 from robustpart.simulate import FailureSimulator

@@ -37,7 +37,7 @@ from robustpart.compensate import prepare_compensation
 from robustpart.models import load_graph
 from robustpart.options import CompileOptions
 from robustpart.partition import plan_for
-from robustpart.evaluate import PlanEvaluator, evaluate_plan
+from robustpart.evaluation import PlanEvaluator, evaluate_plan
 from robustpart.criteria import compute_scores
 from robustpart.policies import DEFAULT_CRITERIA
 from robustpart.synthesize import SynthesisConfig, bn_mismatch, default_synthesis_batch, synthesize_calibration

@@ -275,7 +275,7 @@ def cmd_compile(args, progress) -> int:
 
 
 def cmd_evaluate(args, progress) -> int:
-    from robustpart.evaluate import evaluate_bundle, parse_fail_probs
+    from robustpart.evaluation import evaluate_bundle, parse_fail_probs
     from robustpart.bundle import Bundle
     from robustpart.report import evaluation_text
     fail_probs = None
@@ -318,7 +318,7 @@ def cmd_inspect(args, progress) -> int:
 
 def cmd_demo(args, progress) -> int:
     from robustpart.compiler import compile_model
-    from robustpart.evaluate import evaluate_bundle
+    from robustpart.evaluation import evaluate_bundle
     from robustpart.options import CompileOptions
     from robustpart.report import evaluation_text
     from robustpart import zoo

@@ -21,7 +21,7 @@ from robustpart.evaldata import evaluation_arrays, load_eval_data
 from robustpart.models import load_graph
 from robustpart.options import CompileOptions
 from robustpart.partition import plan_for
-from robustpart.evaluate import evaluate_plan
+from robustpart.evaluation import evaluate_plan
 from robustpart.criteria import compute_scores
 from robustpart.policies import DEFAULT_CRITERIA
 

@@ -18,7 +18,7 @@ from .errors import RobustpartError
 
 if TYPE_CHECKING:
     from .bundle import Bundle
-    from .evaluate import BundleEvaluation
+    from .evaluation import BundleEvaluation
 
 __all__ = ["RobustpartError", "compile", "evaluate", "load_bundle"]
 
@@ -39,8 +39,8 @@ def compile(model, out: Path | str | None = None, *, weights: str | None = None,
 def evaluate(bundle: Path | str, failures: list[int] | None = None, *, data=None, limit: int | None = None,
              **options) -> BundleEvaluation:
     """Accuracy of a compiled bundle under every failure set of the sizes in `failures` (default 1..N-1);
-    `options` as `robustpart.evaluate.evaluate_bundle` (compare, backend, compensation, batch_size...)."""
-    from .evaluate import evaluate_bundle
+    `options` as `robustpart.evaluation.evaluate_bundle` (compare, backend, compensation, batch_size...)."""
+    from .evaluation import evaluate_bundle
     return evaluate_bundle(bundle, failures, data, limit, **options)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from robustpart.cost import plan_cost
 from robustpart.errors import ConfigError
-from robustpart.evaluate import (combination_probability, evaluate_plan, expected_accuracy, failure_sets,
+from robustpart.evaluation import (combination_probability, evaluate_plan, expected_accuracy, failure_sets,
                                  parse_fail_probs, PlanEvaluator)
 from robustpart.partition import make_plan
 

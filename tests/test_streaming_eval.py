@@ -17,7 +17,7 @@ from robustpart.options import CompileOptions
 from robustpart.rebuild import graph_of_bundle
 from robustpart.errors import BundleError, DataError, RobustpartError
 from robustpart.evaldata import FolderStream, folder_transform, open_eval_stream
-from robustpart.evaluate import (MethodVariant, SimulatorRunner, StreamingEvaluator, _compensation_like,
+from robustpart.evaluation import (MethodVariant, SimulatorRunner, StreamingEvaluator, _compensation_like,
                                  evaluate_bundle, expected_accuracy, failure_sets, needed_failure_sets)
 from robustpart.partition import make_plan
 from robustpart.runtime import LocalExecutor

@@ -63,7 +63,7 @@ def test_no_import_circle():
 
 def test_evaluate_does_not_depend_on_the_compiler():
     graph = import_graph()
-    assert "robustpart.compiler" not in reachable(graph, "robustpart.evaluate")
+    assert "robustpart.compiler" not in reachable(graph, "robustpart.evaluation")
     assert "robustpart.compiler" not in reachable(graph, "robustpart.rebuild")
 
 
@@ -98,3 +98,16 @@ def small_bundle_dir(tmp_path, tiny_graph):
 
 def test_bundle_directory_is_world_readable(small_bundle_dir):
     assert small_bundle_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_no_submodule_shadows_the_public_api():
+    """Importing a submodule sets it as an attribute of the package: a module named like an API function
+    (robustpart/evaluate.py once) would replace `robustpart.evaluate` after its first use."""
+    import importlib
+    import pkgutil
+
+    import robustpart
+    for info in pkgutil.iter_modules(robustpart.__path__):
+        assert info.name not in robustpart.__all__, f"robustpart/{info.name} shadows robustpart.{info.name}()"
+    importlib.import_module("robustpart.evaluation")
+    assert all(callable(getattr(robustpart, name)) for name in ("compile", "evaluate", "load_bundle"))
