@@ -430,3 +430,17 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
     progress(f"compensation ({policy_name}) for {len(sets)} failure sets of 1..{k} boards: "
              f"{seconds:.1f} s, {data.nbytes / 1e6:.2f} MB")
     return PreparedCompensation(data, info)
+
+
+def compensation_like(entry, graph: ModelGraph, plan: Plan, progress: Progress | None, device,
+                      adapters=None) -> PreparedCompensation | None:
+    """Compensation for `plan` made as a bundle's was (its compensation.json `entry`; None without one):
+    for a compared plan, or a fine-tuned bundle's new adapters."""
+    if entry is None:
+        return None
+    options = CompileOptions(devices=plan.n_boards, compensate=entry.policy["name"],
+                             compensate_up_to=entry.max_failures,
+                             compensate_calib=entry.policy["calibration_images"], seed=entry.policy["seed"],
+                             calib_data=entry.policy["calibration_data"], torch_device=str(device))
+    return prepare_compensation(graph, plan, options, progress, source=CalibrationSource(graph, options, progress),
+                                adapters=adapters)

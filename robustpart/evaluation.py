@@ -21,6 +21,7 @@ from .graph import ModelGraph
 from .options import DEFAULT_THRESHOLD
 from .plan import Plan
 from .policies import COMPENSATION_ROWS, EVAL_BACKENDS
+from .compensate import compensation_like
 from .simulate import FailureSimulator
 
 if TYPE_CHECKING:
@@ -396,7 +397,7 @@ def _variants(bundle, graph: ModelGraph, plans: list[tuple[str, Plan]], compensa
         prepared = None
         if compensation != "without":
             prepared = (bundle.load_compensation() if i == 0 else
-                        _compensation_like(bundle, graph, p, progress, device))
+                        _compensation_data(compensation_like(bundle.compensation, graph, p, progress, device)))
         if compensation != "with" or prepared is None:
             variants.append(MethodVariant(label, p, adapters=adapters))
         if prepared is not None:
@@ -413,21 +414,8 @@ def _runners(bundle, graph: ModelGraph, variants: list[MethodVariant], backend: 
     return [ExecutorRunner(executor, v.compensation is not None) for v in variants]
 
 
-def _compensation_like(bundle, graph: ModelGraph, plan: Plan, progress, device: torch.device):
-    """Compensation for a compared plan, made as the bundle's was (None when the bundle has none)."""
-    from .calibration import CalibrationSource
-    from .compensate import prepare_compensation
-    from .options import CompileOptions
-    info = bundle.compensation
-    if info is None:
-        return None
-    options = CompileOptions(devices=plan.n_boards, compensate=info.policy["name"],
-                             compensate_up_to=info.max_failures,
-                             compensate_calib=info.policy["calibration_images"], seed=info.policy["seed"],
-                             calib_data=info.policy["calibration_data"], torch_device=str(device))
-    prepared = prepare_compensation(graph, plan, options, progress,
-                                    source=CalibrationSource(graph, options, progress))
-    return prepared.data if prepared is not None else None
+def _compensation_data(prepared):
+    return None if prepared is None else prepared.data
 
 
 def _label(plan: Plan) -> str:

@@ -30,19 +30,21 @@ def live_source(plan: Plan, t: int, failed: Iterable[int]) -> int:
 
 
 def needed_pairs(plan: Plan) -> list[tuple[int, int]]:
-    """The (source cut, target cut) pairs a plan's techniques may use."""
+    """The (source cut, target cut) pairs a plan's techniques may use: skips into every inner cut, and exits
+    from the input and every inner cut (the input's answers when the first block is dead and an exit from
+    the pixels agrees better with the model than the route through the live blocks: choose_exits)."""
     n = len(plan.block_list())
     pairs = []
     for t in range(1, n + 1):
         wanted = plan.exits if t == n else plan.skip == "failover"
-        sources = range(1, t) if t == n else range(0, t)     # an exit from the input means every block died
-        pairs += [(j, t) for j in sources] if wanted else []
+        pairs += [(j, t) for j in range(0, t)] if wanted else []
     return pairs
 
 
-def route(plan: Plan, failed: Iterable[int]) -> dict[int, tuple[str, int | None]]:
+def route(plan: Plan, failed: Iterable[int], exit_for: dict | None = None) -> dict[int, tuple[str, int | None]]:
     """For every cut t whose producing block is dead: ("skip" | "exit", source j) when the plan has that
-    technique, else ("fill", None): the tensor reads as zeros (deepFogGuard's null vector)."""
+    technique, else ("fill", None): the tensor reads as zeros (deepFogGuard's null vector). `exit_for` (an
+    AdapterSet's): failure sets answered by the early exit from a given cut, live blocks or not."""
     blocks, failed = plan.block_list(), set(failed)
     n, out = len(blocks), {}
     for t in range(1, n + 1):
@@ -53,14 +55,23 @@ def route(plan: Plan, failed: Iterable[int]) -> dict[int, tuple[str, int | None]
             out[t] = ("exit", j) if plan.exits and j > 0 else ("fill", None)
         else:
             out[t] = ("skip", j) if plan.skip == "failover" else ("fill", None)
+    chosen = (exit_for or {}).get(frozenset(failed))
+    if chosen is not None:
+        out[n] = ("exit", chosen)
     return out
 
 
 def holder(plan: Plan, pair: tuple[int, int]) -> tuple[int, ...]:
-    """The boards that hold adapter `pair`: the consumer's group for a skip, the producer's for an exit."""
+    """The boards that hold adapter `pair`: the consumer's group for a skip, the producer's for an exit;
+    the exit from the input (every board has the input) sits on every board outside the first block, so
+    that any of them can answer while the first block is dead."""
     blocks = plan.block_list()
     j, t = pair
-    return blocks[t].boards if t < len(blocks) else blocks[j - 1].boards
+    if t < len(blocks):
+        return blocks[t].boards
+    if j > 0:
+        return blocks[j - 1].boards
+    return tuple(b for block in blocks[1:] for b in block.boards)
 
 
 def held_adapter_bytes(plan: Plan, pair_bytes: dict[tuple[int, int], int]) -> list[int]:

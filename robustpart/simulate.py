@@ -189,7 +189,7 @@ class FailureSimulator:
         if not self.plan.blocks:
             return {}
         from .routes import route
-        actions = route(self.plan, failed)
+        actions = route(self.plan, failed, self.adapters.exit_for if self.adapters is not None else None)
         return {t: (kind, j) if kind == "fill" or (j, t) in self.route.adapters else ("fill", None)
                 for t, (kind, j) in actions.items()}
 

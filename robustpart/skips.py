@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter_ops import adapter_supported, pool_to
+from .adapter_ops import adapter_supported, exit_grid, pool_to
 from .batching import batch_size_for
 from .device import resolve_device
 from .errors import DataError
@@ -25,6 +25,14 @@ from .runtime.adapters import AdapterSet
 from .simulate import CutSwitch, FailureSimulator
 
 ROWS_PER_IMAGE = 64          # spatial positions sampled per image for a fit (all of them when fewer)
+
+
+def in_features(source: tuple[int, ...], target: tuple[int, ...], is_exit: bool) -> int | None:
+    """What an adapter to a flat target reads: an exit, the source pooled to a grid (exit_grid); a skip into
+    a flat inner tensor, the source pooled globally (a grid would multiply its matrix by the grid's area)."""
+    if len(target) != 1 or len(source) != 3:
+        return None
+    return source[0] * (exit_grid(source) ** 2 if is_exit else 1)
 
 
 def _target_rows(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -49,6 +57,7 @@ def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
     plan = sim.plan
     shapes = cut_shapes(sim)
     pairs = [p for p in needed_pairs(plan) if adapter_supported(shapes[p[0]], shapes[p[1]])]
+    last = len(plan.blocks)
     sums = {pair: CrossMoments() for pair in pairs}
     generator = torch.Generator().manual_seed(0)
     sim.set_failures(())
@@ -63,7 +72,7 @@ def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
                 positions = _positions(shapes[t], generator)
                 target = _target_rows(values[t], None if positions is None else positions.to(values[t].device))
                 for j in [j for j, tt in pairs if tt == t]:
-                    source = pool_to(values[j], shapes[t])
+                    source = pool_to(values[j], shapes[t], in_features(shapes[j], shapes[t], t == last))
                     if positions is not None:
                         n = values[j].shape[0]
                         source = source.reshape(n, -1, source.shape[1])[:, positions.to(source.device)]
@@ -77,6 +86,47 @@ def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
         out.weights[pair] = coef.T.contiguous().float().cpu().numpy()
         out.biases[pair] = intercept.float().cpu().numpy()
     return out
+
+
+@torch.no_grad()
+def choose_exits(sim, adapters: AdapterSet, batches: list[torch.Tensor]) -> dict[frozenset, int]:
+    """Per failure set that kills a block: the cut whose early exit answers instead of the route through
+    the live blocks, where that agrees more often with the healthy model's top-1 class on the calibration
+    images (label-free); the exit's holders must be alive. Sets where the route wins are not listed."""
+    from itertools import combinations
+
+    from .adapter_ops import apply_adapter
+    plan, n = sim.plan, len(sim.plan.blocks)
+    shapes = cut_shapes(sim)
+    exits = {j for j, t in adapters.weights if t == n}
+    sim.set_failures(())
+    healthy = [sim.batch_logits(b).argmax(1) for b in batches]
+    chosen = {}
+    for k in range(1, plan.n_boards):
+        for failed in map(frozenset, combinations(range(plan.n_boards), k)):
+            dead = [b.failed(failed) for b in plan.blocks]
+            if not any(dead):
+                continue
+            candidates = [j for j in sorted(exits) if (j == 0 or not dead[j - 1])
+                          and not set(holder(plan, (j, n))) <= failed]
+            if not candidates:
+                continue
+            sim.set_failures(failed)
+            sim.route.record = set(candidates)
+            agree = dict.fromkeys(["route", *candidates], 0)
+            for batch, truth in zip(batches, healthy):
+                agree["route"] += int((sim.batch_logits(batch).argmax(1) == truth).sum())
+                for j in candidates:
+                    w, b = (torch.as_tensor(a, device=sim.device) for a in (adapters.weights[(j, n)],
+                                                                         adapters.biases[(j, n)]))
+                    out = apply_adapter(sim.route.values[j], w, b, shapes[n])
+                    agree[j] += int((out.argmax(1) == truth).sum())
+            best = max(candidates, key=lambda j: agree[j])
+            if agree[best] > agree["route"]:
+                chosen[failed] = best
+    sim.route.record, sim.route.values = set(), {}
+    sim.set_failures(())
+    return chosen
 
 
 def cut_shapes(sim) -> dict[int, tuple[int, ...]]:
@@ -103,13 +153,24 @@ def prepare_adapters(graph, plan, options, progress=None, source=None, calibrati
     size = batch_size_for(graph, options.batch_size)
     sim = FailureSimulator(graph, plan, device=resolve_device(options.torch_device))
     start = time.perf_counter()
-    data = fit_adapters(sim, [images[i:i + size] for i in range(0, len(images), size)], progress=progress)
+    def batches(part: torch.Tensor) -> list[torch.Tensor]:
+        return [part[i:i + size].to(sim.device) for i in range(0, len(part), size)]
+
+    data = fit_adapters(sim, batches(images), progress=progress)
+    if plan.exits and len(images) >= 2:
+        # which technique answers is chosen on images the adapters were not fitted on: an exit with more
+        # inputs than there are fitting images reproduces those images perfectly and nothing else
+        half = len(images) // 2
+        trial = fit_adapters(sim, batches(images[:half]))
+        data.exit_for = choose_exits(FailureSimulator(graph, plan, device=sim.device, adapters=trial), trial,
+                                     batches(images[half:]))
     seconds = time.perf_counter() - start
     pairs = sorted(data.weights)
     info = {"pairs": [{"source": j, "target": t, "boards": list(holder(plan, (j, t))),
                        "bytes": data.bytes_of((j, t))} for j, t in pairs],
             "calibration_images": len(images), "seed": options.seed, "seconds": round(seconds, 3),
             "synthesized": source is not None and source.kind == "synthesized",
+            "exit_for": {"-".join(map(str, sorted(f))): j for f, j in sorted(data.exit_for.items(), key=str)},
             "bytes": sum(data.bytes_of(p) for p in pairs)}
     if progress:
         progress(f"adapters: {len(pairs)} skips and exits fitted in {seconds:.1f} s, {info['bytes'] / 1e6:.2f} MB")

@@ -136,9 +136,32 @@ def test_adapters_are_held_by_the_consumer_or_the_exit_producer():
     adapters = fit_adapters(FailureSimulator(graph, plan), [images()])
     assert set(adapters.weights) == set(needed_pairs(plan))
     held = held_adapter_bytes(plan, {p: adapters.bytes_of(p) for p in adapters.weights})
-    # board 1 holds the skips into cut 1 (from the input); board 2 those into cut 2 and the exit from cut 1...
-    assert held[1] == adapters.bytes_of((0, 1)) + adapters.bytes_of((2, 4))
-    assert sum(held) == sum(adapters.bytes_of(p) for p in adapters.weights)
+    # board 1 holds the skip into cut 1 (from the input), the exit from cut 2 (block 1's output) and, like
+    # every board after the first block, the exit from the input
+    assert held[1] == adapters.bytes_of((0, 1)) + adapters.bytes_of((2, 4)) + adapters.bytes_of((0, 4))
+    assert held[0] == adapters.bytes_of((1, 4))
+    assert sum(held) == sum(adapters.bytes_of(p) for p in adapters.weights) + 2 * adapters.bytes_of((0, 4))
+
+
+def test_an_exit_answers_where_it_agrees_better_with_the_model_than_the_route(tmp_path):
+    """On the trained ResNet-18 reference model cut in 4 by parameters, the first block holds most layers: with
+    it dead, the route (an adapter from the pixels, then the live blocks) is near chance, and the exit from
+    the input, chosen on held-out calibration images, answers far better on the test images."""
+    import robustpart
+    from robustpart.evaldata import evaluation_arrays, load_eval_data
+    from robustpart.rebuild import graph_of_bundle
+    bundle = robustpart.compile("fmnist_resnet18", tmp_path / "b", mode="pipeline", compensate="none", shards=False)
+    adapters = bundle.load_adapters()
+    assert adapters.exit_for[frozenset({0})] == 0
+    graph = graph_of_bundle(bundle)
+    x, y = evaluation_arrays(load_eval_data(graph.input_spec, "bundled", 500))
+    chosen = FailureSimulator(graph, bundle.plan, adapters=adapters)
+    adapters_route = bundle.load_adapters()
+    adapters_route.exit_for = {}
+    route_only = FailureSimulator(graph, bundle.plan, adapters=adapters_route)
+    accuracy = {name: float((sim.logits(x, (0,)).argmax(1) == y).float().mean())
+                for name, sim in (("chosen", chosen), ("route", route_only))}
+    assert accuracy["chosen"] > accuracy["route"] + 0.3, accuracy
 
 
 def test_compensation_after_a_dead_block_fits_only_live_units():
@@ -214,7 +237,7 @@ def test_compile_and_evaluate_a_pipeline_bundle(capsys, tmp_path, chain_file):
     assert code == 0, captured.err
     assert "pipeline on 4 boards, 4 blocks" in report and "skip / exit adapters" in report
     info = json.loads((out / "adapters.json").read_text())
-    assert {(p["source"], p["target"]) for p in info["pairs"]} == {(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3),
+    assert {(p["source"], p["target"]) for p in info["pairs"]} == {(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3), (0, 4),
                                                                    (1, 4), (2, 4), (3, 4)}
     code = main(["evaluate", str(out), "--data", str(folder), "--json"])
     result = json.loads(capsys.readouterr().out)

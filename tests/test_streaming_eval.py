@@ -17,8 +17,9 @@ from robustpart.options import CompileOptions
 from robustpart.rebuild import graph_of_bundle
 from robustpart.errors import BundleError, DataError, RobustpartError
 from robustpart.evaldata import FolderStream, folder_transform, open_eval_stream
-from robustpart.evaluation import (MethodVariant, SimulatorRunner, StreamingEvaluator, _compensation_like,
-                                 evaluate_bundle, expected_accuracy, failure_sets, needed_failure_sets)
+from robustpart.compensate import compensation_like
+from robustpart.evaluation import (MethodVariant, SimulatorRunner, StreamingEvaluator, evaluate_bundle,
+                                   expected_accuracy, failure_sets, needed_failure_sets)
 from robustpart.partition import make_plan
 from robustpart.runtime import LocalExecutor
 from robustpart.simulate import FailureSimulator
@@ -184,7 +185,7 @@ def test_bundle_evaluation_equals_direct_computation(folder_bundle):
         comp = None
         if report.label.endswith("+comp"):
             comp = bundle.load_compensation() if report.label.startswith("robust") \
-                else _compensation_like(bundle, graph, report.plan, None, torch.device("cpu"))
+                else compensation_like(bundle.compensation, graph, report.plan, None, torch.device("cpu")).data
         acc = direct_accuracies(graph, report.plan, comp, images, labels, all_sets(3))
         assert report.accuracy == acc[()] == 1.0
         for k, stats in report.by_k.items():

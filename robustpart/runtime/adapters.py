@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +14,13 @@ from ..errors import BundleError
 
 @dataclass
 class AdapterSet:
-    """Fitted adapters by (source cut, target cut): weight [C_t, C_j] and bias [C_t] (float32)."""
+    """Fitted adapters by (source cut, target cut): weight [C_t, features] and bias [C_t] (float32); and, per
+    failure set, the cut whose early exit answers instead of the route through the live blocks, where that
+    agreed better with the healthy model on the calibration images (skips.choose_exits)."""
 
     weights: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     biases: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    exit_for: dict[frozenset, int] = field(default_factory=dict)
 
     def bytes_of(self, pair: tuple[int, int]) -> int:
         return int(self.weights[pair].nbytes + self.biases[pair].nbytes)
@@ -25,6 +29,8 @@ class AdapterSet:
         arrays = {}
         for (j, t), w in self.weights.items():
             arrays[f"{j}-{t}/weight"], arrays[f"{j}-{t}/bias"] = w, self.biases[(j, t)]
+        for failed, j in self.exit_for.items():
+            arrays["exit_for/" + "-".join(map(str, sorted(failed)))] = np.asarray(j, dtype=np.int64)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -35,8 +41,11 @@ class AdapterSet:
         try:
             with np.load(io.BytesIO(data)) as z:
                 for key in z.files:
-                    pair_text, part = key.split("/")
-                    pair = tuple(int(v) for v in pair_text.split("-"))
+                    head, part = key.split("/")
+                    if head == "exit_for":
+                        out.exit_for[frozenset(int(b) for b in part.split("-"))] = int(z[key])
+                        continue
+                    pair = tuple(int(v) for v in head.split("-"))
                     (out.weights if part == "weight" else out.biases)[pair] = z[key].astype(np.float32)
         except (ValueError, OSError, KeyError) as exc:
             raise BundleError(f"the adapter data is malformed ({exc}); compile the bundle again") from exc
@@ -85,19 +94,22 @@ def _windows(size: int, out: int) -> list[tuple[int, int]]:
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
-def pool_rows(x: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-    """numpy twin of skips.pool_to: x [N, C, H, W] or [N, C] average-pooled to the target's spatial size
-    (global for a flat target), as rows [N * H_t * W_t, C]."""
-    if x.ndim == 4 and len(target_shape) == 3:
-        _, h, w = target_shape
+def pool_rows(x: np.ndarray, target_shape: tuple[int, ...], in_features: int) -> np.ndarray:
+    """numpy twin of adapter_ops.pool_to: to a feature map, x [N, C, H, W] average-pooled to its spatial size
+    as rows [N * H_t * W_t, C]; to a flat target, pooled to a g x g grid (g^2 = in_features / C), flattened."""
+    if x.ndim == 4:
+        if len(target_shape) == 3:
+            h, w = target_shape[1:]
+        else:
+            h = w = math.isqrt(in_features // x.shape[1])
         rows_h, cols_w = _windows(x.shape[2], h), _windows(x.shape[3], w)
-        pooled = np.empty((x.shape[0], h, w, x.shape[1]), dtype=np.float32)
+        pooled = np.empty((x.shape[0], x.shape[1], h, w), dtype=np.float32)
         for i, (a, b) in enumerate(rows_h):
             for j, (c, d) in enumerate(cols_w):
-                pooled[:, i, j] = x[:, :, a:b, c:d].mean(axis=(2, 3))
-        return pooled.reshape(-1, x.shape[1])
-    if x.ndim == 4 and len(target_shape) == 1:
-        return x.mean(axis=(2, 3))
+                pooled[:, :, i, j] = x[:, :, a:b, c:d].mean(axis=(2, 3))
+        if len(target_shape) == 3:
+            return pooled.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return pooled.reshape(x.shape[0], -1)
     if x.ndim == 2 and len(target_shape) == 1:
         return x
     raise BundleError(f"no adapter from a tensor of shape {list(x.shape[1:])} to {list(target_shape)}")
@@ -105,7 +117,7 @@ def pool_rows(x: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
 
 def apply_adapter(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     """The adapter (pooling, then the 1x1 convolution / linear map) on a batch, as skips.apply_adapter."""
-    rows = pool_rows(np.asarray(x, dtype=np.float32), target_shape) @ weight.T + bias
+    rows = pool_rows(np.asarray(x, dtype=np.float32), target_shape, weight.shape[1]) @ weight.T + bias
     if len(target_shape) == 3:
         _, h, w = target_shape
         return np.ascontiguousarray(rows.reshape(x.shape[0], h, w, -1).transpose(0, 3, 1, 2), dtype=np.float32)

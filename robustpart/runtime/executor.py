@@ -126,15 +126,19 @@ class LocalExecutor:
         if pipeline is None:
             self._run_stages(range(len(self.manifest.stages)), env, failed, tables, len(x))
         else:
-            actions = route(pipeline, failed)
+            actions = route(pipeline, failed, self.adapters.exit_for if self.adapters is not None else None)
             cuts = [spec.name] + [b.output.name for b in pipeline.blocks]
+            last = len(pipeline.blocks)
+            exit_source = actions[last][1] if actions.get(last, ("",))[0] == "exit" else None
             for k, block in enumerate(pipeline.blocks):
+                if exit_source is not None and k >= exit_source:
+                    break                               # an early exit from cut k answers: later blocks idle
                 if block.failed(failed):
                     env[cuts[k + 1]] = self._replacement(actions[k + 1], k + 1, env, cuts, block, len(x))
-                    if k == len(pipeline.blocks) - 1:
-                        return env[cuts[-1]]            # an early exit (or nothing) answers, not the head
                 else:
                     self._run_stages(block.stages, env, failed, tables, len(x))
+            if exit_source is not None or pipeline.blocks[-1].failed(failed):
+                return self._replacement(actions[last], last, env, cuts, pipeline.blocks[-1], len(x))
         if self.head is None:
             return env[self.manifest.output.name]
         return self.head.run(None, {name: env[name] for name in self.manifest.head.inputs})[0]
