@@ -68,8 +68,11 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
         adapter_entry = AdapterEntry.from_json({"file": ADAPTER_DATA, "sha256": hashlib.sha256(data).hexdigest(),
                                                 **adapters.info})
         (tmp / ADAPTER_INFO).write_text(json.dumps(adapter_entry.to_json(), indent=1))
-        text += (f"\n{len(adapter_entry.pairs)} skip / exit adapters: {adapters.info['bytes'] / 1e6:.2f} MB, fitted "
-                 f"on {adapters.info['calibration_images']} calibration images\n")
+        tuned = adapters.info.get("finetuned")
+        how = (f"trained with failout {tuned['failout']} on {tuned['images']} labelled images" if tuned else
+               f"fitted on {adapters.info['calibration_images']} calibration images")
+        text += (f"\n{len(adapter_entry.pairs)} skip / exit adapters: {adapters.info['bytes'] / 1e6:.2f} MB, {how}; "
+                 f"{len(adapters.data.exit_for)} failure sets answered by an early exit\n")
     (tmp / "report.txt").write_text(text)
     if shards:
         write_shards(tmp, graph, plan, progress, entry, adapter_entry).write(tmp)

@@ -130,7 +130,7 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + float(loss.detach()), steps + 1
         progress(f"failout epoch {epoch + 1}/{options.epochs}: mean loss {total / max(steps, 1):.4f} over "
                  f"{steps} batches with a block dropped")
     for p in sim.module.parameters():

@@ -315,3 +315,48 @@ def test_the_mesh_refuses_a_pipeline_bundle_with_a_clear_error(tmp_path):
     _, _, _, bundle, _, _ = compiled(tmp_path, ChainNet, ["a", "b", "c"])
     with pytest.raises(BundleError, match="the board mesh serves horizontal bundles only for now"):
         mesh_spec(bundle.manifest)
+
+
+# ---- failout fine-tuning -----------------------------------------------------------------------------------
+def test_finetune_trains_the_adapters_into_a_new_bundle(capsys, tmp_path, chain_file):
+    folder, out = image_folder(tmp_path / "images"), tmp_path / "b"
+    assert main(["-q", "compile", str(chain_file), *shape_args(), "--mode", "pipeline", "--cuts", "a,b,c",
+                 "--calib-data", str(folder), "--no-shards", "--out", str(out)]) == 0
+    capsys.readouterr()
+    code = main(["-q", "finetune", str(out), "--data", str(folder), "--failout", "0.5", "--epochs", "2",
+                 "--batch-size", "8"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "trained with failout [0.5, 0.5, 0.5, 0.5]" in captured.out
+    from robustpart.bundle import Bundle
+    before, after = Bundle.load(out), Bundle.load(tmp_path / "b-failout")
+    assert after.plan.to_json() == before.plan.to_json()
+    old, new = before.load_adapters(), after.load_adapters()
+    assert set(old.weights) == set(new.weights)
+    assert any(not np.allclose(old.weights[p], new.weights[p]) for p in old.weights)
+    assert main(["evaluate", str(tmp_path / "b-failout"), "--data", str(folder), "--json"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--failout", "0.1,0.2"], "--failout gives 2 rates; the bundle has 4 blocks"),
+    (["--failout", "1.5"], "--failout rates must be in [0, 1)"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--out", "{BUNDLE}"], "--out must differ from the bundle"),
+])
+def test_bad_finetune_input_is_one_clear_line(capsys, tmp_path, chain_file, extra, message):
+    folder, out = image_folder(tmp_path / "images"), tmp_path / "b"
+    assert main(["-q", "compile", str(chain_file), *shape_args(), "--mode", "pipeline", "--cuts", "a,b,c",
+                 "--calib-data", str(folder), "--no-shards", "--out", str(out)]) == 0
+    capsys.readouterr()
+    extra = [str(out) if a == "{BUNDLE}" else a for a in extra]
+    code = main(["finetune", str(out), "--data", str(folder), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_finetune_refuses_a_horizontal_bundle(capsys, tmp_path, chain_file):
+    folder, out = image_folder(tmp_path / "images"), tmp_path / "b"
+    assert main(["-q", "compile", str(chain_file), *shape_args(), "--no-shards", "--out", str(out)]) == 0
+    capsys.readouterr()
+    code = main(["finetune", str(out), "--data", str(folder)])
+    assert code == 2 and "has no skip adapters or early exits to train" in capsys.readouterr().err
