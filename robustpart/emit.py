@@ -24,10 +24,15 @@ Progress = Callable[[str], None]
 def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                 shards: bool = True, progress: Progress | None = None,
                 compensation: PreparedCompensation | None = None, calibration: str | None = None,
-                adapters=None) -> Bundle:
-    """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded."""
-    path = write_atomically(Path(out), lambda tmp: write_bundle(tmp, graph, source, plan, scores, shards, progress,
-                                                                compensation, calibration, adapters))
+                adapters=None, extra_files: dict[str, bytes] | None = None) -> Bundle:
+    """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded.
+    `extra_files`: more files to put in it (a fine-tuned model's weights)."""
+    def write(tmp: Path) -> None:
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        write_bundle(tmp, graph, source, plan, scores, shards, progress, compensation, calibration, adapters)
+
+    path = write_atomically(Path(out), write)
     return Bundle.load(path)
 
 

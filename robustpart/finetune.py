@@ -4,14 +4,18 @@ Post-training adapters reproduce a block's output from an earlier one as well as
 labels, they can instead be trained for what matters, the answer. Every batch, each block is dropped
 (every board of its group dead) with its failout rate, the simulator routes around the dropped blocks
 exactly as the bundle will (routes.py), and the adapters and exits take a step on the cross-entropy of the
-final answer. The network's own weights and BatchNorm statistics stay as they are, so the bundle's shards
-and the no-failure answer do not change; compensation, when the bundle has it, is fitted again with the new
-adapters. The result is a new bundle (written atomically, as compile writes one).
+final answer. By default the network's own weights and BatchNorm statistics stay as they are, so the shards
+and the no-failure answer do not change; with `whole`, the network's weights are trained too (at a tenth
+of the learning rate; BatchNorm statistics frozen), as ResiliNet trains with failout, and the new bundle
+carries them (`finetuned.pt`, a state_dict) and shards exported from them. Compensation, when the bundle
+has it, is fitted again with the new adapters. The result is a new bundle (written atomically, as compile
+writes one).
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,11 +30,12 @@ from .compensate import compensation_like
 from .device import resolve_device
 from .emit import emit_bundle
 from .errors import ConfigError, DataError, PlanError
+from .graph import source_hash
 from .models import ModelSource
 from .rebuild import graph_of_bundle
 from .runtime.adapters import AdapterSet
 from .simulate import FailureSimulator
-from .skips import PreparedAdapters
+from .skips import PreparedAdapters, choose_exits
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -45,7 +50,11 @@ class FinetuneOptions:
     limit: int | None = None              # train on the first N images only
     seed: int = 0
     torch_device: str = "cpu"
+    whole: bool = False                   # train the network's weights too
 
+
+WEIGHTS_FILE = "finetuned.pt"
+CHOICE_IMAGES = 512        # images (the model's own answers, no labels) the exit choice is made on
 
 def block_rates(failout: tuple[float, ...], n_blocks: int) -> np.ndarray:
     rates = np.asarray(failout * n_blocks if len(failout) == 1 else failout, dtype=np.float64)
@@ -92,16 +101,31 @@ def finetune_bundle(path: Path | str, out: Path | str, data: str | Path, options
     stream = training_stream(graph, data, source, options.batch_size, options.limit, options.seed)
     start = time.perf_counter()
     adapters = train_adapters(graph, plan, bundle.load_adapters(), stream, rates, options, device, progress)
+    if plan.exits:                 # which technique answers each failure set, chosen again for the new adapters
+        sample = []
+        for images, _ in stream:
+            sample.append(images.to(device))
+            if sum(len(b) for b in sample) >= CHOICE_IMAGES:
+                break
+        adapters.exit_for = choose_exits(FailureSimulator(graph, plan, device=device, adapters=adapters),
+                                         adapters, sample)
     seconds = time.perf_counter() - start
     info = dict(bundle.adapters.info, pairs=list(bundle.adapters.pairs),
                 finetuned={"failout": rates.tolist(), "epochs": options.epochs, "lr": options.lr,
-                           "data": str(data), "images": len(stream), "seconds": round(seconds, 1)})
+                           "whole": options.whole, "data": str(data), "images": len(stream),
+                           "seconds": round(seconds, 1)})
+    extra = {}
+    if options.whole:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in graph.module.state_dict().items()}, buffer)
+        extra[WEIGHTS_FILE] = buffer.getvalue()
+        graph.source_hash = source_hash(graph.module)
+        source = dataclasses.replace(source, weights=WEIGHTS_FILE)
     compensation = compensation_like(bundle.compensation, graph, plan, progress, device, adapters)
     progress(f"writing {out}")
-    new = emit_bundle(Path(out), graph, source, plan, bundle.scores, bundle.manifest is not None, progress,
-                      compensation, f"fine-tuned with failout {rates.tolist()} on {stream.source}",
-                      PreparedAdapters(adapters, info))
-    return new
+    return emit_bundle(Path(out), graph, source, plan, bundle.scores, bundle.manifest is not None, progress,
+                       compensation, f"fine-tuned with failout {rates.tolist()} on {stream.source}"
+                       f"{' (the whole network)' if options.whole else ''}", PreparedAdapters(adapters, info), extra)
 
 
 def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: np.ndarray,
@@ -110,9 +134,12 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
     sim = FailureSimulator(graph, plan, device=device, adapters=adapters)
     params = {pair: (nn.Parameter(w.clone()), nn.Parameter(b.clone())) for pair, (w, b) in sim.route.adapters.items()}
     sim.route.adapters = params
-    optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=options.lr)
+    groups = [{"params": [p for pair in params.values() for p in pair], "lr": options.lr}]
+    if options.whole:
+        groups.append({"params": list(sim.module.parameters()), "lr": options.lr / 10})
+    optimizer = torch.optim.Adam(groups)
     for p in sim.module.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(options.whole)
     rng = np.random.default_rng(options.seed)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(options.epochs):
@@ -123,7 +150,7 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
                 dead[rng.integers(len(dead))] = False         # someone answers
             failed = {b for k, block in enumerate(plan.blocks) if dead[k] for b in block.boards}
             sim.set_failures(failed)
-            if not sim.route.actions:                       # no block dropped: nothing to train this step
+            if not sim.route.actions and not options.whole:   # no block dropped: nothing to train this step
                 continue
             logits = sim.module(images.to(device))
             loss = loss_fn(logits, labels.to(device))
@@ -135,7 +162,11 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
                  f"{steps} batches with a block dropped")
     for p in sim.module.parameters():
         p.requires_grad_(True)
-    out = AdapterSet()
+    if options.whole and device.type != "cpu":         # the simulator trained a copy on the device
+        with torch.no_grad():
+            for mine, trained in zip(graph.module.parameters(), sim.module.parameters()):
+                mine.copy_(trained.cpu())
+    out = AdapterSet(exit_for=dict(adapters.exit_for))
     for pair, (w, b) in params.items():
         out.weights[pair] = w.detach().cpu().numpy().astype(np.float32)
         out.biases[pair] = b.detach().cpu().numpy().astype(np.float32)

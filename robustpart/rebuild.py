@@ -12,7 +12,10 @@ def graph_of_bundle(bundle: Bundle) -> ModelGraph:
     """Load the bundle's model again and check it is the one that was compiled."""
     source = ModelSource.from_json(bundle.model["source"])
     spec = InputSpec.from_json(bundle.model["identity"]["input_spec"])
-    graph, _ = load_graph(source.name, None if source.weights == "default" else source.weights, spec)
+    weights = None if source.weights == "default" else source.weights
+    if weights is not None and (bundle.path / weights).is_file():     # weights the bundle carries (finetune)
+        weights = str(bundle.path / weights)
+    graph, _ = load_graph(source.name, weights, spec)
     if graph.source_hash != bundle.model["identity"]["source_hash"]:
         raise BundleError(f"the model {source.name} (weights {source.weights}) has changed since bundle "
                           f"{bundle.path} was compiled; compile it again")

@@ -360,3 +360,23 @@ def test_finetune_refuses_a_horizontal_bundle(capsys, tmp_path, chain_file):
     capsys.readouterr()
     code = main(["finetune", str(out), "--data", str(folder)])
     assert code == 2 and "has no skip adapters or early exits to train" in capsys.readouterr().err
+
+
+def test_finetune_whole_carries_the_new_weights(capsys, tmp_path, chain_file):
+    folder, out = image_folder(tmp_path / "images"), tmp_path / "b"
+    assert main(["-q", "compile", str(chain_file), *shape_args(), "--mode", "pipeline", "--cuts", "a,b,c",
+                 "--calib-data", str(folder), "--out", str(out)]) == 0
+    code = main(["-q", "finetune", str(out), "--data", str(folder), "--failout", "0.3", "--whole", "--lr", "0.01",
+                 "--batch-size", "8", "--out", str(tmp_path / "tuned")])
+    assert code == 0, capsys.readouterr().err
+    from robustpart.bundle import Bundle
+    from robustpart.rebuild import graph_of_bundle
+    from robustpart.runtime import LocalExecutor
+    tuned = Bundle.load(tmp_path / "tuned")
+    assert (tuned.path / "finetuned.pt").is_file()
+    assert tuned.model["identity"]["source_hash"] != Bundle.load(out).model["identity"]["source_hash"]
+    graph = graph_of_bundle(tuned)                # the carried weights, hash-checked
+    x = images(8, seed=9)
+    with torch.no_grad():
+        np.testing.assert_allclose(LocalExecutor(tuned.path).run(x.numpy()), graph.module(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
