@@ -8,6 +8,8 @@ For each model on 4 boards, compiled with every default and the bundled calibrat
   + exit       ... and early exits when every later block is dead
   + comp       ... and the statistics correction (compensation) of the live blocks after a dead one
   hybrid 2x2   2 blocks on 2 groups of 2 boards, robust split inside each group, skips, exits, compensation
+  + failout    the pipeline + skip + exit +comp bundle fine-tuned with failout (labels: the Fashion-MNIST
+               train split), the adapters and exits only, or the whole network (`finetune --whole`)
 Each bundle is evaluated with its ONNX shards' plan in the simulator (the executor equals it: a test) on the
 Fashion-MNIST test set, every failure set of 1, 2 and 3 boards; the expected accuracy uses ResiliNet's
 failure settings. Memory: the largest board's parameters (adapters included) over the model's. Bytes per
@@ -39,6 +41,8 @@ CONFIGS = [
     ("pipeline + skip + exit", {"mode": "pipeline", "skip": "failover", "exits": True, "compensate": "none"}),
     ("pipeline + skip + exit +comp", {"mode": "pipeline", "skip": "failover", "exits": True}),
     ("hybrid 2x2 + skip + exit +comp", {"mode": "hybrid", "skip": "failover", "exits": True}),
+    ("pipeline + skip + exit +comp + failout (adapters)", {"mode": "pipeline", "finetune": False}),
+    ("pipeline + skip + exit +comp + failout (whole)", {"mode": "pipeline", "finetune": True}),
 ]
 
 
@@ -52,15 +56,24 @@ def horizontal_threshold(model: str, devices: int, memory: float) -> tuple[float
 def run_model(model: str, args, work: Path) -> list[dict]:
     threshold, replicate = horizontal_threshold(model, args.devices, args.memory)
     rows = []
-    for label, options in CONFIGS:
+    for i, (label, options) in enumerate(CONFIGS):
+        if args.configs and i not in args.configs:
+            continue
         if options["mode"] == "horizontal":
             options = {**options, "threshold": threshold, "replicate": replicate}
         start = time.perf_counter()
-        bundle = robustpart.compile(model, work / f"{model}-{len(rows)}", devices=args.devices, **options)
+        whole = options.pop("finetune", None)
+        bundle = robustpart.compile(model, work / f"{model}-{i}", devices=args.devices, **options)
+        if whole is not None:
+            from robustpart.finetune import FinetuneOptions, finetune_bundle
+            bundle = finetune_bundle(bundle.path, work / f"{model}-{i}-failout", args.train_data,
+                                     FinetuneOptions(failout=(args.failout,), epochs=args.epochs, whole=whole),
+                                     lambda msg: print(f"    {msg}", file=sys.stderr, flush=True))
         seconds = time.perf_counter() - start
         result = robustpart.evaluate(bundle.path, [1, 2, 3], limit=args.limit, compensation="with")
         report = result.reports[0]
         traffic = traffic_per_image(bundle.manifest)
+        label += f" {args.failout:g} x{args.epochs}" if whole is not None else ""
         rows.append({"model": model, "config": label, "report": report, "compile_s": seconds,
                      "bytes": sum(t["sent"] for t in traffic), "images": result.images})
         print(f"  {model} {label}: done ({seconds:.0f} s compile)", file=sys.stderr, flush=True)
@@ -87,6 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--memory", type=float, default=0.30, help="horizontal: largest board / full model")
     parser.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--configs", type=lambda t: [int(v) for v in t.split(",")],
+                        help="run only these rows (0-based indices into the list above)")
+    parser.add_argument("--train-data", default="/usr/share/datasets/fashion-mnist",
+                        help="labelled data for the failout rows (default: Debian's Fashion-MNIST)")
+    parser.add_argument("--failout", type=float, default=0.1, help="failout rate per block (default 0.1)")
+    parser.add_argument("--epochs", type=int, default=1, help="failout epochs (default 1)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,19 +60,13 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
     text = plan_report_text(graph, plan, cost) + (f"\n{calibration}\n" if calibration else "")
     entry = None
     if compensation is not None:
-        data = compensation.data.to_bytes()
-        (tmp / COMPENSATION_DATA).write_bytes(data)
-        entry = CompensationEntry.from_json({"file": COMPENSATION_DATA, "sha256": hashlib.sha256(data).hexdigest(),
-                                             **compensation.info})
-        (tmp / COMPENSATION_INFO).write_text(json.dumps(entry.to_json(), indent=1))
+        entry = _write_data(tmp, COMPENSATION_DATA, COMPENSATION_INFO, compensation.data.to_bytes(),
+                            compensation.info, CompensationEntry)
         text += _compensation_text(entry, graph.total_param_bytes)
     adapter_entry = None
     if adapters is not None:
-        data = adapters.data.to_bytes()
-        (tmp / ADAPTER_DATA).write_bytes(data)
-        adapter_entry = AdapterEntry.from_json({"file": ADAPTER_DATA, "sha256": hashlib.sha256(data).hexdigest(),
-                                                **adapters.info})
-        (tmp / ADAPTER_INFO).write_text(json.dumps(adapter_entry.to_json(), indent=1))
+        adapter_entry = _write_data(tmp, ADAPTER_DATA, ADAPTER_INFO, adapters.data.to_bytes(), adapters.info,
+                                    AdapterEntry)
         tuned = adapters.info.get("finetuned")
         how = (f"trained with failout {tuned['failout']} on {tuned['images']} labelled images" if tuned else
                f"fitted on {adapters.info['calibration_images']} calibration images")
@@ -81,6 +75,14 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
     (tmp / "report.txt").write_text(text)
     if shards:
         write_shards(tmp, graph, plan, progress, entry, adapter_entry).write(tmp)
+
+
+def _write_data(tmp: Path, data_name: str, info_name: str, data: bytes, info: dict, entry_type):
+    """Write a data file and its typed JSON entry (the file's name and SHA-256, then `info`)."""
+    (tmp / data_name).write_bytes(data)
+    entry = entry_type.from_json({"file": data_name, "sha256": hashlib.sha256(data).hexdigest(), **info})
+    (tmp / info_name).write_text(json.dumps(entry.to_json(), indent=1))
+    return entry
 
 
 def _compensation_text(entry: CompensationEntry, model_bytes: int) -> str:

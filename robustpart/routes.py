@@ -9,7 +9,9 @@ hyperconnection for an inner cut, an early exit for the output. Without that tec
 
 Who holds an adapter: a skip A_{j->t} (t < B) sits with block t's group, which applies it to the T_j it
 receives when its predecessor is dead; an exit A_{j->B} sits with block j-1's group, which produced T_j
-and answers with the exit when every later block is dead.
+and answers with the exit when every later block is dead (the exit from the input, on every board after
+the first block). For some failure sets an exit answers even though later blocks live, because it agreed
+better with the model on held-out calibration images (`exit_for`, skips.choose_exits).
 """
 from __future__ import annotations
 

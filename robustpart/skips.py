@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from itertools import combinations
 from dataclasses import dataclass
 
 import torch
 
-from .adapter_ops import adapter_supported, exit_grid, pool_to
+from .adapter_ops import adapter_supported, apply_adapter, exit_grid, pool_to
 from .batching import batch_size_for
 from .device import resolve_device
 from .errors import DataError
@@ -93,12 +94,12 @@ def choose_exits(sim, adapters: AdapterSet, batches: list[torch.Tensor]) -> dict
     """Per failure set that kills a block: the cut whose early exit answers instead of the route through
     the live blocks, where that agrees more often with the healthy model's top-1 class on the calibration
     images (label-free); the exit's holders must be alive. Sets where the route wins are not listed."""
-    from itertools import combinations
-
-    from .adapter_ops import apply_adapter
     plan, n = sim.plan, len(sim.plan.blocks)
     shapes = cut_shapes(sim)
     exits = {j for j, t in adapters.weights if t == n}
+    earlier = [(a, a.exit_for) for a in {id(a): a for a in (adapters, sim.adapters) if a is not None}.values()]
+    for a, _ in earlier:
+        a.exit_for = {}                               # the route is judged without earlier choices
     sim.set_failures(())
     healthy = [sim.batch_logits(b).argmax(1) for b in batches]
     chosen = {}
@@ -125,6 +126,8 @@ def choose_exits(sim, adapters: AdapterSet, batches: list[torch.Tensor]) -> dict
             if agree[best] > agree["route"]:
                 chosen[failed] = best
     sim.route.record, sim.route.values = set(), {}
+    for a, choices in earlier:
+        a.exit_for = choices
     sim.set_failures(())
     return chosen
 

@@ -162,6 +162,13 @@ def test_an_exit_answers_where_it_agrees_better_with_the_model_than_the_route(tm
     accuracy = {name: float((sim.logits(x, (0,)).argmax(1) == y).float().mean())
                 for name, sim in (("chosen", chosen), ("route", route_only))}
     assert accuracy["chosen"] > accuracy["route"] + 0.3, accuracy
+    # choosing again (as finetune does) judges the route without the earlier choices, so they stand
+    from robustpart.skips import choose_exits
+    calibration = [x[:250], x[250:]]
+    fresh = choose_exits(route_only, adapters_route, calibration)
+    again = choose_exits(chosen, adapters, calibration)
+    assert again == fresh and again.get(frozenset({0})) == 0
+    assert adapters.exit_for[frozenset({0})] == 0           # restored after the choice
 
 
 def test_compensation_after_a_dead_block_fits_only_live_units():
