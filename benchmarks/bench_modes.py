@@ -62,6 +62,7 @@ def run_model(model: str, args, work: Path) -> list[dict]:
         if options["mode"] == "horizontal":
             options = {**options, "threshold": threshold, "replicate": replicate}
         start = time.perf_counter()
+        options = dict(options)
         whole = options.pop("finetune", None)
         bundle = robustpart.compile(model, work / f"{model}-{i}", devices=args.devices, **options)
         if whole is not None:

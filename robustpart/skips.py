@@ -54,7 +54,7 @@ def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
                  progress=None) -> AdapterSet:
     """Every adapter the plan's techniques need (needed_pairs), fitted on the healthy model's cut tensors
     over `batches` of calibration images: ridge regression of the target cut on the pooled source cut, sums
-    accumulated batch by batch (compensate.CrossMoments). `sim` is the plan's FailureSimulator."""
+    accumulated batch by batch (lstsq.CrossMoments). `sim` is the plan's FailureSimulator."""
     plan = sim.plan
     shapes = cut_shapes(sim)
     pairs = [p for p in needed_pairs(plan) if adapter_supported(shapes[p[0]], shapes[p[1]])]

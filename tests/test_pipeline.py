@@ -387,3 +387,12 @@ def test_finetune_whole_carries_the_new_weights(capsys, tmp_path, chain_file):
     with torch.no_grad():
         np.testing.assert_allclose(LocalExecutor(tuned.path).run(x.numpy()), graph.module(x).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_traffic_is_one_tensor_per_cut(tmp_path):
+    from robustpart.traffic import traffic_per_image
+    _, _, _, bundle, _, _ = compiled(tmp_path, ChainNet, ["a", "b", "c"])
+    rows = traffic_per_image(bundle.manifest)
+    # block k's board sends its output (8x8x8, 8x8x8, then the 6 pooled values) to block k+1's board only
+    assert [r["sent"] for r in rows] == [8 * 8 * 8 * 4, 8 * 8 * 8 * 4, 6 * 4, 0]
+    assert [r["received"] for r in rows] == [0, 8 * 8 * 8 * 4, 8 * 8 * 8 * 4, 6 * 4]
