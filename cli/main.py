@@ -170,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
 
+    f = sub.add_parser("finetune", help="failout fine-tuning of a pipeline / hybrid bundle's adapters and exits "
+                                        "(needs labels); writes a new bundle")
+    f.add_argument("bundle", type=Path)
+    f.add_argument("--data", required=True, help="labelled training data: a Fashion-MNIST idx folder (its train "
+                                                "split) or an image folder with one sub-folder per class")
+    f.add_argument("--failout", type=_float_list, default=(0.1,),
+                   help="probability of dropping each block per batch: one rate, or one per block (default 0.1)")
+    f.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    f.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    f.add_argument("--limit", type=int, help="train on N images only")
+    f.add_argument("--whole", action="store_true", help="train the network's weights too (at lr/10), as ResiliNet "
+                                                       "trains with failout; the new bundle carries them")
+    f.add_argument("--out", "-o", type=Path, help="the new bundle (default BUNDLE-failout)")
+    _torch_device_option(f)
+
     d = sub.add_parser("demo", help="compile the reference VGG for 4 boards; robust vs lop vs full under failures")
     d.add_argument("--data", help="evaluation data (default: 'bundled', the 2000-image slice in the package)")
     d.add_argument("--out", type=Path, default=Path("artifacts") / f"{DEMO_MODEL}-4d",
@@ -299,6 +315,20 @@ def cmd_evaluate(args, progress) -> int:
     return 0
 
 
+def cmd_finetune(args, progress) -> int:
+    from robustpart.device import resolve_device
+    from robustpart.finetune import FinetuneOptions, finetune_bundle
+    options = FinetuneOptions(failout=tuple(args.failout), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                              limit=args.limit, torch_device=str(resolve_device(args.torch_device)),
+                              whole=args.whole)
+    out = args.out or args.bundle.with_name(args.bundle.name + "-failout")
+    bundle = finetune_bundle(args.bundle, out, args.data, options, progress)
+    progress.done()
+    print((bundle.path / "report.txt").read_text(), end="")
+    print(f"bundle written to {bundle.path}")
+    return 0
+
+
 def cmd_inspect(args, progress) -> int:
     from robustpart.bundle import Bundle
     bundle = Bundle.load(args.bundle)
@@ -415,7 +445,8 @@ def _key_is_used(inventory) -> None:
                               f"DIR/boards.json)")
 
 
-COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "demo": cmd_demo,
+COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "finetune": cmd_finetune,
+            "demo": cmd_demo,
             "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys}
 
 
@@ -532,6 +563,23 @@ def check_inspect(args) -> None:
     checks.check_bundle_dir(args.bundle)
 
 
+def check_finetune(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    _check_torch_device(args.torch_device)
+    for name in ("epochs", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a number > 0, got {args.lr}")
+    if any(not 0 <= r < 1 for r in args.failout):
+        raise UsageError(f"--failout rates must be in [0, 1), got {','.join(map(str, args.failout))}")
+    if not Path(args.data).exists():
+        raise UsageError(f"--data {args.data} does not exist")
+    if args.out is not None:
+        checks.check_output_dir(args.out)
+
+
 def check_demo(args) -> None:
     _check_data(args.data)
     checks.check_output_dir(args.out)
@@ -589,7 +637,8 @@ def check_keys(args) -> None:
         load_inventory(args.peers, None, args.boards)
 
 
-CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "demo": check_demo,
+CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "finetune": check_finetune,
+          "demo": check_demo,
           "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys}
 
 
