@@ -512,7 +512,8 @@ def check_compile(args) -> None:
                        "they shape pipeline and hybrid plans (--mode pipeline|hybrid)")
     elif args.mode == "pipeline":
         _refuse_unused(_given(args, "groups", "threshold", "thresholds_file", "scores", "jsd", "calib",
-                              "reuse_scores") + (["--method"] if args.method != defaults.DEFAULT_METHOD else []),
+                              "reuse_scores", "replicate")
+                       + (["--method"] if args.method != defaults.DEFAULT_METHOD else []),
                        "--mode pipeline puts each block whole on one board: nothing is scored or split")
     if args.cuts is not None:
         _refuse_unused(_given(args, "balance"), "--cuts names the cut points")

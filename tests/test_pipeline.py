@@ -204,6 +204,7 @@ def shape_args():
     (["--mode", "hybrid", "--groups", "two", "--no-shards"], "is not BxG"),
     (["--mode", "pipeline", "--groups", "2x2", "--no-shards"], "--groups would not be used"),
     (["--mode", "pipeline", "--cuts", "a", "--no-shards"], "--cuts names 1 cut points; 4 blocks need 3"),
+    (["--mode", "pipeline", "--replicate", "fc"], "--replicate would not be used: --mode pipeline puts each block"),
 ])
 def test_bad_block_options_are_one_clear_line(capsys, tmp_path, chain_file, extra, message):
     code = main(["compile", str(chain_file), *shape_args(), "--out", str(tmp_path / "b"), *extra])
