@@ -116,7 +116,7 @@ def _with_techniques(options: CompileOptions, calibration: CalibrationSource, pr
 
 
 def _check_block_options(options: CompileOptions) -> None:
-    """Pipeline / hybrid options: given only with their mode, and (for now) without what they lack."""
+    """The pipeline / hybrid options name things that exist."""
     from .options import BALANCES
     from .plan import MODES, SKIPS
     if options.mode not in MODES:
@@ -125,8 +125,6 @@ def _check_block_options(options: CompileOptions) -> None:
         raise PlanError(f"unknown --balance '{options.balance}'; choose one of {', '.join(BALANCES)}")
     if options.skip not in (*SKIPS, "auto"):
         raise PlanError(f"unknown --skip '{options.skip}'; choose one of {', '.join(SKIPS)}, auto")
-    if options.mode == "horizontal":
-        return
 
 
 def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None, progress: Progress,

@@ -8,10 +8,10 @@ are not values that cross: every block holds the ones it reads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch.fx as fx
-
+from .criteria.fx_exec import output_node
 from .errors import PlanError
 from .graph import ModelGraph
 from .options import BALANCES
@@ -34,8 +34,7 @@ def legal_cuts(graph: ModelGraph) -> list[Cut]:
             if arg in position:
                 last_use[arg] = position[n]
     unit_nodes = {u.node: i for i, u in enumerate(graph.units)}
-    output = next(n for n in graph.module.graph.nodes if n.op == "output")
-    model_output = output.all_input_nodes
+    model_output = output_node(graph.module).all_input_nodes
     cuts, live, ending = [], 0, {}
     units_seen = 0
     for i, n in enumerate(nodes):
@@ -46,18 +45,11 @@ def legal_cuts(graph: ModelGraph) -> list[Cut]:
             live += 1
             ending[last_use[n]] = ending.get(last_use[n], 0) + 1
         meta = n.meta.get("tensor_meta")
-        crosses_alone = live == 1 and n in last_use and last_use[n] > i
+        crosses_alone = live == 1 and n in last_use        # n is live, and it is the only live value
         if (crosses_alone and 0 < units_seen < len(graph.units) and n not in model_output
                 and meta is not None and hasattr(meta, "shape")):
             cuts.append(Cut(n.name, units_seen, tuple(meta.shape[1:])))
     return cuts
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def boundary_cuts(graph: ModelGraph) -> list[Cut]:
@@ -67,7 +59,7 @@ def boundary_cuts(graph: ModelGraph) -> list[Cut]:
     best: dict[int, Cut] = {}
     for cut in legal_cuts(graph):
         kept = best.get(cut.units_before)
-        if kept is None or _numel(cut.shape) <= _numel(kept.shape):
+        if kept is None or math.prod(cut.shape) <= math.prod(kept.shape):
             best[cut.units_before] = cut
     return [best[k] for k in sorted(best)]
 
@@ -138,7 +130,3 @@ def named_cuts(graph: ModelGraph, names: list[str]) -> list[Cut]:
         raise PlanError(f"--cuts must name distinct units in the model's order, got {','.join(names)}")
     return chosen
 
-
-def output_node(graph: ModelGraph) -> fx.Node:
-    output = next(n for n in graph.module.graph.nodes if n.op == "output")
-    return output.args[0]

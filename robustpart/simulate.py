@@ -21,10 +21,11 @@ from .errors import PlanError
 from .graph import ModelGraph
 from .layout import Layout, derive_layout
 from .plan import Plan
+from .routes import route
 
 if TYPE_CHECKING:
     from .runtime.compensation import Compensation
-    from .skips import AdapterSet
+    from .runtime.adapters import AdapterSet
 
 CPU = torch.device("cpu")
 AFFINE_PREFIX, MASK_PREFIX = "_robustpart_affine_", "_robustpart_mask_"   # names of the inserted modules
@@ -105,7 +106,7 @@ class ChannelAffine(nn.Module):
 
 class CutRoute:
     """What the cut switches of a pipeline / hybrid plan do under the failure set last set: per cut t whose
-    producing block is dead, ("skip" | "exit", j) or ("fill", None) (skips.route); and the cut tensors of
+    producing block is dead, ("skip" | "exit", j) or ("fill", None) (routes.route); and the cut tensors of
     this forward that an action reads."""
 
     def __init__(self):
@@ -188,7 +189,6 @@ class FailureSimulator:
         """The cut route of a pipeline / hybrid plan; a technique whose adapter is missing reads zeros."""
         if not self.plan.blocks:
             return {}
-        from .routes import route
         actions = route(self.plan, failed, self.adapters.exit_for if self.adapters is not None else None)
         return {t: (kind, j) if kind == "fill" or (j, t) in self.route.adapters else ("fill", None)
                 for t, (kind, j) in actions.items()}

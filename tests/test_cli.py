@@ -4,12 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from robustpart.cli.main import main
 from robustpart.compiler import compile_model
 from robustpart.options import CompileOptions
+
+from image_folders import random_image_folder
 
 TV = "squeezenet1_1"     # a small torchvision CNN; --weights none keeps it offline
 
@@ -68,16 +69,6 @@ def test_unreadable_checkpoint(capsys, tmp_path):
     assert code == 2 and "cannot read model file" in error_line(err)
 
 
-def make_image_folder(root: Path, classes=3, per_class=4):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     bundle = tmp_path / "sq"
     code, out, _ = run(capsys, "compile", TV, "--weights", "none", "--devices", "3", "--scores", "l1",
@@ -87,7 +78,7 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
                                                   "manifest.json", "shards"}
     code, out, _ = run(capsys, "inspect", str(bundle))
     assert code == 0 and "features.12.squeeze" in out and "max board memory" in out
-    folder = make_image_folder(tmp_path / "images")
+    folder = random_image_folder(tmp_path / "images")
     code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(tmp_path / "nowhere"))
     assert code == 2 and "nowhere does not exist" in error_line(err)
     code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--compare", "full,lop", "--json")

@@ -17,6 +17,7 @@ from robustpart.simulate import FailureSimulator
 from robustpart.skips import fit_adapters
 from robustpart.spec import InputSpec
 
+from image_folders import random_image_folder
 from plan_helpers import random_scores
 from tiny_models import ChainNet, ResNetLike
 
@@ -213,14 +214,9 @@ def test_bad_block_options_are_one_clear_line(capsys, tmp_path, chain_file, extr
     assert not (tmp_path / "b").exists()
 
 
-def image_folder(root, classes=4, per_class=8):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
+def image_folder(root):
+    """An image folder for ChainNet: 4 classes of 8 random 8x8 pictures."""
+    return random_image_folder(root, classes=4, per_class=8, size=(8, 8))
 
 
 def test_without_calibration_images_a_pipeline_has_no_adapters_and_says_so(capsys, tmp_path, chain_file):

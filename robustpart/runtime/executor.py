@@ -130,15 +130,15 @@ class LocalExecutor:
             cuts = [spec.name] + [b.output.name for b in pipeline.blocks]
             last = len(pipeline.blocks)
             exit_source = actions[last][1] if actions.get(last, ("",))[0] == "exit" else None
-            for k, block in enumerate(pipeline.blocks):
-                if exit_source is not None and k >= exit_source:
-                    break                               # an early exit from cut k answers: later blocks idle
+            for k, block in enumerate(pipeline.blocks[:exit_source]):   # an exit from cut j: blocks j.. idle
                 if block.failed(failed):
                     env[cuts[k + 1]] = self._replacement(actions[k + 1], k + 1, env, cuts, block, len(x))
                 else:
                     self._run_stages(block.stages, env, failed, tables, len(x))
-            if exit_source is not None or pipeline.blocks[-1].failed(failed):
+            if exit_source is not None:
                 return self._replacement(actions[last], last, env, cuts, pipeline.blocks[-1], len(x))
+            if pipeline.blocks[-1].failed(failed):
+                return env[cuts[-1]]                    # the last block's replacement answers, not the head
         if self.head is None:
             return env[self.manifest.output.name]
         return self.head.run(None, {name: env[name] for name in self.manifest.head.inputs})[0]
