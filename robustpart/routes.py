@@ -83,3 +83,28 @@ def held_adapter_bytes(plan: Plan, pair_bytes: dict[tuple[int, int], int]) -> li
         for board in holder(plan, pair):
             held[board] += n
     return held
+
+
+def describe(plan: Plan, failed: Iterable[int], answered_by: int) -> str:
+    """The techniques an answer for failure set `failed` used, in words: the skips (or zeros) that rebuilt
+    dead blocks' outputs, then what gave the output: `answered_by` is the cut whose early exit answered,
+    the number of blocks when the last block computed it, or -1 for zeros (no exit in the bundle)."""
+    blocks, failed = plan.block_list(), set(failed)
+    n = len(blocks)
+    end = n if answered_by in (n, -1) else answered_by
+    # only the cuts a live block read (or an exit answered from) were rebuilt; those inside a run of dead
+    # blocks were skipped over
+    used = [t for t in range(1, end + 1) if t < n and (t == end or not blocks[t].failed(failed))]
+    actions = route(plan, failed)
+    parts = [f"skip {actions[t][1]}->{t}" if actions[t][0] == "skip" else f"zeros for cut {t}"
+             for t in used if t in actions]
+    parts.append("blocks" if answered_by == n else "zeros" if answered_by == -1 else f"exit from cut {answered_by}")
+    return ", ".join(parts)
+
+
+def answered_by(plan: Plan, failed: Iterable[int], exit_for: dict | None = None) -> int:
+    """What gives the output for failure set `failed` (describe's `answered_by`): the cut whose early exit
+    answers, the number of blocks when the last block computes it, or -1 for zeros."""
+    n = len(plan.block_list())
+    final = route(plan, failed, exit_for).get(n)
+    return n if final is None else final[1] if final[0] == "exit" else -1

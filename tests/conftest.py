@@ -97,3 +97,15 @@ def reference(bundle, tmp_path_factory):
     yield client
     client.close()
     cluster.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline_bundle(tmp_path_factory):
+    """ResNetLike in 4 blocks on a chain of 4 boards, with skips, exits and compensation."""
+    return fixture_bundle("pipeline", tmp_path_factory.mktemp("pipeline-bundle"))
+
+
+@pytest.fixture(scope="module")
+def hybrid_bundle(tmp_path_factory):
+    """ChainNet in 2 blocks on 2 groups of 2 boards, with skips, exits and compensation."""
+    return fixture_bundle("hybrid", tmp_path_factory.mktemp("hybrid-bundle"))

@@ -47,7 +47,13 @@ class Model:
         y = x @ self.weights[s][rows].T
         return y if s == 2 else np.maximum(y, 0)
 
-    def shard(self, board: int, stage: int, feeds: dict) -> list:
+    def board(self, b: int, settings, incarnation: int) -> BoardMachine:
+        return BoardMachine(b, self.spec, settings, incarnation, BUNDLE, self.assemble)
+
+    def client(self, settings, session: int, bundle: str, deadline: float) -> ClientMachine:
+        return ClientMachine(self.spec, settings, session, bundle, deadline, self.assemble)
+
+    def shard(self, board: int, stage: int, feeds: dict, failed: frozenset = frozenset()) -> list:
         if stage == 3:
             return [np.tanh(feeds["t3"])]
         return [self.layer(stage, feeds[f"t{stage}"], list(CHANNELS[stage][board]))]
@@ -69,14 +75,16 @@ class Model:
 
 class FakeMesh:
     def __init__(self, settings, deadline: float = 1.0, latency: float = 1e-3, compute: float = 2e-3,
-                 head: bool = False, client_bundle: str = BUNDLE):
+                 head: bool = False, client_bundle: str = BUNDLE, model=None):
+        """`model`: what the boards compute (default: Model(head)); anything with its spec, board(),
+        client() and shard() (e.g. bundle_model.BundleModel, a real bundle's shards)."""
         self.settings, self.latency, self.default_compute = settings, latency, compute
-        self.model = Model(head)
+        self.model = model or Model(head)
         self.now = 0.0
         self.delay: dict[tuple, float] = {}      # (from, to) -> extra seconds on that link
         self.compute: dict[tuple, float] = {}    # (board, stage) -> seconds its shard takes
-        self.boards = {b: self._board(b, 1) for b in range(BOARDS)}
-        self.client = ClientMachine(self.model.spec, settings, 7, client_bundle, deadline, self.model.assemble)
+        self.boards = {b: self._board(b, 1) for b in range(self.model.spec.boards)}
+        self.client = self.model.client(settings, 7, client_bundle, deadline)
         self.answers, self.emitted, self.delivered = [], [], []    # Answers; (t, who, Emit); (t, to, Header)
         self.cut_off: set = set()
         self.frozen: dict = {}                   # name -> what waits for it to thaw
@@ -87,7 +95,7 @@ class FakeMesh:
         self._stalled = 0                        # steps in a row without the clock moving
 
     def _board(self, b: int, incarnation: int) -> BoardMachine:
-        return BoardMachine(b, self.model.spec, self.settings, incarnation, BUNDLE, self.model.assemble)
+        return self.model.board(b, self.settings, incarnation)
 
     def machine(self, name):
         return self.client if name == CLIENT else self.boards[name]
@@ -201,7 +209,7 @@ class FakeMesh:
             elif isinstance(action, RunShard):
                 took = self.compute.get((name, action.stage), self.default_compute)
                 self.busy_until[name] = self.now + took
-                outputs = self.model.shard(name, action.stage, action.feeds)
+                outputs = self.model.shard(name, action.stage, action.feeds, action.failed)
                 self._push(self.now + took, name, ShardDone(action.session, action.request, action.stage, outputs))
             elif isinstance(action, Emit):
                 self.emitted.append((self.now, name, action))

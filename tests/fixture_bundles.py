@@ -26,6 +26,10 @@ IMAGES_FILE = "images.npy"
 BUNDLES = {
     "mesh": ("TinyNet (6 stages) on 4 boards, robust plan, least-squares compensation for every failure set", 4),
     "head": ("HeadNet (two conv units and a head) on 2 boards, contiguous split, no compensation", 2),
+    "pipeline": ("ResNetLike in 4 blocks on a chain of 4 boards (cuts stem, conv2, conv3: a residual add as a cut "
+                 "stage), skip adapters and early exits, compensation after a dead block", 4),
+    "hybrid": ("ChainNet in 2 blocks on 2 groups of 2 boards (cut b), robust plan inside each group, skips, "
+               "exits and compensation", 4),
 }
 
 
@@ -74,14 +78,54 @@ def head_parts():
     return graph, ModelSource("file", "head", "default"), plan, None
 
 
-PARTS = {"mesh": mesh_parts, "head": head_parts}
+def block_parts(cls, cuts: list[str], group: int, method: str):
+    """A pipeline (group 1) or hybrid plan of tiny model `cls` on 4 boards, cut at the units `cuts`, with its
+    adapters and compensation fitted on 128 random images. Returns (graph, source, plan, compensation,
+    adapters)."""
+    import torch
+
+    from robustpart.compensate import prepare_compensation
+    from robustpart.cuts import named_cuts
+    from robustpart.graph import trace
+    from robustpart.models import ModelSource
+    from robustpart.options import CompileOptions
+    from robustpart.partition import BlockSpec, make_plan
+    from robustpart.skips import prepare_adapters
+
+    from plan_helpers import random_scores
+    from tiny_models import TINY_SPEC
+    torch.manual_seed(0)
+    graph = trace(cls().eval(), TINY_SPEC, cls.__name__)
+    blocks = BlockSpec("pipeline" if group == 1 else "hybrid",
+                       [(c.node, c.units_before) for c in named_cuts(graph, cuts)], group)
+    channels = {u.name: u.channels for u in graph.units}
+    scores = random_scores(channels) if method == "robust" else None
+    plan = make_plan(channels, 4, method, scores, 0.3, blocks=blocks)
+    x = torch.randn(128, *TINY_SPEC.shape, generator=torch.Generator().manual_seed(4))
+    options = CompileOptions(devices=4, compensate="ls")
+    adapters = prepare_adapters(graph, plan, options, calibration=x)
+    compensation = prepare_compensation(graph, plan, options, calibration=x, adapters=adapters.data)
+    return graph, ModelSource("file", cls.__name__, "default"), plan, compensation, adapters
+
+
+def pipeline_parts():
+    from tiny_models import ResNetLike
+    return block_parts(ResNetLike, ["stem", "conv2", "conv3"], 1, "lop")
+
+
+def hybrid_parts():
+    from tiny_models import ChainNet
+    return block_parts(ChainNet, ["b"], 2, "robust")
+
+
+PARTS = {"mesh": mesh_parts, "head": head_parts, "pipeline": pipeline_parts, "hybrid": hybrid_parts}
 
 
 def build(name: str, out: Path) -> Path:
     """Compile bundle `name` into the directory `out` (which must not hold anything but a bundle)."""
     from robustpart.emit import emit_bundle
-    graph, source, plan, compensation = PARTS[name]()
-    emit_bundle(out, graph, source, plan, None, compensation=compensation)
+    graph, source, plan, compensation, *adapters = PARTS[name]()
+    emit_bundle(out, graph, source, plan, None, compensation=compensation, adapters=(adapters or [None])[0])
     return out
 
 
@@ -109,7 +153,7 @@ def simulated_outputs(name: str, bundle: Path, images: np.ndarray) -> dict[str, 
     from robustpart.simulate import FailureSimulator
     graph = PARTS[name]()[0]
     loaded = Bundle.load(bundle)
-    sim = FailureSimulator(graph, loaded.plan, loaded.load_compensation())
+    sim = FailureSimulator(graph, loaded.plan, loaded.load_compensation(), adapters=loaded.manifest.load_adapters())
     return {expected_key(f): sim.logits(images, f).numpy() for f in failure_sets(loaded.plan.n_boards)}
 
 

@@ -13,7 +13,7 @@ from fixture_bundles import (ASSETS, BUNDLES, IMAGES_FILE, build, committed, exp
 REMAKE = "out of date: run `uv run python tests/assets/make_fixture_bundles.py` and commit tests/assets/bundles"
 # the files a board reads, compared field by field; values that differ between two identical compiles (a timing)
 # or between library versions (the bytes of an ONNX or npz file) are left out
-READ_BY_BOARDS = ("manifest.json", "plan.json", "model.json", "compensation.json")
+READ_BY_BOARDS = ("manifest.json", "plan.json", "model.json", "compensation.json", "adapters.json")
 VARIABLE = {"sha256", "seconds"}
 
 

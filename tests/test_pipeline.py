@@ -314,13 +314,6 @@ def test_numpy_adapter_equals_the_torch_adapter_for_uneven_pooling():
                                    torch_adapter(x, weight, bias, target).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_mesh_refuses_a_pipeline_bundle_with_a_clear_error(tmp_path):
-    from robustpart.runtime.mesh.spec import mesh_spec
-    _, _, _, bundle, _, _ = compiled(tmp_path, ChainNet, ["a", "b", "c"])
-    with pytest.raises(BundleError, match="the board mesh serves horizontal bundles only for now"):
-        mesh_spec(bundle.manifest)
-
-
 # ---- failout fine-tuning -----------------------------------------------------------------------------------
 def test_finetune_trains_the_adapters_into_a_new_bundle(capsys, tmp_path, chain_file):
     folder, out = image_folder(tmp_path / "images"), tmp_path / "b"

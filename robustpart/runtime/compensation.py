@@ -159,8 +159,8 @@ class CompensationTables:
 
     def affine_feeds(self, stage: int, board: int, failed: frozenset) -> dict[str, np.ndarray]:
         """The affine inputs of `board`'s shard of `stage` when `failed` are the dead boards ({} without
-        compensation)."""
-        if not self.active:
+        compensation; a pipeline's cut stage has none)."""
+        if not self.active or self.stages[stage].unit is None:
             return {}
         key = (stage, board, failed)
         if key not in self._feeds:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from ..adapters import apply_adapter
 from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, load_manifest
@@ -30,6 +31,7 @@ from .events import TICK, RunShard, SendClient, SendPeer, ShardDone
 from .keys import load_secret_key, start_authenticator
 from .liveness import DEAD
 from .peers import Inventory, load_inventory
+from .pipeline_logic import PipelineBoardMachine
 from .settings import MeshSettings
 from .spec import mesh_spec
 from .transport import Sender, dealer, router
@@ -51,14 +53,21 @@ class DeviceServer:
         self.inventory = inventory or load_inventory(None, bundle, self.n)
         stages = self.manifest.stages
         providers, options = resolve_providers(provider), session_options(threads)
-        self.sessions = [open_session(self.manifest.shard_path(s, self.me), providers, options) for s in stages]
+        self.sessions = [open_session(self.manifest.shard_path(s, self.me), providers, options)
+                         if s.shards[self.me].has_work else None for s in stages]   # None: another block's stage
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head.file, providers, options) if head else None
         self.assemblers = [StageAssembler(s, self.n) for s in stages]
         self.compensation = self.manifest.compensation_tables(board=self.me)    # only the sets it survives
+        self.adapters = held_adapters(self.manifest, self.me)
         self.incarnation = time.time_ns()      # grows across restarts: peers tell a new process from an old one
-        self.machine = BoardMachine(self.me, mesh_spec(self.manifest), self.settings, self.incarnation,
-                                    wire.bundle_id(self.manifest.root / MANIFEST), self._assemble)
+        spec = mesh_spec(self.manifest, self.adapters.exit_for if self.adapters else None)
+        bundle_id = wire.bundle_id(self.manifest.root / MANIFEST)
+        if spec.pipeline is None:
+            self.machine = BoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id, self._assemble)
+        else:
+            self.machine = PipelineBoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id,
+                                                self._assemble, self._replace)
         self.stats = self.machine.stats        # the machine's counters and the sender's, together
         self.sender = Sender(self.stats)
         self._stop = threading.Event()
@@ -141,12 +150,33 @@ class DeviceServer:
     def _assemble(self, stage: int, slices: dict, batch: int, failed: frozenset) -> np.ndarray:
         return self.assemblers[stage].assemble(slices, batch, self.compensation.exit_data(stage, failed))
 
+    def _replace(self, source: int, target: int, x: np.ndarray) -> np.ndarray:
+        """Cut `target` rebuilt from cut `source` by the adapter this board holds, or zeros without one."""
+        pipe = self.machine.spec.pipeline
+        shape = pipe.cut_shapes[target]
+        pair = (source, target)
+        if self.adapters is None or pair not in self.adapters.weights:
+            return np.zeros((len(x), *shape), np.float32)
+        return apply_adapter(x, self.adapters.weights[pair], self.adapters.biases[pair], shape)
+
     def _emit(self, event: str, **fields) -> None:
         record = {"t": time.time(), "board": self.me, "event": event, **fields}
         level = logging.ERROR if event == "refused" else logging.WARNING if event == DEAD else logging.INFO
         log.log(level, "board %d: %s %s", self.me, event, {k: v for k, v in fields.items() if k != "stats"})
         if self._events:
             self._events.write(json.dumps(record) + "\n")
+
+
+def held_adapters(manifest, board: int):
+    """The skip / exit adapters board `board` holds (routes.holder), with the bundle's exit choices; None for
+    a bundle without adapters. Only those stay in memory."""
+    adapters = manifest.load_adapters()
+    if adapters is None:
+        return None
+    held = {(p["source"], p["target"]) for p in manifest.pipeline.adapters.pairs if board in p["boards"]}
+    adapters.weights = {k: v for k, v in adapters.weights.items() if k in held}
+    adapters.biases = {k: v for k, v in adapters.biases.items() if k in held}
+    return adapters
 
 
 def serve(bundle: Path | str, device: int, peers: str | None = None, settings: MeshSettings | None = None,

@@ -59,6 +59,7 @@ class Client:
 
 class BoardMachine(Machine):
     own_event = ShardDone                  # the outputs of a RunShard come back as this
+    final_slices_to_client = True          # without a head, the client assembles the last stage's slices
 
     def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
                  assemble: Assemble):
@@ -122,6 +123,8 @@ class BoardMachine(Machine):
         self._heard(p, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
         if h.kind == Kind.SLICE:
             self._on_slice(h, payload, now)
+        elif h.kind == Kind.CUT:
+            self._on_cut(h, payload, now)
         elif h.kind != Kind.HEARTBEAT:
             raise ProtocolError(f"board {p} sent a {h.kind.name}, which only clients send")
 
@@ -132,6 +135,7 @@ class BoardMachine(Machine):
         if event == RESTARTED:                  # the new process knows nothing of requests in flight
             for req in self.requests.values():
                 req.excluded |= 1 << p
+            self._view_changed(p, event, now)
 
     def _from_client(self, routing: bytes, h: Header, payload, now: float) -> None:
         session = h.session
@@ -186,6 +190,13 @@ class BoardMachine(Machine):
                 self._store(req, stage, p, array, lineage)
         self.ready.append(req)
 
+    def _on_cut(self, h: Header, payload, now: float) -> None:
+        raise ProtocolError(f"board {h.sender} sent a CUT, which only pipeline bundles use; this is a "
+                            f"horizontal one")
+
+    def _view_changed(self, peer: int, event: str, now: float) -> None:
+        """A peer died or restarted (pipeline_logic re-routes what it handed on)."""
+
     def _on_slice(self, h: Header, payload, now: float) -> None:
         key = (h.session, h.request)
         if not 0 <= h.stage <= self.last or not payload:
@@ -216,6 +227,7 @@ class BoardMachine(Machine):
     def _tick(self, now: float) -> None:
         for peer in self.liveness.check(now):
             self._emit(DEAD, peer=peer, silent_ms=round((now - self.liveness.peers[peer].last_heard) * 1e3, 1))
+            self._view_changed(peer, DEAD, now)
         if now >= self.next_beat:
             self._beat(now)
             self.next_beat = max(self.next_beat + self.settings.heartbeat, now)
@@ -232,7 +244,7 @@ class BoardMachine(Machine):
             feeds, failed = {name: req.env[name] for name in self.spec.head_inputs}, frozenset()
         else:
             feeds = {name: req.env[name] for name in self.spec.stages[s].inputs}
-            failed = self._failed(req.members & ~req.excluded)
+            failed = self._failed_for(req, req.members & ~req.excluded)
         self.running = (req.session, req.rid)
         self._actions.append(RunShard(req.session, req.rid, s, feeds, failed))
 
@@ -250,7 +262,7 @@ class BoardMachine(Machine):
             return
         for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
             req.env[name] = value
-        if s == self.last and self.spec.head_inputs is None:
+        if s == self.last and self.spec.head_inputs is None and self.final_slices_to_client:
             self._result(req, s, outputs[0])       # the client assembles the final slices
             return
         req.own = outputs[0]
@@ -282,10 +294,17 @@ class BoardMachine(Machine):
         used = wire.mask_of(slices)
         req.excluded |= req.members & ~used           # missing now: not waited for again in this request
         req.lineage = after_assembly(used, [req.lineage, *(lin for _, lin in got.values())])
-        req.env[self.spec.stages[s].tensor] = self.assemble(s, slices, req.batch, self._failed(used))
+        req.env[self.spec.stages[s].tensor] = self.assemble(s, slices, req.batch, self._failed_for(req, used))
         req.used.append(used)
         req.own, req.waiting, req.stage = None, False, s + 1
+        self._advance(req)
+
+    def _advance(self, req: Request) -> None:
+        """The request's next stage is due."""
         self.ready.append(req)
+
+    def _failed_for(self, req: Request, answering: int) -> frozenset:
+        return self._failed(answering)
 
     def _failed(self, answering: int) -> frozenset:
         """The failure set this board compensates for: every board outside `answering` (a bit mask). The

@@ -23,6 +23,7 @@ from .client_logic import DEADLINE, MIXED, NO_BOARDS, OK, Answer, ClientMachine
 from .events import TICK, Answered, SendPeer, Submit
 from .keys import load_secret_key
 from .peers import Inventory, load_inventory
+from .pipeline_client_logic import PipelineClientMachine
 from .settings import MeshSettings
 from .spec import mesh_spec
 from .transport import Sender, dealer
@@ -47,8 +48,9 @@ class MeshClient:
         self.final_assembler = StageAssembler(self.manifest.stages[-1], self.n)
         self.compensation = self._compensation_tables()
         self.session = secrets.randbits(63) | 1
-        self.machine = ClientMachine(spec, self.settings, self.session, wire.bundle_id(self.manifest.root / MANIFEST),
-                                     deadline, self._assemble)
+        machine = ClientMachine if spec.pipeline is None else PipelineClientMachine
+        self.machine = machine(spec, self.settings, self.session, wire.bundle_id(self.manifest.root / MANIFEST),
+                               deadline, self._assemble)
         self.stats = self.machine.stats        # the machine's counters and the sender's, together
         self.sender = Sender(self.stats)
         self.finished: deque[Answer] = deque()

@@ -47,6 +47,7 @@ class Answer:
     mesh_bytes: int                     # board -> board slices, as reported by the answering boards
     per_stage: list[tuple[int, ...]] = field(default_factory=list)   # boards used per stage (first board)
     submitted_at: float = 0.0           # wall clock (time.time()) when sent
+    technique: str = ""                 # pipeline bundles: what answered (routes.describe), e.g. "skip 1->2"
 
     @property
     def consistent(self) -> bool:
@@ -121,6 +122,7 @@ class ClientMachine(Machine):
     def _tick(self, now: float) -> None:
         for board in self.liveness.check(now):
             self._emit(DEAD, board=board)
+            self._view_changed(board, DEAD, now)
         if now >= self.next_beat:
             self._beat(now)
             self.next_beat = now + self.settings.heartbeat
@@ -158,6 +160,10 @@ class ClientMachine(Machine):
         if event == RESTARTED:                      # the new process lost the requests in flight
             for p in self.pending.values():
                 p.members &= ~(1 << b)
+            self._view_changed(b, RESTARTED, now)
+
+    def _view_changed(self, board: int, event: str, now: float) -> None:
+        """A board died or restarted (pipeline_client_logic re-routes the inputs it handed on)."""
 
     def _on_result(self, h: Header, payload, now: float) -> None:
         p = self.pending.get(h.request)

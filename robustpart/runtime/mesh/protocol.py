@@ -16,6 +16,9 @@ What the kinds put in the header (besides kind, sender, incarnation, session, re
     SLICE      lineage boards (**)         -                                    the sender's slice
     RESULT     lineage boards (**)         mesh_bytes: what the board sent to   u64 boards used per stage,
                                            its peers for this request           final slice or output
+    CUT        boards counted alive (***)  deadline_ms (left)                   a pipeline block's input
+    (***) pipeline bundles: `stage` is the cut's index (0: the model input); see pipeline_logic.py. A
+    pipeline RESULT's `stage` says which technique answered (pipeline_logic.ANSWERED_BY_*, or an exit's cut).
     (*) from a client: requests below it are finished, boards drop them.
     (**) with the MIXED / ANY flags; see lineage.py.
 
@@ -50,6 +53,7 @@ class Kind(IntEnum):
     INPUT = 3
     SLICE = 4
     RESULT = 5
+    CUT = 6
 
 
 class ProtocolError(ValueError):
@@ -97,7 +101,7 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
 
 # which field of Header the kind's shared word holds (its index in the tuple)
 _SHARED = {Kind.HELLO: Header._fields.index("knows_you"), Kind.INPUT: Header._fields.index("deadline_ms"),
-           Kind.RESULT: Header._fields.index("mesh_bytes")}
+           Kind.RESULT: Header._fields.index("mesh_bytes"), Kind.CUT: Header._fields.index("deadline_ms")}
 
 
 def bundle_id(manifest_path) -> str:

@@ -6,7 +6,7 @@ manifest for file paths and the compensation tables), so a change of the manifes
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,12 +23,45 @@ class StageSpec:
     axis: int                                # channel axis of `tensor` (batch axis included)
     shape: tuple[int, ...]                   # `tensor` without the batch axis
     channels: tuple[tuple[int, ...], ...]    # per board: the channels of `tensor` its slice holds, in order
+    local: bool = False                      # a pipeline cut stage: each board of its block computes `tensor`
+                                             # whole, nothing is exchanged
 
     def slice_shape(self, board: int) -> tuple[int, ...]:
         """Per-image shape of board `board`'s slice."""
         shape = list(self.shape)
         shape[self.axis - 1] = len(self.channels[board])
         return tuple(shape)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A pipeline / hybrid block: its stages (indices), its group of boards, and the cut tensor it hands on
+    (the model output for the last block)."""
+    stages: tuple[int, ...]
+    boards: tuple[int, ...]
+    output: str
+    output_shape: tuple[int, ...]
+
+    def failed(self, failed) -> bool:
+        return set(self.boards) <= set(failed)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What routes.route needs (block_list(), skip, exits) and the cut tensors: cut j is block j's input
+    (cut 0: the model input), cut B (B blocks) the model output. `exit_for`: the AdapterSet's."""
+    skip: str
+    exits: bool
+    blocks: tuple[BlockSpec, ...]
+    cut_names: tuple[str, ...]
+    cut_shapes: tuple[tuple[int, ...], ...]
+    exit_for: dict = field(default_factory=dict)
+
+    def block_list(self) -> tuple[BlockSpec, ...]:
+        return self.blocks
+
+    def block_of(self, board: int) -> int:
+        return next(k for k, block in enumerate(self.blocks) if board in block.boards)
 
 
 @dataclass(frozen=True)
@@ -39,16 +72,24 @@ class MeshSpec:
     output_shape: tuple[int, ...]            # the model output, without the batch axis
     stages: tuple[StageSpec, ...]
     head_inputs: tuple[str, ...] | None      # None: the bundle has no head (the client assembles the last stage)
+    pipeline: PipelineSpec | None = None     # a pipeline / hybrid bundle (pipeline_logic.py); None: horizontal
 
 
-def mesh_spec(manifest) -> MeshSpec:
-    if manifest.pipeline is not None:
-        from ...errors import BundleError
-        raise BundleError(f"this is a {manifest.pipeline.mode} bundle; the board mesh serves horizontal bundles "
-                          f"only for now. Run it in one process with `robustpart evaluate BUNDLE --backend onnx`, "
-                          f"or compile without --mode")
+def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
+    """`exit_for`: a pipeline bundle's AdapterSet.exit_for (the boards load the adapters; the client needs
+    none: the answering board says which technique answered)."""
     stages = tuple(StageSpec(s.inputs, s.tensor, tuple(e.name for e in s.extras), s.axis, s.shape,
-                             tuple(shard.channels for shard in s.shards)) for s in manifest.stages)
+                             tuple(shard.channels for shard in s.shards), s.unit is None) for s in manifest.stages)
     head = manifest.head
     return MeshSpec(manifest.boards, manifest.input.name, manifest.input.shape, manifest.output.shape, stages,
-                    None if head is None else head.inputs)
+                    None if head is None else head.inputs, _pipeline_spec(manifest, exit_for))
+
+
+def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:
+    entry = manifest.pipeline
+    if entry is None:
+        return None
+    blocks = tuple(BlockSpec(b.stages, b.boards, b.output.name, b.output.shape) for b in entry.blocks)
+    names = (manifest.input.name, *(b.output for b in blocks))
+    shapes = (manifest.input.shape, *(b.output_shape for b in blocks))
+    return PipelineSpec(entry.skip, entry.exits, blocks, names, shapes, dict(exit_for or {}))
