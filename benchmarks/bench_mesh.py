@@ -20,6 +20,8 @@ machine. The LocalExecutor is the no-network lower bound; the healthy mesh is th
     uv run robustpart compile fmnist_vgg16_bn --devices 4 --scores l1 --out /tmp/vgg4
     uv run python benchmarks/bench_mesh.py --bundle /tmp/vgg4
     uv run python benchmarks/bench_mesh.py --bundle /tmp/vgg4 --sweep 50,100,200,400,800
+    uv run robustpart compile fmnist_resnet18 --devices 4 --mode pipeline --out /tmp/r18p
+    uv run python benchmarks/bench_mesh.py --bundle /tmp/r18p --victim 1       # the middle of the chain
 """
 from __future__ import annotations
 
@@ -90,7 +92,28 @@ def phase(answers, local_s, healthy_s=()) -> dict:
             "latency_ratio_p50": round(statistics.median(mesh) / statistics.median(local_s), 2),
             "mesh_images_per_s": round(len(mesh) / sum(mesh), 1),
             "local_images_per_s": round(len(local_s) / sum(local_s), 1),
-            "failure_sets": sorted({str(a.failed) if a.consistent else a.status for a in answers})}
+            "failure_sets": sorted({str(a.failed) if a.consistent else a.status for a in answers}),
+            **({"techniques": sorted({a.technique for a in answers})} if any(a.technique for a in answers) else {})}
+
+
+def pipeline_analytic_bytes(manifest, live: list[int]) -> dict:
+    """A pipeline / hybrid bundle's payload bytes per image for live boards `live` (float32, no headers):
+    each live block's output to the next live block's live boards; the input to the first live block's;
+    inside a hybrid group, each member's slice of every unit stage to the other live members."""
+    blocks = [b for b in manifest.pipeline.blocks if set(b.boards) & set(live)]
+    numel = lambda shape: int(np.prod(shape))                                          # noqa: E731
+    cuts = sum(numel(a.output.shape) * 4 * len(set(b.boards) & set(live)) for a, b in zip(blocks, blocks[1:]))
+    inside = 0
+    for block in blocks:
+        members = [b for b in block.boards if b in live]
+        for s in block.stages:
+            stage = manifest.stages[s]
+            if stage.unit is not None and len(members) > 1:
+                per_channel = numel(stage.shape) // stage.channels * 4
+                inside += sum(len(stage.shards[b].channels) for b in members) * (len(members) - 1) * per_channel
+    return {"board_to_board_minimum": cuts + inside, "cuts": cuts, "inside_groups": inside,
+            "client_minimum": {"sent": numel(manifest.input.shape) * 4 * len(set(blocks[0].boards) & set(live)),
+                               "received": numel(manifest.output.shape) * 4}}
 
 
 def analytic_bytes(manifest, live: list[int]) -> dict:
@@ -100,6 +123,8 @@ def analytic_bytes(manifest, live: list[int]) -> dict:
     bundle has a head. all_to_all: what this protocol sends (each board's whole slice to each live peer);
     minimum: each live board receives every channel a live peer holds and it does not, once.
     """
+    if manifest.pipeline is not None:
+        return pipeline_analytic_bytes(manifest, live)
     exchanged = manifest.stages if manifest.head else manifest.stages[:-1]
     all_to_all = minimum = 0
     for stage in exchanged:
@@ -206,6 +231,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4, help="requests in flight for the pipelined figures")
     parser.add_argument("--sweep", help="liveness timeouts in ms for the Fig. 3 sweep, e.g. 50,100,200,400,800")
     parser.add_argument("--sweep-images", type=int, default=200, help="images per sweep point (default 200)")
+    parser.add_argument("--victim", type=int, default=2, help="the board killed (default 2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not (args.bundle / "manifest.json").is_file():
@@ -220,7 +246,7 @@ def main() -> None:
     results = {"bundle": str(args.bundle), "boards": local.manifest.boards,
                "settings_ms": {"heartbeat": args.heartbeat_ms, "timeout": args.timeout_ms}}
     with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp:
-        results["kill"] = kill_run(args.bundle, settings, images, local, Path(tmp) / "kill", victim=2,
+        results["kill"] = kill_run(args.bundle, settings, images, local, Path(tmp) / "kill", victim=args.victim,
                                    before=args.images, after_s=args.after_s, window=args.window)
         if args.sweep:
             results["sweep"] = []

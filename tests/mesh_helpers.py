@@ -6,7 +6,8 @@ import time
 
 import numpy as np
 
-from robustpart.runtime import LocalExecutor
+from robustpart.routes import answered_by, describe
+from robustpart.runtime import LocalExecutor, load_manifest
 from robustpart.runtime.mesh import LocalCluster, MeshClient, MeshSettings
 
 SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.3)
@@ -109,3 +110,10 @@ def steady(client, images, reference, refs, seconds=1.5):
         check_contract(answers, refs, len(images))
         return answers, paired
     return measure
+
+
+def technique(bundle, failed) -> str:
+    """What a pipeline bundle's answer for failure set `failed` should say answered (routes.describe)."""
+    manifest = load_manifest(bundle, verify=False)
+    pipeline, exit_for = manifest.pipeline, manifest.load_adapters().exit_for
+    return describe(pipeline, failed, answered_by(pipeline, failed, exit_for))

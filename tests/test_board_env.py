@@ -37,7 +37,7 @@ def test_a_committed_bundle_loads_and_verifies(committed_copy):
     manifest = load_manifest(path)                     # schema, structure and every shard's SHA-256
     bundle = Bundle.load(path)
     assert manifest.boards == bundle.plan.n_boards == BUNDLES[name][1]
-    assert (bundle.compensation is not None) == (name == "mesh")
+    assert (bundle.compensation is not None) == (name != "head")
     for board in range(manifest.boards):
         load_manifest(path, boards=[board])
 

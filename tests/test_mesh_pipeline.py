@@ -11,12 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from robustpart.routes import answered_by, describe
-from robustpart.runtime import load_manifest
 from robustpart.runtime.mesh import LocalCluster, MeshClient
 from robustpart.runtime.mesh.client import DEADLINE, MIXED, NO_BOARDS, OK
 
-from mesh_helpers import DEADLINE_S, DETECTION_BOUND, SETTINGS, References, check_contract
+from mesh_helpers import DEADLINE_S, DETECTION_BOUND, SETTINGS, References, check_contract, technique
 
 pytestmark = pytest.mark.board
 
@@ -30,12 +28,6 @@ def chain(pipeline_bundle, tmp_path):
     yield cluster, client
     client.close()
     cluster.close()
-
-
-def technique(bundle, failed) -> str:
-    manifest = load_manifest(bundle, verify=False)
-    pipeline, exit_for = manifest.pipeline, manifest.load_adapters().exit_for
-    return describe(pipeline, failed, answered_by(pipeline, failed, exit_for))
 
 
 def answer_all(client, images, count=6):
@@ -68,3 +60,49 @@ def test_each_technique_answers_like_the_local_executor(chain, pipeline_bundle, 
         assert_answers(answer_all(client, images), refs, failed, technique(pipeline_bundle, failed))
     # the skips change the answer, so the comparisons are not vacuous (the exit before the linear fc is exact)
     assert all(np.abs(refs(f, 0) - refs((), 0)).max() > 1e-3 for f, _ in steps[2:])
+
+
+def stream_with_kill(cluster, client, images, victim, at=0.8, seconds=3.0, window=4):
+    """Stream images with `window` requests in flight for `seconds`, killing board `victim` at `at` s."""
+    killed = {}
+    timer = threading.Timer(at, lambda: killed.setdefault("t", cluster.kill(victim)))
+    start = time.time()
+    timer.start()
+
+    def source():
+        i = 0
+        while time.time() < start + seconds:
+            yield images[i % len(images)][None]
+            i += 1
+    answers = list(client.stream(source(), window=window))
+    timer.join()
+    return answers, killed["t"]
+
+
+@pytest.mark.parametrize("name, victim", [("pipeline", 1), ("pipeline", 2), ("hybrid", 1)])
+def test_a_board_killed_mid_stream_every_request_is_answered(name, victim, pipeline_bundle, hybrid_bundle,
+                                                            images, tmp_path):
+    """kill -9 of a middle board of the chain (or a member of a hybrid group) with 4 requests in flight:
+    every request answered once by its deadline; every consistent answer equals LocalExecutor for its
+    failure set; after detection every answer is computed without the victim."""
+    bundle = {"pipeline": pipeline_bundle, "hybrid": hybrid_bundle}[name]
+    cluster = LocalCluster(bundle, SETTINGS, workdir=tmp_path / "cluster")
+    cluster.start().wait_started()
+    client = MeshClient(bundle, inventory=cluster.inventory, settings=SETTINGS, deadline=DEADLINE_S)
+    try:
+        assert client.wait_ready(10) == (0, 1, 2, 3)
+        answers, killed = stream_with_kill(cluster, client, images, victim)
+    finally:
+        client.close()
+        cluster.close()
+    refs = References(bundle, images)
+    check_contract(answers, refs, len(images))
+    assert all(a.status in (OK, MIXED) for a in answers), {a.status for a in answers}
+    before = [a for a in answers if a.submitted_at + a.latency < killed]
+    after = [a for a in answers if a.submitted_at > killed + DETECTION_BOUND + SETTINGS.heartbeat]
+    assert before and all(a.failed == () for a in before)
+    assert len(after) >= 10 and all(a.failed == (victim,) for a in after)
+    assert {a.technique for a in after} == {technique(bundle, (victim,))}
+    # requests in flight at the kill were answered too, and took the detection time at most
+    window = [a for a in answers if a not in before and a not in after]
+    assert window and max(a.latency for a in window) < DETECTION_BOUND + 0.5

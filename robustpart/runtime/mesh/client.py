@@ -203,11 +203,13 @@ def answer_line(answer: Answer, label: int | None, manifest, as_json: bool = Fal
     if as_json:
         return json.dumps({"index": answer.index, "prediction": answer.prediction, "class": named(answer.prediction),
                            "label": label, "status": answer.status, "boards": answer.boards,
-                           "failed": answer.failed, "latency_ms": round(answer.latency * 1e3, 3)})
+                           "failed": answer.failed, "latency_ms": round(answer.latency * 1e3, 3),
+                           **({"technique": answer.technique} if answer.technique else {})})
     status = "" if answer.consistent else f"  {answer.status.upper() if answer.status == MIXED else answer.status}"
     truth = "" if label is None else f"  (label {named(label)})"
+    via = f"  via {answer.technique}" if answer.technique and answer.consistent else ""
     return (f"{answer.index:6d}  {named(answer.prediction) or '-':<14} {answer.latency * 1e3:8.1f} ms  boards "
-            f"{','.join(map(str, answer.boards)) or '-'}{status}{truth}")
+            f"{','.join(map(str, answer.boards)) or '-'}{status}{via}{truth}")
 
 
 def summarize(answers: list[Answer], seconds: float, labels: np.ndarray | None = None, stats=None) -> dict:

@@ -1,0 +1,158 @@
+"""The pipeline mesh's state machines on the fake clock (fake_mesh.py) with a real bundle's shards
+(bundle_model.py): which board hands what to whom when a block dies in the middle of a request, exactly.
+The same logic runs in `robustpart serve` / `run` (test_mesh_pipeline.py)."""
+import numpy as np
+import pytest
+
+from robustpart.runtime.mesh import protocol as wire
+from robustpart.runtime.mesh.client_logic import DEADLINE, NO_BOARDS, OK
+from robustpart.runtime.mesh.protocol import Kind
+from robustpart.runtime.mesh.settings import MeshSettings
+
+from bundle_model import BundleModel
+from fake_mesh import CLIENT, FakeMesh
+from fixture_bundles import fixture_bundle, fixture_images
+from mesh_helpers import References, technique
+
+pytestmark = pytest.mark.board
+
+SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.25)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-state")
+    return {name: fixture_bundle(name, root) for name in ("pipeline", "hybrid")}
+
+
+@pytest.fixture(scope="module")
+def x():
+    return fixture_images()[:1]
+
+
+def ready_mesh(bundle, **options) -> FakeMesh:
+    mesh = FakeMesh(SETTINGS, model=BundleModel(bundle), **options)
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    return mesh
+
+
+def assert_equals_local(answer, bundle, x, failed):
+    assert (answer.status, answer.failed) == (OK, failed)
+    ref = References(bundle, x)(failed, 0)
+    assert np.abs(answer.output - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def cuts_to(mesh, board):
+    return [(h.sender, h.stage, h.mask) for _, to, h in mesh.delivered if to == board and h.kind == Kind.CUT]
+
+
+def test_a_healthy_pipeline_hands_one_cut_to_each_next_block(bundles, x):
+    mesh = ready_mesh(bundles["pipeline"])
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundles["pipeline"], x, ())
+    assert answer.technique == "blocks"
+    assert [cuts_to(mesh, b) for b in (1, 2, 3)] == [[(0, 1, 0b1111)], [(1, 2, 0b1111)], [(2, 3, 0b1111)]]
+    shapes = mesh.model.spec.pipeline.cut_shapes
+    assert answer.mesh_bytes == sum(wire.HEADER_BYTES + 4 * int(np.prod(s)) for s in shapes[1:4])
+
+
+def test_a_block_that_dies_holding_a_request_is_bypassed_by_the_board_before_it(bundles, x):
+    """Board 2 stops with the request (its cut arrived): board 1 kept the cut it handed on and, once it
+    declares board 2 dead, hands it to board 3, which rebuilds its input with the skip 2->3."""
+    mesh = ready_mesh(bundles["pipeline"])
+    mesh.freeze(2)
+    rid = mesh.submit(x)
+    answer = mesh.answer(rid)
+    assert_equals_local(answer, bundles["pipeline"], x, (2,))
+    assert answer.technique == "skip 2->3, blocks"
+    assert SETTINGS.timeout < answer.latency < SETTINGS.timeout + 2 * SETTINGS.heartbeat
+    assert cuts_to(mesh, 3) == [(1, 2, 0b1011)]             # cut 2, from board 1, board 2 counted failed
+    mesh.thaw(2)                                            # it wakes up with the stale request, finishes it
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    mesh.run(0.1)
+    assert mesh.boards[3].stats["duplicate_or_stale_inputs"] == 1     # and board 3 drops its late cut
+    assert len([a for a in mesh.answers if a.request == rid]) == 1
+    assert_equals_local(mesh.answer(mesh.submit(x)), bundles["pipeline"], x, ())
+
+
+def test_the_client_hands_the_input_to_the_next_block_when_the_first_dies_holding_it(bundles, x):
+    mesh = ready_mesh(bundles["pipeline"])
+    mesh.freeze(0)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundles["pipeline"], x, (0,))
+    assert answer.technique == technique(bundles["pipeline"], (0,))
+    assert [h.kind for _, to, h in mesh.delivered if to == 1 and h.kind in (Kind.INPUT, Kind.CUT)] == [Kind.INPUT]
+
+
+def test_with_every_later_block_dead_the_last_live_one_answers_with_its_exit(bundles, x):
+    mesh = ready_mesh(bundles["pipeline"])
+    mesh.freeze(2)
+    mesh.freeze(3)
+    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundles["pipeline"], x, (2, 3))
+    assert answer.technique == "exit from cut 2" and answer.boards == (0, 1)
+    assert answer.latency < 0.05
+
+
+def test_a_hybrid_group_goes_on_without_a_member_and_the_next_member_hands_on(bundles, x):
+    """Board 0 (the designated sender of block 0) computes its part, then its link to block 1 breaks and it
+    stops: board 1 has block 0's whole output too, and hands it on once it declares board 0 dead. The answer
+    is the healthy one: block 0 was computed by both."""
+    mesh = ready_mesh(bundles["hybrid"])
+    for b in (2, 3):
+        mesh.delay[(0, b)] = float("inf")
+    rid = mesh.submit(x)
+    mesh.run_until(lambda: mesh.boards[1].requests.get((mesh.client.session, rid)) is not None
+                   and mesh.boards[1].requests[(mesh.client.session, rid)].kept, within=1.0)
+    mesh.freeze(0)
+    answer = mesh.answer(rid)
+    assert_equals_local(answer, bundles["hybrid"], x, ())
+    assert [s for s, _, _ in cuts_to(mesh, 2)] == [1]
+    later = mesh.answer(mesh.submit(x))                   # block 0 is board 1 alone now
+    assert_equals_local(later, bundles["hybrid"], x, (0,))
+
+
+def test_a_hybrid_block_with_every_member_dead_is_skipped_from_the_input(bundles, x):
+    mesh = ready_mesh(bundles["hybrid"])
+    mesh.freeze(0)
+    mesh.freeze(1)
+    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundles["hybrid"], x, (0, 1))
+    assert answer.technique == technique(bundles["hybrid"], (0, 1))
+
+
+def test_no_boards_and_no_answer_by_the_deadline(bundles, x):
+    mesh = ready_mesh(bundles["pipeline"], deadline=0.2)
+    mesh.cut(1)                         # board 1 never gets its cut, and no one declares it dead in time
+    late = mesh.answer(mesh.submit(x), within=1.0)
+    assert (late.status, late.output) == (DEADLINE, None) and late.latency == pytest.approx(0.2)
+    for b in range(4):
+        mesh.cut(b)
+    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    none = mesh.answer(mesh.submit(x))
+    assert (none.status, none.output) == (NO_BOARDS, None)
+
+
+@pytest.mark.parametrize("failed, source, answering", [
+    ((2,), 1, 0),     # the producer of cut 1 answers with its exit although block 3 lives
+    ((0,), 0, 1),     # block 0 dead: the board the input goes to instead holds the exit from the input
+])
+def test_an_exit_chosen_for_a_failure_set_answers_where_the_cut_is(bundles, x, failed, source, answering):
+    from robustpart.runtime import LocalExecutor
+    bundle = bundles["pipeline"]
+    mesh = FakeMesh(SETTINGS, model=BundleModel(bundle))
+    mesh.model.spec.pipeline.exit_for[frozenset(failed)] = source     # as skips.choose_exits may decide
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    for b in failed:
+        mesh.freeze(b)
+    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    answer = mesh.answer(mesh.submit(x))
+    executor = LocalExecutor(bundle)
+    executor.adapters.exit_for[frozenset(failed)] = source
+    ref = executor.run(x, failed)
+    assert (answer.status, answer.failed, answer.technique) == (OK, failed, f"exit from cut {source}")
+    assert np.abs(answer.output - ref).max() <= 1e-5 * np.abs(ref).max()
+    results = [h.sender for _, to, h in mesh.delivered if to == CLIENT and h.kind == Kind.RESULT]
+    assert results == [answering]
