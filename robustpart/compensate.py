@@ -261,9 +261,13 @@ class _Calibrator:
         result: dict[str, UnitCompensation] = {}
         dirty = False                 # has an earlier exit lost channels (or a block died) in this pass?
         envs = [{self.program.input: batch.to(self.sim.device)} for batch in self.batches]
+        # the cut tensors an adapter reads later are kept per batch: the batches advance in turn, and one
+        # batch must not rebuild a dead block's output from another batch's tensor
+        cut_values = [{} for _ in envs]
         with torch.no_grad():
             for nodes, point in self.program.segments():
-                for env in envs:
+                for env, values in zip(envs, cut_values):
+                    self.sim.route.values = values
                     self.program.run(nodes, env)
                 inputs = [env[point.node.args[0]] for env in envs]
                 if point.unit in dead:         # nothing computes it: its block's output is replaced
@@ -276,8 +280,10 @@ class _Calibrator:
                         self._fit_exit(point, inputs, keep, healthy, result)
                         dirty = True
                 del inputs            # the inputs of a fit point are dropped as soon as the batches are past it
-                for env in envs:
+                for env, values in zip(envs, cut_values):
+                    self.sim.route.values = values
                     self.program.run([point.node], env)
+        self.sim.route.values = {}
         self.sim.set_failures(())
         return result
 

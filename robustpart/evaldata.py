@@ -176,15 +176,30 @@ def load_eval_data(spec: InputSpec, path: Path | str | None = None, limit: int |
     return datasets.EvalData(images, labels, stream.source)
 
 
+class ResizeCrop:
+    """The usual ImageNet evaluation resize (the short side to 256/224 of the input's) and centre crop,
+    for images of another size than the model's input; an image of exactly that size is left as it is
+    (zooming it by 256/224 and cropping would feed the model a distorted picture)."""
+
+    def __init__(self, height: int, width: int):
+        from torchvision import transforms as T
+        self.size = (width, height)              # PIL's order
+        self.resize_crop = T.Compose([T.Resize(int(round(min(height, width) * 256 / 224))),
+                                      T.CenterCrop((height, width))])
+
+    def __call__(self, image):
+        return image if image.size == self.size else self.resize_crop(image)
+
+
 def folder_transform(spec: InputSpec, source: ModelSource | None):
     """The weights' own transform for torchvision weights; otherwise the usual ImageNet evaluation
-    transform at the model's input size: resize, centre crop, normalise."""
+    transform at the model's input size (ResizeCrop), then normalise."""
     from torchvision import transforms as T
     own = weights_transforms(source) if source is not None else None
     if own is not None:
         return own
     channels, height, width = spec.shape
-    steps = [T.Resize(int(round(min(height, width) * 256 / 224))), T.CenterCrop((height, width))]
+    steps = [ResizeCrop(height, width)]
     if channels == 1:
         steps.append(T.Grayscale(1))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])

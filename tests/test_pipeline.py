@@ -185,6 +185,26 @@ def test_compensation_after_a_dead_block_fits_only_live_units():
     assert torch.isfinite(sim.logits(x, (1,))).all()
 
 
+@pytest.mark.parametrize("cls, cuts", [(ChainNet, ["a", "b", "c"]), (ResNetLike, ["stem", "conv2", "conv3"])])
+def test_compensation_after_a_dead_block_streamed_in_batches_equals_one_batch(cls, cuts):
+    """The batches advance in turn from fit point to fit point: each must rebuild a dead block's output from
+    its own cut tensor (a shared one gave 77.6 % instead of 90.4 % on the reference ResNet-18 at batch 128)."""
+    from robustpart.compensate import compute_compensation
+    from robustpart.policies import CompensationPolicy
+    _, graph = traced(cls)
+    plan = pipeline_plan(graph, named_cuts(graph, cuts))
+    x = images(96)
+    adapters = fit_adapters(FailureSimulator(graph, plan), [x])
+    one, streamed = (compute_compensation(graph, plan, x, 2, CompensationPolicy(), adapters=adapters, batch_size=size)
+                     for size in (len(x), 20))               # 96 = 4 x 20 + 16: the last batch is smaller
+    assert any(units for units in one.sets.values())
+    test = images(32, seed=9)
+    for failed in one.sets:
+        a = FailureSimulator(graph, plan, one, adapters=adapters).logits(test, failed)
+        b = FailureSimulator(graph, plan, streamed, adapters=adapters).logits(test, failed)
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"failed {failed}")
+
+
 # ---- compile, bundle and evaluate from the command line --------------------------------------------------
 @pytest.fixture
 def chain_file(tmp_path):

@@ -306,3 +306,17 @@ def test_cuda_gives_the_cpu_accuracies(folder_bundle):
         assert a.accuracy == b.accuracy
         for k in a.by_k:      # GPU float rounding may flip a near-tie: at most one image per set
             assert b.by_k[k].mean == pytest.approx(a.by_k[k].mean, abs=1.01 / N_IMAGES)
+
+
+def test_an_image_of_the_model_input_size_is_not_zoomed_and_others_are_resized_and_cropped():
+    """A folder of 28x28 Fashion-MNIST PNGs for a 28x28 model is read as the pixels are; zooming them by
+    256/224 and cropping (the ImageNet evaluation recipe) fed the compiler distorted calibration images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    exact = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    transform = folder_transform(SPEC, None)
+    pixels = torch.from_numpy(np.asarray(exact, dtype=np.float32) / 255).permute(2, 0, 1)
+    mean, std = torch.tensor(SPEC.mean).view(-1, 1, 1), torch.tensor(SPEC.std).view(-1, 1, 1)
+    np.testing.assert_allclose(transform(exact).numpy(), ((pixels - mean) / std).numpy(), rtol=1e-6, atol=1e-6)
+    larger = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    assert tuple(transform(larger).shape) == (3, 8, 8)
