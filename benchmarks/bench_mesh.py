@@ -5,7 +5,9 @@ Runs the bundle's N boards as local `robustpart serve` processes (loopback TCP) 
   1. no failure: latency p50 / p95 / max and images/s, one image in flight, then `--window` in flight;
   2. across a kill -9 of one board: detection time per surviving board, and the requests in flight during
      the detection window (how long they took, whether their answers were consistent);
-  3. with that board dead (after detection): latency and images/s again;
+  3. with that board dead (after detection, and after a survivor has taken its shards over unless
+     `--no-takeover`): latency and images/s again; the timeline around the kill (each request's latency
+     and what answered) and the takeover's load time;
   4. bytes per image on the wire (client and board-to-board, headers included) against the analytic
      figures: what all-to-all exchange of slices sends, and the minimum (each board receives every channel
      it does not compute, once);
@@ -193,6 +195,15 @@ def kill_run(bundle: Path, settings: MeshSettings, images: np.ndarray, local: Lo
                               and a.submitted_at < detected + settings.heartbeat]
             settled = [i for i, a in enumerate(answers) if a.submitted_at > detected + settings.heartbeat]
             result["detection_ms"] = detect
+            taken = [e for b in survivors for e in cluster.events(b) if e["event"] == "takeover" and e["t"] >= t_kill]
+            if taken:
+                result["takeover"] = [{"board": e["board"], "took_over": e["peer"], "load_ms": e["load_ms"],
+                                       "ready_after_kill_ms": round((e["t"] - t_kill) * 1e3, 1)} for e in taken]
+            result["timeline"] = [{"t_ms": round((a.submitted_at - t_kill) * 1e3, 1),
+                                   "latency_ms": round(a.latency * 1e3, 2),
+                                   "answer": f"ok, failed={list(a.failed)}" if a.consistent else a.status,
+                                   **({"technique": a.technique} if a.technique else {})}
+                                  for a in answers if -0.2 < a.submitted_at - t_kill < 2.0]
             result["detection_window"] = {
                 "requests": len(window_answers),
                 "latency_ms": [round(a.latency * 1e3, 1) for a in window_answers],
@@ -232,6 +243,7 @@ def main() -> None:
     parser.add_argument("--sweep", help="liveness timeouts in ms for the Fig. 3 sweep, e.g. 50,100,200,400,800")
     parser.add_argument("--sweep-images", type=int, default=200, help="images per sweep point (default 200)")
     parser.add_argument("--victim", type=int, default=2, help="the board killed (default 2)")
+    parser.add_argument("--no-takeover", action="store_true", help="boards do not take a dead board's shards over")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not (args.bundle / "manifest.json").is_file():
@@ -242,7 +254,7 @@ def main() -> None:
         images, _ = load_inputs("bundled", local.manifest, 64)
     else:
         images = np.random.default_rng(0).standard_normal((16, *local.manifest.input.shape)).astype(np.float32)
-    settings = MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms)
+    settings = MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms, takeover=not args.no_takeover)
     results = {"bundle": str(args.bundle), "boards": local.manifest.boards,
                "settings_ms": {"heartbeat": args.heartbeat_ms, "timeout": args.timeout_ms}}
     with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp:
@@ -251,7 +263,7 @@ def main() -> None:
         if args.sweep:
             results["sweep"] = []
             for timeout in [float(t) for t in args.sweep.split(",")]:
-                swept = MeshSettings.from_ms(max(timeout / 5, 5.0), timeout)
+                swept = MeshSettings.from_ms(max(timeout / 5, 5.0), timeout, takeover=not args.no_takeover)
                 point = {"timeout_ms": timeout, "heartbeat_ms": swept.heartbeat * 1e3}
                 point.update(sweep_point(args.bundle, swept, images, local, Path(tmp) / f"sweep{timeout:g}",
                                          args.sweep_images))

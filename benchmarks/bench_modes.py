@@ -17,6 +17,11 @@ image: everything the boards send for one image with no failure (robustpart.traf
 
     uv run python benchmarks/bench_modes.py                         # both models, full test set
     uv run python benchmarks/bench_modes.py --models fmnist_resnet18 --limit 2000
+    uv run python benchmarks/bench_modes.py --calib-train 4096 --configs 0,3,4,5   # more real calibration images
+
+`--calib-train N` writes N Fashion-MNIST train images (seed 1, no labels used) to a temporary image folder
+and compiles with `--calib-data` that folder and `--compensate-calib N`: what a user with their own unlabelled
+training images gets, instead of the 256 bundled ones.
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ def run_model(model: str, args, work: Path) -> list[dict]:
         start = time.perf_counter()
         options = dict(options)
         whole = options.pop("finetune", None)
+        if args.calib_folder is not None:
+            options.update(calib_data=args.calib_folder, compensate_calib=args.calib_train)
         bundle = robustpart.compile(model, work / f"{model}-{i}", devices=args.devices, **options)
         if whole is not None:
             from robustpart.finetune import FinetuneOptions, finetune_bundle
@@ -79,6 +86,19 @@ def run_model(model: str, args, work: Path) -> list[dict]:
                      "bytes": sum(t["sent"] for t in traffic), "images": result.images})
         print(f"  {model} {label}: done ({seconds:.0f} s compile)", file=sys.stderr, flush=True)
     return rows
+
+
+def train_folder(root: Path, n: int, data: str) -> Path:
+    """n Fashion-MNIST train images drawn with seed 1, as 28x28 PNGs in one sub-folder per class."""
+    import numpy as np
+    from PIL import Image
+
+    from robustpart.data import load_fashion_mnist
+    images, labels = load_fashion_mnist("train", data)
+    for i in np.random.default_rng(1).choice(len(images), n, replace=False):
+        (root / f"c{labels[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(root / f"c{labels[i]}" / f"{i}.png")
+    return root
 
 
 def markdown(rows: list[dict]) -> str:
@@ -107,9 +127,12 @@ def main(argv=None) -> int:
                         help="labelled data for the failout rows (default: Debian's Fashion-MNIST)")
     parser.add_argument("--failout", type=float, default=0.1, help="failout rate per block (default 0.1)")
     parser.add_argument("--epochs", type=int, default=1, help="failout epochs (default 1)")
+    parser.add_argument("--calib-train", type=int, help="calibrate on N Fashion-MNIST train images (see above)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        args.calib_folder = train_folder(Path(tmp) / "calib", args.calib_train, args.train_data) \
+            if args.calib_train else None
         for model in args.models.split(","):
             rows += run_model(model, args, Path(tmp))
             print(markdown(rows), flush=True)

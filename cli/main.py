@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--std", type=_float_list, help="normalisation std (one or per channel)")
     c.add_argument("--num-classes", type=int, help="number of classes of a model given by path")
     c.add_argument("--replicate", type=_names, default=[], help="units (fnmatch patterns) to put whole on every board")
+    c.add_argument("--backups", type=int, help="boards that keep a copy of each board's shards on disk, to take its "
+                                               "work over when it dies (default: every other board)")
+    c.add_argument("--memory-budget", type=float,
+                   help="parameter bytes a board may hold after taking a dead board's work over (<= 1: a fraction "
+                        "of the model's); a takeover beyond it is not done (default: no limit)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--reuse-scores", type=Path, help="take the scores from this earlier bundle of the same model")
     c.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d)")
@@ -246,10 +251,14 @@ def _mesh_options(p) -> None:
     p.add_argument("--key", type=Path, help="this process's CURVE secret key (when the inventory lists keys)")
     p.add_argument("--client-idle-ms", type=float,
                    help=f"boards forget a client silent this long (default {mesh.client_idle * 1e3:g})")
+    p.add_argument("--no-takeover", action="store_true",
+                   help="boards do not load a dead board's shards from their disk to compute its channels "
+                        "(the answers stay the compensated ones until it is back)")
 
 
 def _mesh_settings(args):
-    return MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms, args.stage_timeout_ms, args.client_idle_ms)
+    return MeshSettings.from_ms(args.heartbeat_ms, args.timeout_ms, args.stage_timeout_ms, args.client_idle_ms,
+                                takeover=not getattr(args, "no_takeover", False))
 
 
 def _input_spec(args):
@@ -282,7 +291,8 @@ def cmd_compile(args, progress) -> int:
                              compensate_calib=given_or_default("compensate_calib"), batch_size=args.batch_size,
                              torch_device=str(resolve_device(args.torch_device)), mode=args.mode,
                              balance=given_or_default("balance"), cuts=args.cuts, groups=args.groups,
-                             skip=given_or_default("skip"), exits=False if args.no_exits else None)
+                             skip=given_or_default("skip"), exits=False if args.no_exits else None,
+                             backups=args.backups, memory_budget=args.memory_budget)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
     print((out / "report.txt").read_text(), end="")

@@ -156,7 +156,7 @@ def check_fail_probs(text: str) -> list[float]:
 
 
 def check_compile_numbers(devices, threshold=None, calib=None, compensate_calib=None, compensate_up_to=None,
-                          batch_size=None, seed=None) -> None:
+                          batch_size=None, seed=None, backups=None, memory_budget=None) -> None:
     """The numbers of a compile request (None: not given, the default stands); shared by the CLI, which calls it
     before torch is imported, and `compile_model`."""
     check_devices(devices)
@@ -176,3 +176,10 @@ def check_compile_numbers(devices, threshold=None, calib=None, compensate_calib=
         check_int(batch_size, "--batch-size", 1, error=DataError)
     if seed is not None:
         check_int(seed, "--seed", 0, error=PlanError)
+    if backups is not None:
+        check_int(backups, "--backups", 0, devices - 1,
+                  hint=f" for {devices} boards (boards that store a copy of each board's shards)", error=PlanError)
+    if memory_budget is not None and (not isinstance(memory_budget, (int, float)) or isinstance(memory_budget, bool)
+                                      or not math.isfinite(memory_budget) or memory_budget <= 0):
+        raise PlanError(f"--memory-budget must be > 0 (bytes, or <= 1: a fraction of the model's parameters), got "
+                        f"{memory_budget}")

@@ -15,7 +15,7 @@ from .bundle import Bundle
 from .calibration import CalibrationSource, calibration_images
 from .checks import check_compile_numbers, check_existing, check_output_dir
 from .compensate import prepare_compensation
-from .skips import prepare_adapters
+from .skips import prepare_adapters, settle_exits
 from .criteria import compute_scores
 from .device import resolve_device
 from .emit import emit_bundle
@@ -59,10 +59,12 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     adapters = prepare_adapters(graph, plan, options, progress, calibration)
     compensation = prepare_compensation(graph, plan, options, progress, source=calibration,
                                         adapters=adapters.data if adapters else None)
+    settle_exits(adapters, graph, plan, compensation.data if compensation else None, progress)
     out = Path(out) if out else Path("artifacts") / f"{graph.name}-{options.devices}d"
     progress(f"writing {out}")
     return emit_bundle(out, graph, source, plan, scores, options.shards, progress, compensation,
-                       calibration.describe(), adapters).path
+                       calibration.describe(), adapters, backups=options.backups,
+                       memory_budget=options.memory_budget).path
 
 
 def check_compile_options(options: CompileOptions, out: Path | None = None, reuse_scores: Path | None = None) -> None:
@@ -70,7 +72,8 @@ def check_compile_options(options: CompileOptions, out: Path | None = None, reus
     names that exist, files that exist, an --out that can be written, and no option that would be given
     and then not used."""
     check_compile_numbers(options.devices, options.threshold, options.calib, options.compensate_calib,
-                          options.compensate_up_to, options.batch_size, options.seed)
+                          options.compensate_up_to, options.batch_size, options.seed, options.backups,
+                          options.memory_budget)
     PARTITIONERS.check(options.method)
     for criterion in options.criteria or ():
         CRITERIA.check(criterion)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from .bundle import BUNDLE_SCHEMA, COMPENSATION_DATA, COMPENSATION_INFO, Bundle, write_atomically
@@ -15,6 +16,7 @@ from .plan import Plan
 from .report import plan_report_text
 from .runtime.adapters import ADAPTER_DATA, ADAPTER_INFO, AdapterEntry
 from .runtime.manifest import CompensationEntry
+from .runtime.takeover import ring_backups
 from .scores import Scores
 from .shards import write_shards
 
@@ -24,13 +26,17 @@ Progress = Callable[[str], None]
 def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                 shards: bool = True, progress: Progress | None = None,
                 compensation: PreparedCompensation | None = None, calibration: str | None = None,
-                adapters=None, extra_files: dict[str, bytes] | None = None) -> Bundle:
+                adapters=None, extra_files: dict[str, bytes] | None = None, backups: int | None = None,
+                memory_budget: float | None = None) -> Bundle:
     """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded.
-    `extra_files`: more files to put in it (a fine-tuned model's weights)."""
+    `extra_files`: more files to put in it (a fine-tuned model's weights); `backups`: how many boards store a
+    copy of each board's shards (None: every other board); `memory_budget`: parameter bytes a board may hold
+    after a takeover (<= 1: a fraction of the model's)."""
     def write(tmp: Path) -> None:
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        write_bundle(tmp, graph, source, plan, scores, shards, progress, compensation, calibration, adapters)
+        write_bundle(tmp, graph, source, plan, scores, shards, progress, compensation, calibration, adapters,
+                     backups, memory_budget)
 
     path = write_atomically(Path(out), write)
     return Bundle.load(path)
@@ -39,7 +45,7 @@ def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, s
 def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                  shards: bool = True, progress: Progress | None = None,
                  compensation: PreparedCompensation | None = None, calibration: str | None = None,
-                 adapters=None) -> None:
+                 adapters=None, backups: int | None = None, memory_budget: float | None = None) -> None:
     """Write every file of a bundle into the (empty, temporary) directory `tmp`; `emit` makes it atomic.
     `adapters`: the skips.PreparedAdapters of a pipeline / hybrid plan."""
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
@@ -74,7 +80,10 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
                  f"{len(adapters.data.exit_for)} failure sets answered by an early exit\n")
     (tmp / "report.txt").write_text(text)
     if shards:
-        write_shards(tmp, graph, plan, progress, entry, adapter_entry).write(tmp)
+        manifest = write_shards(tmp, graph, plan, progress, entry, adapter_entry)
+        budget = None if memory_budget is None else int(memory_budget * graph.total_param_bytes
+                                                       if memory_budget <= 1 else memory_budget)
+        replace(manifest, backups=ring_backups(plan.n_boards, backups), memory_budget=budget).write(tmp)
 
 
 def _write_data(tmp: Path, data_name: str, info_name: str, data: bytes, info: dict, entry_type):

@@ -35,7 +35,7 @@ from .models import ModelSource
 from .rebuild import graph_of_bundle
 from .runtime.adapters import AdapterSet
 from .simulate import FailureSimulator
-from .skips import PreparedAdapters, choose_exits
+from .skips import PreparedAdapters, choose_exits, exit_choices_json
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -101,14 +101,7 @@ def finetune_bundle(path: Path | str, out: Path | str, data: str | Path, options
     stream = training_stream(graph, data, source, options.batch_size, options.limit, options.seed)
     start = time.perf_counter()
     adapters = train_adapters(graph, plan, bundle.load_adapters(), stream, rates, options, device, progress)
-    if plan.exits:                 # which technique answers each failure set, chosen again for the new adapters
-        sample = []
-        for images, _ in stream:
-            sample.append(images.to(device))
-            if sum(len(b) for b in sample) >= CHOICE_IMAGES:
-                break
-        adapters.exit_for = choose_exits(FailureSimulator(graph, plan, device=device, adapters=adapters),
-                                         adapters, sample)
+    adapters.exit_for = {}
     seconds = time.perf_counter() - start
     info = dict(bundle.adapters.info, pairs=list(bundle.adapters.pairs),
                 finetuned={"failout": rates.tolist(), "epochs": options.epochs, "lr": options.lr,
@@ -122,6 +115,16 @@ def finetune_bundle(path: Path | str, out: Path | str, data: str | Path, options
         graph.source_hash = source_hash(graph.module)
         source = dataclasses.replace(source, weights=WEIGHTS_FILE)
     compensation = compensation_like(bundle.compensation, graph, plan, progress, device, adapters)
+    if plan.exits:        # which technique answers each failure set, chosen again for the new adapters and
+        sample = []       # compensation, with the route as the bundle will run it
+        for images, _ in stream:
+            sample.append(images.to(device))
+            if sum(len(b) for b in sample) >= CHOICE_IMAGES:
+                break
+        sim = FailureSimulator(graph, plan, compensation.data if compensation else None, device=device,
+                               adapters=adapters)
+        adapters.exit_for = choose_exits(sim, adapters, sample)
+    info["exit_for"] = exit_choices_json(adapters.exit_for)
     progress(f"writing {out}")
     return emit_bundle(Path(out), graph, source, plan, bundle.scores, bundle.manifest is not None, progress,
                        compensation, f"fine-tuned with failout {rates.tolist()} on {stream.source}"

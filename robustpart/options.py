@@ -45,5 +45,9 @@ class CompileOptions:
     cuts: list[str] | None = None         # units after which to cut (pipeline / hybrid)
     groups: str | None = None             # hybrid: "BxG", B blocks of G boards (default 2 x devices/2)
     skip: str = DEFAULT_SKIP              # pipeline / hybrid: skip hyperconnections around dead blocks
+    backups: int | None = None            # boards that store a copy of each board's shards, for a takeover
+                                          # (runtime/takeover.py; None: every other board)
+    memory_budget: float | None = None    # parameter bytes a board may hold after a takeover (<= 1: a fraction
+                                          # of the model's); None: no limit
     exits: bool | None = None             # pipeline / hybrid: early exits when every later block is dead
                                           # (None: when calibration images are at hand)

@@ -74,16 +74,37 @@ def evaluation_text(reports: list, ks: list[int], data_source: str) -> str:
 
 
 def shards_text(manifest) -> str:
-    """Per board: bytes of its ONNX shards' parameters, bytes sent / received per image, stages."""
+    """Per board: bytes of its ONNX shards' parameters, bytes sent / received per image, stages; the boards
+    that keep a copy of its shards (for a takeover) and what it stores on disk, its backups' shards included."""
     from .traffic import traffic_per_image
+    backups = manifest.backup_lists()
+    stored = storage_bytes(manifest)
     rows = []
     for t in traffic_per_image(manifest):
         b = t["board"]
         rows.append([str(b), _mb(manifest.param_bytes(b)), _kb(t["sent"]), _kb(t["received"]),
-                     _kb(t["min_received"]), str(t["stages"])])
+                     _kb(t["min_received"]), str(t["stages"]), ",".join(map(str, backups[b])) or "-",
+                     _mb(stored[b])])
     head = "" if manifest.head is None else f"; head shard {_mb(manifest.head.param_bytes)} on every board"
+    if manifest.memory_budget is not None:
+        head += f"; a takeover may bring a board to {_mb(manifest.memory_budget)} of parameters at most"
     return (f"ONNX shards: {len(manifest.stages)} stages x {manifest.boards} boards{head}\n" +
-            table(["board", "shard params", "sent/image", "received/image", "min received", "stages"], rows) + "\n")
+            table(["board", "shard params", "sent/image", "received/image", "min received", "stages", "backups",
+                   "stores"], rows) + "\n")
+
+
+def storage_bytes(manifest) -> list[int]:
+    """Per board, the bytes of the bundle files it keeps on disk: its shards, those of every board it backs
+    up (a file two of them share, such as a cut stage's, once), the head, the adapters and compensation."""
+    files = [{s.shards[b].file for s in manifest.stages if s.shards[b].has_work} for b in range(manifest.boards)]
+    shared = [manifest.head.file if manifest.head else None, manifest.compensation.file if manifest.compensation
+              else None, manifest.pipeline.adapters.file if manifest.pipeline and manifest.pipeline.adapters else None]
+    size = lambda name: (manifest.root / name).stat().st_size if (manifest.root / name).is_file() else 0   # noqa: E731
+    held = [set(own) for own in files]
+    for board, holders in enumerate(manifest.backup_lists()):
+        for holder in holders:
+            held[holder] |= files[board]
+    return [sum(size(f) for f in names | {f for f in shared if f}) for names in held]
 
 
 def _kb(n: float) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 
 from robustpart.runtime.mesh.board_logic import BoardMachine
 from robustpart.runtime.mesh.client_logic import ClientMachine
-from robustpart.runtime.mesh.events import (TICK, Answered, Emit, Message, RunShard, SendClient, SendPeer,
-                                            ShardDone, Submit)
+from robustpart.runtime.mesh.events import (TICK, Answered, Emit, LoadShards, Message, RunShard, SendClient,
+                                            SendPeer, ShardDone, ShardsLoaded, Submit, UnloadShards)
 from robustpart.runtime.mesh.protocol import Header
 from robustpart.runtime.mesh.spec import MeshSpec, StageSpec
 
@@ -79,6 +79,7 @@ class FakeMesh:
         """`model`: what the boards compute (default: Model(head)); anything with its spec, board(),
         client() and shard() (e.g. bundle_model.BundleModel, a real bundle's shards)."""
         self.settings, self.latency, self.default_compute = settings, latency, compute
+        self.load_time = 0.05                    # what opening a dead board's shards takes (a takeover)
         self.model = model or Model(head)
         self.now = 0.0
         self.delay: dict[tuple, float] = {}      # (from, to) -> extra seconds on that link
@@ -174,6 +175,8 @@ class FakeMesh:
             if isinstance(event, ShardDone):       # the shell runs it within a tick, then reads what came
                 del self.busy_until[to]
                 self._handle(to, event)
+            elif isinstance(event, ShardsLoaded):  # loaded in a thread of the shell: no busy time
+                self._handle(to, event)
             elif event is TICK:
                 if not busy:
                     self._handle(to, TICK)
@@ -209,8 +212,14 @@ class FakeMesh:
             elif isinstance(action, RunShard):
                 took = self.compute.get((name, action.stage), self.default_compute)
                 self.busy_until[name] = self.now + took
-                outputs = self.model.shard(name, action.stage, action.feeds, action.failed)
-                self._push(self.now + took, name, ShardDone(action.session, action.request, action.stage, outputs))
+                board = name if action.board < 0 else action.board
+                outputs = self.model.shard(board, action.stage, action.feeds, action.failed)
+                self._push(self.now + took, name, ShardDone(action.session, action.request, action.stage, outputs,
+                                                            action.board))
+            elif isinstance(action, LoadShards):
+                self._push(self.now + self.load_time, name, ShardsLoaded(action.board, self.load_time))
+            elif isinstance(action, UnloadShards):
+                pass
             elif isinstance(action, Emit):
                 self.emitted.append((self.now, name, action))
             elif isinstance(action, Answered):

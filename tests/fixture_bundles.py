@@ -90,7 +90,7 @@ def block_parts(cls, cuts: list[str], group: int, method: str):
     from robustpart.models import ModelSource
     from robustpart.options import CompileOptions
     from robustpart.partition import BlockSpec, make_plan
-    from robustpart.skips import prepare_adapters
+    from robustpart.skips import prepare_adapters, settle_exits
 
     from plan_helpers import random_scores
     from tiny_models import TINY_SPEC
@@ -105,6 +105,7 @@ def block_parts(cls, cuts: list[str], group: int, method: str):
     options = CompileOptions(devices=4, compensate="ls")
     adapters = prepare_adapters(graph, plan, options, calibration=x)
     compensation = prepare_compensation(graph, plan, options, calibration=x, adapters=adapters.data)
+    settle_exits(adapters, graph, plan, compensation.data)
     return graph, ModelSource("file", cls.__name__, "default"), plan, compensation, adapters
 
 

@@ -10,7 +10,8 @@ from robustpart.routes import answered_by, describe
 from robustpart.runtime import LocalExecutor, load_manifest
 from robustpart.runtime.mesh import LocalCluster, MeshClient, MeshSettings
 
-SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.3)
+SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.3, takeover=False)   # the fault tests check compensation
+TAKEOVER = MeshSettings(heartbeat=0.05, timeout=0.3)                    # test_mesh_takeover.py
 DETECTION_BOUND = SETTINGS.timeout + SETTINGS.heartbeat
 DEADLINE_S = 3.0
 BOARDS = 4

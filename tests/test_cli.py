@@ -39,6 +39,8 @@ def error_line(err: str) -> str:
     (["compile", TV, "--weights", "none", "--torch-device", "tpu"], "unknown --torch-device 'tpu'"),
     (["compile", TV, "--weights", "none", "--method", "magic"], "unknown partitioning method 'magic'"),
     (["compile", TV, "--weights", "none", "--scores", "l1,nope"], "unknown importance criterion 'nope'"),
+    (["compile", TV, "--weights", "none", "--devices", "3", "--backups", "3"], "--backups must be an integer"),
+    (["compile", TV, "--weights", "none", "--memory-budget", "0"], "--memory-budget must be > 0"),
     (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
@@ -78,6 +80,14 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
                                                   "manifest.json", "shards"}
     code, out, _ = run(capsys, "inspect", str(bundle))
     assert code == 0 and "features.12.squeeze" in out and "max board memory" in out
+    assert json.loads((bundle / "manifest.json").read_text())["backups"] == [[1, 2], [2, 0], [0, 1]]
+    assert "backups" in out and "stores" in out          # every other board keeps a copy (the default)
+    code, _, _ = run(capsys, "compile", TV, "--weights", "none", "--devices", "3", "--scores", "l1", "--backups", "1",
+                     "--memory-budget", "0.5", "--out", str(tmp_path / "one"))
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    model = json.loads((tmp_path / "one" / "model.json").read_text())
+    assert code == 0 and one["backups"] == [[1], [2], [0]]
+    assert one["memory_budget"] == int(0.5 * model["param_bytes"]["total"])
     folder = random_image_folder(tmp_path / "images")
     code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(tmp_path / "nowhere"))
     assert code == 2 and "nowhere does not exist" in error_line(err)

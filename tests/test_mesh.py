@@ -10,7 +10,7 @@ from robustpart.runtime.mesh.lineage import ANY, MIXED, Lineage, after_assembly,
 from robustpart.runtime.mesh.liveness import JOINED, REJOINED, RESTARTED, STALE, Liveness
 from robustpart.runtime.mesh.membership import agreed_members
 from robustpart.runtime.mesh.peers import load_inventory, localhost_inventory
-from robustpart.runtime.mesh.protocol import Header, Kind, ProtocolError, boards_of, mask_of
+from robustpart.runtime.mesh.protocol import CLIENT, Header, Kind, ProtocolError, boards_of, mask_of
 from robustpart.runtime.mesh.settings import MeshSettings
 
 
@@ -18,10 +18,14 @@ from robustpart.runtime.mesh.settings import MeshSettings
 
 def test_header_round_trip_keeps_every_field():
     h = Header(Kind.RESULT, 3, 2**62 + 5, session=2**63 - 1, request=77, stage=15, batch=2, mask=0b1011,
-               mesh_bytes=123456, watermark=9, flags=wire.FLAG_MIXED)
+               mesh_bytes=123456, owner=2, flags=wire.FLAG_MIXED)
     packed = h.pack()
     assert len(packed) == wire.HEADER_BYTES
-    assert Header.unpack(packed) == h
+    assert Header.unpack(packed) == h and Header.unpack(packed).board == 2
+    own = Header.unpack(Header(Kind.SLICE, 3, 1, stage=2).pack())
+    assert (own.owner, own.board) == (-1, 3)
+    beat = Header(Kind.HEARTBEAT, CLIENT, 9, watermark=4, covers=0b100)
+    assert Header.unpack(beat.pack()) == beat
 
 
 @pytest.mark.parametrize("mangle, message", [

@@ -172,6 +172,29 @@ def test_an_exit_answers_where_it_agrees_better_with_the_model_than_the_route(tm
     assert adapters.exit_for[frozenset({0})] == 0           # restored after the choice
 
 
+def test_exits_are_judged_on_images_from_all_over_the_calibration_set(monkeypatch):
+    """An image folder comes sorted by class: the trial adapters are fitted on every other image and judged
+    on the rest, so both halves see every class (the first half against the second judged the exits of the
+    reference VGG16-BN by classes they had never seen, and chose a route at 40 % over an exit at 79 %)."""
+    from robustpart import skips
+    from robustpart.options import CompileOptions
+    _, graph = traced(ChainNet)
+    plan = pipeline_plan(graph, named_cuts(graph, ["a", "b", "c"]))
+    x = images(64)
+    seen = {}
+    fit, choose = skips.fit_adapters, skips.choose_exits
+    monkeypatch.setattr(skips, "fit_adapters", lambda sim, batches, **kw: seen.setdefault("fits", []).append(
+        torch.cat(batches)) or fit(sim, batches, **kw))
+    monkeypatch.setattr(skips, "choose_exits", lambda sim, adapters, batches: seen.setdefault(
+        "judged", torch.cat(batches)) is not None and choose(sim, adapters, batches))
+    prepared = skips.prepare_adapters(graph, plan, CompileOptions(devices=plan.n_boards), calibration=x)
+    assert "judged" not in seen                    # chosen once the compensation is fitted: settle_exits
+    skips.settle_exits(prepared, graph, plan)
+    full, trial = seen["fits"]
+    assert torch.equal(full, x)
+    assert torch.equal(trial, x[0::2]) and torch.equal(seen["judged"], x[1::2])
+
+
 def test_compensation_after_a_dead_block_fits_only_live_units():
     from robustpart.compensate import compute_compensation
     from robustpart.policies import CompensationPolicy
@@ -281,12 +304,13 @@ def compiled(tmp_path, cls, cuts, group=1, method="lop", compensate=False):
     from robustpart.emit import emit_bundle
     from robustpart.models import ModelSource
     from robustpart.options import CompileOptions
-    from robustpart.skips import prepare_adapters
+    from robustpart.skips import prepare_adapters, settle_exits
     model, graph = traced(cls)
     plan = pipeline_plan(graph, named_cuts(graph, cuts), group=group, method=method)
     x, options = images(128, seed=4), CompileOptions(devices=plan.n_boards, compensate="ls" if compensate else "none")
     adapters = prepare_adapters(graph, plan, options, calibration=x)
     compensation = prepare_compensation(graph, plan, options, calibration=x, adapters=adapters.data)
+    settle_exits(adapters, graph, plan, compensation.data if compensation else None)
     source = ModelSource(kind="file", name=str(tmp_path / "m.pt"), weights="none")
     bundle = emit_bundle(tmp_path / "bundle", graph, source, plan, None, compensation=compensation, adapters=adapters)
     return model, graph, plan, bundle, adapters.data, compensation

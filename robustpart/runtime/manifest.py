@@ -273,6 +273,13 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     root: Path = field(default=Path("."), compare=False)
     pipeline: PipelineEntry | None = None     # a pipeline / hybrid bundle's blocks (None: horizontal)
+    backups: tuple[tuple[int, ...], ...] | None = None   # per board, the boards that store a copy of its
+                                                         # shards (takeover.py); None: every other board
+    memory_budget: int | None = None          # parameter bytes a board may hold after a takeover; None: no limit
+
+    def backup_lists(self) -> tuple[tuple[int, ...], ...]:
+        from .takeover import ring_backups
+        return self.backups if self.backups is not None else ring_backups(self.boards)
 
     def shard_path(self, stage: StageEntry, board: int) -> Path:
         return self.root / stage.shards[board].file
@@ -307,7 +314,9 @@ class Manifest:
                 "provenance": {"method": self.method, "options": self.options},
                 "stages": [s.to_json() for s in self.stages],
                 "head": None if self.head is None else self.head.to_json(),
-                **({"pipeline": self.pipeline.to_json()} if self.pipeline else {})}
+                **({"pipeline": self.pipeline.to_json()} if self.pipeline else {}),
+                **({"backups": [list(b) for b in self.backups]} if self.backups is not None else {}),
+                **({"memory_budget": self.memory_budget} if self.memory_budget is not None else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], root: Path | str = ".") -> Manifest:
@@ -318,7 +327,9 @@ class Manifest:
                    d["provenance"]["method"], d["provenance"]["options"],
                    tuple(StageEntry.from_json(s) for s in d["stages"]),
                    None if head is None else HeadEntry.from_json(head), d["schema_version"], Path(root),
-                   PipelineEntry.from_json(d["pipeline"]) if d.get("pipeline") else None)
+                   PipelineEntry.from_json(d["pipeline"]) if d.get("pipeline") else None,
+                   tuple(_ints(b) for b in d["backups"]) if d.get("backups") is not None else None,
+                   d.get("memory_budget"))
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=1))
@@ -367,6 +378,13 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
 
 def _check_structure(m: Manifest) -> None:
     n = m.boards
+    if m.backups is not None:
+        if len(m.backups) != n:
+            raise BundleError(f"the manifest lists backups for {len(m.backups)} boards; the bundle has {n}")
+        for board, holders in enumerate(m.backups):
+            if any(not 0 <= h < n or h == board for h in holders) or len(set(holders)) != len(holders):
+                raise BundleError(f"board {board}'s backups {list(holders)} must be other boards of 0..{n - 1}, "
+                                  f"each once")
     for stage in m.stages:
         where = f"stage {stage.index} ({stage.unit})"
         ids = [s.board for s in stage.shards]

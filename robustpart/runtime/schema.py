@@ -64,6 +64,8 @@ MANIFEST_SCHEMA = {
         "head": {"type": ["object", "null"], "required": ["inputs", "file", "sha256", "param_bytes"],
                  "properties": {"inputs": _NAME_LIST, "file": {"type": "string"}, "sha256": _SHA256,
                                 "param_bytes": {"type": "integer", "minimum": 0}}},
+        "backups": {"type": "array", "items": _INT_LIST},
+        "memory_budget": {"type": "integer", "minimum": 0},
         "pipeline": {"type": "object", "required": ["mode", "skip", "exits", "blocks", "adapters"],
                      "properties": {
                          "mode": {"type": "string", "enum": ["pipeline", "hybrid"]},

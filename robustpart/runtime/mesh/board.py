@@ -24,10 +24,10 @@ import zmq
 from ..adapters import apply_adapter
 from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
-from ..manifest import MANIFEST, load_manifest
+from ..manifest import MANIFEST, check_files, load_manifest
 from . import protocol as wire
 from .board_logic import BoardMachine
-from .events import TICK, RunShard, SendClient, SendPeer, ShardDone
+from .events import TICK, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .keys import load_secret_key, start_authenticator
 from .liveness import DEAD
 from .peers import Inventory, load_inventory
@@ -39,6 +39,7 @@ from .transport import Sender, dealer, router
 log = logging.getLogger(__name__)
 
 DRAIN_LIMIT = 10_000       # messages read per loop turn before doing other work
+LOAD_POLL_S = 0.005        # while a takeover loads, how often the loop looks whether it is done
 
 
 class DeviceServer:
@@ -53,8 +54,11 @@ class DeviceServer:
         self.inventory = inventory or load_inventory(None, bundle, self.n)
         stages = self.manifest.stages
         providers, options = resolve_providers(provider), session_options(threads)
-        self.sessions = [open_session(self.manifest.shard_path(s, self.me), providers, options)
-                         if s.shards[self.me].has_work else None for s in stages]   # None: another block's stage
+        self.providers, self.options = providers, options
+        self.sessions = self._open(self.me)
+        self.taken: dict[int, list] = {}       # board -> its sessions, while this board has taken it over
+        self.loads: dict[int, threading.Thread] = {}
+        self.loaded: list[ShardsLoaded] = []   # finished loads, for the loop to hand to the machine
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head.file, providers, options) if head else None
         self.assemblers = [StageAssembler(s, self.n) for s in stages]
@@ -111,8 +115,15 @@ class DeviceServer:
         try:
             while not self._stop.is_set() and (end is None or time.monotonic() < end):
                 now = time.monotonic()
-                if self.router.poll(int(np.ceil((self.machine.wake_at(now) - now) * 1e3))):
+                wait = self.machine.wake_at(now) - now
+                if self.loads:                     # a takeover loads in a thread: look again soon
+                    wait = min(wait, LOAD_POLL_S)
+                if self.router.poll(int(np.ceil(wait * 1e3))):
                     self._drain()
+                while self.loaded:
+                    done = self.loaded.pop(0)
+                    self.loads.pop(done.board).join()
+                    self._execute(self.machine.handle(done, time.monotonic()))
                 self._execute(self.machine.handle(TICK, time.monotonic()))
         finally:
             self._emit("stopped", stats=dict(self.stats))
@@ -136,6 +147,10 @@ class DeviceServer:
                 self.sender.send(self.router, [action.routing, *action.frames], action.what)
             elif kind is RunShard:
                 self._run_shard(action)
+            elif kind is LoadShards:
+                self._load(action.board)
+            elif kind is UnloadShards:
+                self.taken.pop(action.board, None)
             else:
                 self._emit(action.event, **action.fields)
 
@@ -143,9 +158,32 @@ class DeviceServer:
         if run.stage == len(self.sessions):        # the head
             outputs = self.head.run(None, run.feeds)
         else:
-            feeds = {**run.feeds, **self.compensation.affine_feeds(run.stage, self.me, run.failed)}
-            outputs = self.sessions[run.stage].run(None, feeds)
-        self._execute(self.machine.handle(ShardDone(run.session, run.request, run.stage, outputs), time.monotonic()))
+            board = self.me if run.board < 0 else run.board
+            sessions = self.sessions if run.board < 0 else self.taken[run.board]
+            feeds = {**run.feeds, **self.compensation.affine_feeds(run.stage, board, run.failed)}
+            outputs = sessions[run.stage].run(None, feeds)
+        done = ShardDone(run.session, run.request, run.stage, outputs, run.board)
+        self._execute(self.machine.handle(done, time.monotonic()))
+
+    def _open(self, board: int) -> list:
+        """ONNX Runtime sessions of board `board`'s shards, per stage (None where it has no work)."""
+        return [open_session(self.manifest.shard_path(s, board), self.providers, self.options)
+                if s.shards[board].has_work else None for s in self.manifest.stages]
+
+    def _load(self, board: int) -> None:
+        """Take board `board` over: check its shard files' hashes and open them, in a thread (the loop goes on
+        answering meanwhile); the loop hands the result to the machine."""
+        def load():
+            start = time.perf_counter()
+            try:
+                check_files(self.manifest, [board])
+                self.taken[board] = self._open(board)
+                error = None
+            except Exception as exc:               # noqa: BLE001 - reported to the machine, which says so
+                error = f"{type(exc).__name__}: {exc}"
+            self.loaded.append(ShardsLoaded(board, time.perf_counter() - start, error))
+        self.loads[board] = threading.Thread(target=load, name=f"takeover-{board}", daemon=True)
+        self.loads[board].start()
 
     def _assemble(self, stage: int, slices: dict, batch: int, failed: frozenset) -> np.ndarray:
         return self.assemblers[stage].assemble(slices, batch, self.compensation.exit_data(stage, failed))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import protocol as wire
-from .events import Message, RunShard, SendClient, SendPeer, ShardDone
+from .events import Message, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .handshake import ACCEPTED, REFUSED, STALE, Handshake
 from .lineage import ANY, Lineage, after_assembly
 from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
@@ -30,6 +30,7 @@ from .machine import Machine
 from .protocol import CLIENT, Header, Kind, ProtocolError
 from .settings import MeshSettings
 from .spec import Assemble, MeshSpec
+from .takeovers import Takeovers
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Request:
     excluded: int = 0          # boards whose slice was missing at some stage: not waited for again
     used: list = field(default_factory=list)     # boards used at each assembly (bit masks)
     sent_bytes: int = 0
+    proxied: tuple = ()        # dead boards whose shards this board runs for this request (a takeover)
+    proxy_slices: dict = field(default_factory=dict)   # their slices of the current stage
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Client:
 
 
 class BoardMachine(Machine):
-    own_event = ShardDone                  # the outputs of a RunShard come back as this
+    own_event = (ShardDone, ShardsLoaded)  # the outputs of a RunShard / LoadShards come back as these
     final_slices_to_client = True          # without a head, the client assembles the last stage's slices
 
     def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
@@ -82,6 +85,7 @@ class BoardMachine(Machine):
         self.next_beat = float("-inf")
         self.last_hello: dict[int, float] = {}          # peer -> when we last greeted it
         self.last_client_hello: dict[int, float] = {}   # session -> when we last asked it to greet us
+        self.takeovers = Takeovers(me, spec, settings.takeover)
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due (`now`: a shard is ready to run)."""
@@ -121,7 +125,9 @@ class BoardMachine(Machine):
             self._hello(p, now)
             return
         self._heard(p, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
-        if h.kind == Kind.SLICE:
+        if h.kind == Kind.HEARTBEAT:
+            self.takeovers.covers[p] = h.covers
+        elif h.kind == Kind.SLICE:
             self._on_slice(h, payload, now)
         elif h.kind == Kind.CUT:
             self._on_cut(h, payload, now)
@@ -182,6 +188,7 @@ class BoardMachine(Machine):
             raise ProtocolError("INPUT without an input tensor")
         x = wire.read_array(payload[0], (h.batch, *self.spec.input_shape))
         req = Request(h.session, h.request, h.mask, now + h.deadline_ms / 1e3, h.batch, {self.spec.input_name: x})
+        req.proxied = tuple(d for d in sorted(self.takeovers.taken) if h.mask >> d & 1 and not self.liveness.is_alive(d))
         self.started[h.session] = h.request
         self.requests[key] = req
         early = self.pending.pop(key, None)
@@ -201,18 +208,21 @@ class BoardMachine(Machine):
         key = (h.session, h.request)
         if not 0 <= h.stage <= self.last or not payload:
             raise ProtocolError(f"SLICE for stage {h.stage}; the bundle has stages 0..{self.last}")
-        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][h.sender]))
+        board = h.board                            # the sender's, or a board it took over
+        if not 0 <= board < self.n:
+            raise ProtocolError(f"SLICE of board {board}; the bundle has boards 0..{self.n - 1}")
+        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][board]))
         lineage = Lineage.from_wire(h.mask, h.flags)
         req = self.requests.get(key)
         if req is not None:
-            self._store(req, h.stage, h.sender, array, lineage)
+            self._store(req, h.stage, board, array, lineage)
         elif self._started_or_done(h.session, h.request):
             self.stats["late_slices"] += 1
         else:                                      # its INPUT is still on the way to this board
             if key not in self.pending and len(self.pending) >= self.settings.max_pending:
                 self.pending.pop(next(iter(self.pending)))
                 self.stats["dropped_pending"] += 1
-            self.pending.setdefault(key, (now, {}))[1][(h.stage, h.sender)] = (array, lineage)
+            self.pending.setdefault(key, (now, {}))[1][(h.stage, board)] = (array, lineage)
 
     def _store(self, req: Request, stage: int, p: int, array: np.ndarray, lineage: Lineage) -> None:
         if not req.members >> p & 1 or req.excluded >> p & 1 or stage < req.stage:
@@ -232,13 +242,18 @@ class BoardMachine(Machine):
             self._beat(now)
             self.next_beat = max(self.next_beat + self.settings.heartbeat, now)
         self._expire(now)
+        for action in self.takeovers.plan(self._dead(), {d for r in self.requests.values() for d in r.proxied}):
+            self._actions.append(action)
+            if isinstance(action, UnloadShards):
+                self._emit("released", peer=action.board)
         for req in list(self.requests.values()):
             if req.waiting and (now >= req.wait_until or not self._missing(req)):
                 self._assemble(req)
         if self.ready and self.running is None:
             self._run(self.ready.popleft())
 
-    def _run(self, req: Request) -> None:
+    def _run(self, req: Request, board: int = -1) -> None:
+        """Run the request's current stage: this board's shard, or (`board`) a taken-over board's."""
         s = req.stage
         if s > self.last:                          # the head, on the assembled env
             feeds, failed = {name: req.env[name] for name in self.spec.head_inputs}, frozenset()
@@ -246,10 +261,20 @@ class BoardMachine(Machine):
             feeds = {name: req.env[name] for name in self.spec.stages[s].inputs}
             failed = self._failed_for(req, req.members & ~req.excluded)
         self.running = (req.session, req.rid)
-        self._actions.append(RunShard(req.session, req.rid, s, feeds, failed))
+        self._actions.append(RunShard(req.session, req.rid, s, feeds, failed, board))
 
     def _own_event(self, event, now: float) -> None:
-        self._shard_done(event, now)
+        if isinstance(event, ShardsLoaded):
+            self._shards_loaded(event, now)
+        else:
+            self._shard_done(event, now)
+
+    def _shards_loaded(self, done: ShardsLoaded, now: float) -> None:
+        if self.takeovers.loaded(done.board, done.error, self._dead()):
+            self._emit("takeover", peer=done.board, load_ms=round(done.seconds * 1e3, 1))
+            self.next_beat = now                   # say so at once: the others wait for its slices from here
+        else:
+            self._emit("takeover_failed", peer=done.board, reason=done.error)
 
     def _shard_done(self, done: ShardDone, now: float) -> None:
         self.running = None
@@ -260,19 +285,30 @@ class BoardMachine(Machine):
         if s > self.last:
             self._result(req, s, outputs[0])
             return
-        for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
-            req.env[name] = value
-        if s == self.last and self.spec.head_inputs is None and self.final_slices_to_client:
-            self._result(req, s, outputs[0])       # the client assembles the final slices
+        if done.board < 0:
+            for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
+                req.env[name] = value
+            req.own = outputs[0]
+        else:
+            req.proxy_slices[done.board] = outputs[0]
+        todo = [d for d in req.proxied if d not in req.proxy_slices]
+        if todo:                                   # the boards taken over, one shard at a time as well
+            self._run(req, todo[0])
             return
-        req.own = outputs[0]
+        if s == self.last and self.spec.head_inputs is None and self.final_slices_to_client:
+            for d, part in req.proxy_slices.items():
+                self._result(req, s, part, owner=d)
+            self._result(req, s, req.own)          # the client assembles the final slices
+            return
         targets = self._targets(req)
         if targets:
-            frames = [Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
-                             req.lineage.boards, flags=req.lineage.flags).pack(), wire.array_frame(req.own)]
-            for p in targets:
-                self._actions.append(SendPeer(p, frames, "slices"))
-            req.sent_bytes += wire.frames_bytes(frames) * len(targets)
+            for owner, part in [(-1, req.own), *req.proxy_slices.items()]:
+                frames = [Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
+                                 req.lineage.boards, flags=req.lineage.flags, owner=owner).pack(),
+                          wire.array_frame(part)]
+                for p in targets:
+                    self._actions.append(SendPeer(p, frames, "slices"))
+                req.sent_bytes += wire.frames_bytes(frames) * len(targets)
         req.waiting, req.wait_until = True, now + self.settings.wait
         if not self._missing(req):                 # the last board to finish a stage has every slice already
             self._assemble(req)
@@ -283,14 +319,20 @@ class BoardMachine(Machine):
 
     def _missing(self, req: Request) -> list[int]:
         got = req.slices.get(req.stage, {})
-        return [p for p in self._targets(req) if p not in got]
+        expected = self._targets(req)
+        for d in wire.boards_of(req.members & ~req.excluded):   # dead boards a live peer computes for
+            if d != self.me and d not in req.proxied and not self.liveness.is_alive(d) \
+                    and self.takeovers.coverer(d, self.liveness.is_alive) in expected:
+                expected.append(d)
+        return [p for p in expected if p not in got]
 
     def _assemble(self, req: Request) -> None:
         s = req.stage
         if self._missing(req):
             self.stats["stage_timeouts"] += 1
         got = req.slices.pop(s, {})
-        slices = {self.me: req.own, **{p: a for p, (a, _) in got.items()}}
+        slices = {self.me: req.own, **req.proxy_slices, **{p: a for p, (a, _) in got.items()}}
+        req.proxy_slices = {}
         used = wire.mask_of(slices)
         req.excluded |= req.members & ~used           # missing now: not waited for again in this request
         req.lineage = after_assembly(used, [req.lineage, *(lin for _, lin in got.values())])
@@ -312,18 +354,25 @@ class BoardMachine(Machine):
         the boards whose slices it has, so a view that differs between boards still gives an answer."""
         return frozenset(b for b in range(self.n) if not answering >> b & 1)
 
-    def _result(self, req: Request, stage: int, output: np.ndarray) -> None:
+    def _result(self, req: Request, stage: int, output: np.ndarray, owner: int = -1) -> None:
+        """Send the final slice (or the output) to the client; the request is done here unless `owner`
+        names a taken-over board's slice (this board's own goes last)."""
         lineage = req.lineage
         header = Header(Kind.RESULT, self.me, self.incarnation, req.session, req.rid, stage, req.batch,
-                        lineage.boards, mesh_bytes=req.sent_bytes, flags=lineage.flags)
+                        lineage.boards, mesh_bytes=req.sent_bytes, flags=lineage.flags, owner=owner)
         frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output)]
         self._to_client(req.session, frames, "results")
-        del self.requests[(req.session, req.rid)]
+        if owner < 0:
+            del self.requests[(req.session, req.rid)]
 
     # ---- housekeeping ----------------------------------------------------------------------------------
 
     def _view(self) -> int:
         return wire.mask_of(self.liveness.alive()) | 1 << self.me
+
+    def _dead(self) -> set[int]:
+        """The peers this board has seen die: heard once, silent now (never-heard ones are not counted)."""
+        return {p for p, state in self.liveness.peers.items() if state.incarnation and not state.alive}
 
     def _hello(self, p: int, now: float, force: bool = False) -> None:
         if force or now - self.last_hello.get(p, -1.0) > self.settings.heartbeat / 2:
@@ -331,7 +380,7 @@ class BoardMachine(Machine):
             self._actions.append(SendPeer(p, self.boards.hello(p, self._view()), "hello"))
 
     def _beat(self, now: float) -> None:
-        beat = wire.heartbeat(self.me, self.incarnation, self._view())
+        beat = wire.heartbeat(self.me, self.incarnation, self._view(), covers=self.takeovers.mask())
         for p in self.peers:
             if self.liveness.is_alive(p):
                 self._actions.append(SendPeer(p, beat, "heartbeats"))

@@ -70,6 +70,7 @@ class _Pending:
     wall: float
     results: dict = field(default_factory=dict)    # board -> (array, Lineage, used masks, mesh bytes)
     received_bytes: int = 0
+    takers: dict = field(default_factory=dict)     # dead board -> the board that sent its final slice
 
 
 class ClientMachine(Machine):
@@ -88,6 +89,7 @@ class ClientMachine(Machine):
         self.pending: dict[int, _Pending] = {}
         self.next_rid = 1                          # the id of the next Submit
         self.next_beat = float("-inf")
+        self.covers: dict[int, int] = {}           # board -> the dead boards it says it has taken over
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due: a heartbeat, a possible liveness change or a request's deadline."""
@@ -95,8 +97,17 @@ class ClientMachine(Machine):
         return max(now, min(times + [p.deadline for p in self.pending.values()]))
 
     def members(self) -> int:
-        """Bit mask of the boards the next request goes to."""
-        return agreed_members(self.liveness.alive(), self.liveness.views())
+        """Bit mask of the boards the next request is computed for: those that all hear each other, and the
+        dead boards one of them has taken over (it computes their channels too)."""
+        chosen = agreed_members(self.liveness.alive(), self.liveness.views())
+        return chosen | self._covered(chosen)
+
+    def _covered(self, by: int) -> int:
+        """The boards not alive here that a board of `by` (a bit mask) says it has taken over."""
+        covered = 0
+        for b in wire.boards_of(by):
+            covered |= self.covers.get(b, 0)
+        return covered & ~wire.mask_of(self.liveness.alive())
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -111,7 +122,7 @@ class ClientMachine(Machine):
         header = Header(Kind.INPUT, CLIENT, self.session, self.session, rid, -1, len(x), members,
                         deadline_ms=int(self.deadline * 1e3), watermark=watermark)
         frames = [header.pack(), wire.array_frame(x)]
-        boards = wire.boards_of(members)
+        boards = [b for b in wire.boards_of(members) if self.liveness.is_alive(b)]   # not the taken-over ones
         for b in boards:
             self._send(b, frames, "inputs", now)
         p = _Pending(submit.index, rid, members, now, now + self.deadline, len(x),
@@ -150,7 +161,9 @@ class ClientMachine(Machine):
             self.stats[problem] += 1
             return
         self._heard(b, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
-        if h.kind == Kind.RESULT:
+        if h.kind == Kind.HEARTBEAT:
+            self.covers[b] = h.covers
+        elif h.kind == Kind.RESULT:
             self._on_result(h, payload, now)
 
     def _heard(self, b: int, incarnation: int, now: float, view: int | None) -> None:
@@ -172,11 +185,16 @@ class ClientMachine(Machine):
             return
         if len(payload) != 2:
             raise ProtocolError(f"RESULT with {len(payload)} payload frames, expected 2")
+        board = h.board                             # the sender's slice, or a board's it took over
+        if not 0 <= board < self.n:
+            raise ProtocolError(f"a RESULT for board {board}, which is not in the inventory")
         shape = (p.batch, *(self.spec.output_shape if self.spec.head_inputs is not None else
-                            self.final_shapes[h.sender]))
+                            self.final_shapes[board]))
         array = wire.read_array(payload[1], shape)
         used = wire.read_masks(payload[0])
-        p.results[h.sender] = (array, Lineage.from_wire(h.mask, h.flags), used, h.mesh_bytes)
+        p.results[board] = (array, Lineage.from_wire(h.mask, h.flags), used, h.mesh_bytes if h.owner < 0 else 0)
+        if h.owner >= 0:
+            p.takers[board] = h.sender
         p.received_bytes += wire.HEADER_BYTES + len(payload[0]) + len(payload[1])
         self._try_finish(p, now)
 
@@ -184,7 +202,8 @@ class ClientMachine(Machine):
 
     def _try_finish(self, p: _Pending, now: float) -> None:
         lineages = {b: r[1] for b, r in p.results.items()}
-        waiting = p.members & wire.mask_of(self.liveness.alive()) & ~wire.mask_of(p.results)
+        alive = wire.mask_of(self.liveness.alive())
+        waiting = p.members & (alive | self._covered(alive)) & ~wire.mask_of(p.results)
         give_up = not waiting or now >= p.deadline
         if self.spec.head_inputs is not None:
             clean = [b for b, lin in lineages.items() if not lin.mixed]
@@ -220,9 +239,10 @@ class ClientMachine(Machine):
                 failed = tuple(b for b in range(self.n) if b not in boards)
         status = OK if clean else MIXED if boards else (NO_BOARDS if p.members == 0 else DEADLINE)
         per_stage = [wire.boards_of(int(m)) for m in first[2]] if first else []
+        taken = ", ".join(f"{d} taken over by {t}" for d, t in sorted(p.takers.items()) if d in boards)
         self._actions.append(Answered(Answer(
             p.index, p.rid, output, tuple(boards), status, failed, now - p.sent_at, p.sent_bytes, p.received_bytes,
-            sum(r[3] for r in p.results.values()), per_stage, p.wall)))
+            sum(r[3] for r in p.results.values()), per_stage, p.wall, taken)))
 
     # ---- housekeeping ----------------------------------------------------------------------------------
 

@@ -34,6 +34,14 @@ class ShardDone(NamedTuple):
     request: int
     stage: int
     outputs: list
+    board: int = -1                  # the RunShard's `board`
+
+
+class ShardsLoaded(NamedTuple):
+    """A LoadShards finished (boards): board `board`'s shards are open here, or `error` says why not."""
+    board: int
+    seconds: float
+    error: str | None = None
 
 
 class Submit(NamedTuple):
@@ -67,6 +75,17 @@ class RunShard(NamedTuple):
     stage: int
     feeds: dict
     failed: frozenset                # the boards the shard's affine compensation counts as dead
+    board: int = -1                  # whose shard: -1 this board's own, else a board it has taken over
+
+
+class LoadShards(NamedTuple):
+    """Open board `board`'s shards from this board's disk (a takeover); answer with ShardsLoaded."""
+    board: int
+
+
+class UnloadShards(NamedTuple):
+    """Close board `board`'s shards (it is back, or another board takes it over now)."""
+    board: int
 
 
 class Emit(NamedTuple):

@@ -94,7 +94,7 @@ class PipelineBoardMachine(BoardMachine):
             self.stats["duplicate_or_stale_inputs"] += 1
             return
         x = wire.read_array(payload[0], (h.batch, *self.pipe.cut_shapes[j]))
-        failed = (self.everyone & ~h.mask) | (self._dead() & self.from_block[self.block])
+        failed = (self.everyone & ~h.mask) | (self._unheard() & self.from_block[self.block])
         req = PipelineRequest(h.session, h.request, self.group & ~failed, now + h.deadline_ms / 1e3, h.batch,
                               {self.pipe.cut_names[j]: x}, stage=self.first_stage, failed=failed,
                               mixed=bool(h.flags & FLAG_MIXED))
@@ -165,7 +165,7 @@ class PipelineBoardMachine(BoardMachine):
         """Hand this block's output to the first later block not dead, or answer with the exit (or zeros)
         when there is none or exit_for says so. `restarted`: boards whose new process lost what they had."""
         c, last = self.block + 1, self.n_blocks
-        failed = req.failed | (self._dead() & self.from_block[c])
+        failed = req.failed | (self._unheard() & self.from_block[c])
         kind, source = self._route(failed).get(last, ("", None))
         req.mixed |= kind == "exit" and source < c
         target = next((k for k in range(c, last) if not self.pipe.blocks[k].failed(wire.boards_of(failed))), None)
@@ -219,7 +219,7 @@ class PipelineBoardMachine(BoardMachine):
     def _route(self, failed: int) -> dict:
         return route(self.pipe, wire.boards_of(failed), self.pipe.exit_for)
 
-    def _dead(self) -> int:
+    def _unheard(self) -> int:
         """The boards this board does not hear (bit mask)."""
         return self.everyone & ~self._view()
 

@@ -11,19 +11,22 @@ What the kinds put in the header (besides kind, sender, incarnation, session, re
     kind       mask                        named field                          payload
     HELLO      sender's view (boards)      knows_you: your incarnation it has   JSON {bundle, role}
                                            accepted (0: none)
-    HEARTBEAT  sender's view (boards)      watermark (*)                        -
+    HEARTBEAT  sender's view (boards)      watermark (*); covers: the boards    -
+                                           whose shards a board took over
     INPUT      boards asked to compute it  deadline_ms, watermark (*)           input (batch, C, H, W)
-    SLICE      lineage boards (**)         -                                    the sender's slice
+    SLICE      lineage boards (**)         owner (***)                          the slice
     RESULT     lineage boards (**)         mesh_bytes: what the board sent to   u64 boards used per stage,
-                                           its peers for this request           final slice or output
-    CUT        boards counted alive (***)  deadline_ms (left)                   a pipeline block's input
-    (***) pipeline bundles: `stage` is the cut's index (0: the model input); see pipeline_logic.py. A
-    pipeline RESULT's `stage` says which technique answered (pipeline_logic.ANSWERED_BY_*, or an exit's cut).
+                                           its peers for this request; owner    final slice or output
+    CUT        boards counted alive        deadline_ms (left)                   a pipeline block's input (****)
     (*) from a client: requests below it are finished, boards drop them.
     (**) with the MIXED / ANY flags; see lineage.py.
+    (***) the board whose channels these are when the sender has taken its shards over (takeover.py);
+    -1: the sender's own. It travels in the last word, where a client's messages carry the watermark.
+    (****) pipeline bundles (pipeline_logic.py): `stage` is the cut's index (0: the model input); a
+    pipeline RESULT's `stage` says what answered (an exit's cut, the number of blocks, or -1 for zeros).
 
-knows_you, deadline_ms and mesh_bytes share one 64-bit word on the wire (each kind carries at most one of
-them; the others arrive as 0), so the header stays 64 bytes.
+knows_you, deadline_ms, mesh_bytes and covers share one 64-bit word on the wire (each kind carries at most
+one of them; the others arrive as 0), so the header stays 64 bytes.
 """
 from __future__ import annotations
 
@@ -77,11 +80,15 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
     mesh_bytes: int = 0
     watermark: int = 0
     flags: int = 0
+    covers: int = 0              # HEARTBEAT from a board: the boards whose shards it has taken over (mask)
+    owner: int = -1              # SLICE, RESULT: the board whose channels these are, when not the sender's
+                                 # (a takeover); -1: the sender's own
 
     def pack(self) -> bytes:
         shared = _SHARED.get(self.kind)
+        last = self.owner + 1 if self.kind in _OWNED else self.watermark
         return _HEADER.pack(MAGIC, self.kind, self.flags, self.sender, self.incarnation, self.session, self.request,
-                            self.stage, self.batch, self.mask, 0 if shared is None else self[shared], self.watermark)
+                            self.stage, self.batch, self.mask, 0 if shared is None else self[shared], last)
 
     @classmethod
     def unpack(cls, buffer) -> "Header":
@@ -92,16 +99,27 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
             raise ProtocolError(f"bad magic {magic!r}: not a robustpart mesh message (or another version)")
         if kind not in _KINDS:
             raise ProtocolError(f"unknown message kind {kind}")
-        values = [_KINDS[kind], sender, inc, session, request, stage, batch, mask, 0, 0, 0, watermark, flags]
+        kind = _KINDS[kind]
+        owned = kind in _OWNED
+        values = [kind, sender, inc, session, request, stage, batch, mask, 0, 0, 0, 0 if owned else watermark,
+                  flags, 0, watermark - 1 if owned else -1]
         shared = _SHARED.get(kind)
         if shared is not None:
             values[shared] = word
         return cls._make(values)
 
+    @property
+    def board(self) -> int:
+        """Whose slice (or final output) a SLICE / RESULT carries: the owner's, else the sender's."""
+        return self.sender if self.owner < 0 else self.owner
+
 
 # which field of Header the kind's shared word holds (its index in the tuple)
 _SHARED = {Kind.HELLO: Header._fields.index("knows_you"), Kind.INPUT: Header._fields.index("deadline_ms"),
-           Kind.RESULT: Header._fields.index("mesh_bytes"), Kind.CUT: Header._fields.index("deadline_ms")}
+           Kind.RESULT: Header._fields.index("mesh_bytes"), Kind.CUT: Header._fields.index("deadline_ms"),
+           Kind.HEARTBEAT: Header._fields.index("covers")}
+# the kinds whose last word holds `owner` (+ 1) instead of the client's watermark
+_OWNED = {Kind.SLICE, Kind.RESULT}
 
 
 def bundle_id(manifest_path) -> str:
@@ -135,8 +153,10 @@ def parse_hello(frames) -> dict:
         raise ProtocolError(f"malformed HELLO payload ({exc})") from None
 
 
-def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, watermark: int = 0) -> list:
-    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, mask=view, watermark=watermark).pack()]
+def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, watermark: int = 0,
+              covers: int = 0) -> list:
+    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, mask=view, watermark=watermark,
+                   covers=covers).pack()]
 
 
 def array_frame(array: np.ndarray):

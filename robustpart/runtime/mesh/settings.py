@@ -19,6 +19,7 @@ class MeshSettings:
     hwm: int = 1000                   # per-connection queue bound (messages); beyond it sends are dropped
     max_pending: int = 256            # slices buffered for requests whose input has not arrived yet
     client_idle: float = 60.0         # a board forgets a client silent this long (it greets again first)
+    takeover: bool = True             # a live backup loads a dead board's shards and computes its channels
 
     def __post_init__(self):
         if not 0 < self.heartbeat < self.timeout:
@@ -38,12 +39,14 @@ class MeshSettings:
 
     @classmethod
     def from_ms(cls, heartbeat_ms: float | None = None, timeout_ms: float | None = None,
-                stage_timeout_ms: float | None = None, client_idle_ms: float | None = None) -> "MeshSettings":
+                stage_timeout_ms: float | None = None, client_idle_ms: float | None = None,
+                takeover: bool = True) -> "MeshSettings":
         default = cls()
         return cls(heartbeat=default.heartbeat if heartbeat_ms is None else heartbeat_ms / 1e3,
                    timeout=default.timeout if timeout_ms is None else timeout_ms / 1e3,
                    stage_timeout=None if stage_timeout_ms is None else stage_timeout_ms / 1e3,
-                   client_idle=default.client_idle if client_idle_ms is None else client_idle_ms / 1e3)
+                   client_idle=default.client_idle if client_idle_ms is None else client_idle_ms / 1e3,
+                   takeover=takeover)
 
     def as_args(self) -> list[str]:
         """The same settings as `robustpart serve` options (for starting boards)."""
@@ -52,4 +55,6 @@ class MeshSettings:
             args += ["--stage-timeout-ms", f"{self.stage_timeout * 1e3:g}"]
         if self.client_idle != MeshSettings.client_idle:
             args += ["--client-idle-ms", f"{self.client_idle * 1e3:g}"]
+        if not self.takeover:
+            args.append("--no-takeover")
         return args

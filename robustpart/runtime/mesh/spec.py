@@ -73,6 +73,10 @@ class MeshSpec:
     stages: tuple[StageSpec, ...]
     head_inputs: tuple[str, ...] | None      # None: the bundle has no head (the client assembles the last stage)
     pipeline: PipelineSpec | None = None     # a pipeline / hybrid bundle (pipeline_logic.py); None: horizontal
+    backups: tuple[tuple[int, ...], ...] = ()   # per board, the boards storing its shards (takeover.py);
+                                                # () = no takeover
+    param_bytes: tuple[int, ...] = ()        # per board, its shards' parameter bytes (balances takeovers)
+    memory_budget: int | None = None         # parameter bytes a board may hold after a takeover
 
 
 def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
@@ -82,7 +86,9 @@ def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
                              tuple(shard.channels for shard in s.shards), s.unit is None) for s in manifest.stages)
     head = manifest.head
     return MeshSpec(manifest.boards, manifest.input.name, manifest.input.shape, manifest.output.shape, stages,
-                    None if head is None else head.inputs, _pipeline_spec(manifest, exit_for))
+                    None if head is None else head.inputs, _pipeline_spec(manifest, exit_for),
+                    manifest.backup_lists(), tuple(manifest.param_bytes(b) for b in range(manifest.boards)),
+                    manifest.memory_budget)
 
 
 def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:

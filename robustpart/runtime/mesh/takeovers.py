@@ -1,0 +1,59 @@
+"""One board's takeovers, as state: the dead boards whose shards it serves, those it is loading, and who
+covers whom (as the boards announce in their heartbeats). Plain logic; the board machine asks it what to
+load and unload (events.LoadShards / UnloadShards) and feeds it what loaded (events.ShardsLoaded).
+
+Which dead board goes to which live backup is takeover.assign_takeovers, on the boards this board has seen
+die (heard once, silent now); every board computes it from its own view. A board serves a dead board's
+channels from the moment its shards are loaded and it has said so in a heartbeat (`covers`), until the
+dead board is back or someone else is assigned it, and no request in flight here still uses them.
+"""
+from __future__ import annotations
+
+from ..takeover import assign_takeovers
+from . import protocol as wire
+from .events import LoadShards, UnloadShards
+
+
+class Takeovers:
+    def __init__(self, me: int, spec, enabled: bool):
+        self.me, self.backups, self.param_bytes, self.budget = me, spec.backups, spec.param_bytes, spec.memory_budget
+        self.enabled = enabled and bool(spec.backups) and spec.pipeline is None   # horizontal bundles, for now
+        self.taken: set[int] = set()          # loaded and served here
+        self.loading: set[int] = set()
+        self.failed: dict[int, str] = {}      # board -> why its shards could not be loaded here
+        self.covers: dict[int, int] = {}      # peer -> the boards it says it serves (bit mask)
+        self._last: tuple | None = None
+
+    def mask(self) -> int:
+        return wire.mask_of(self.taken)
+
+    def coverer(self, board: int, is_alive) -> int | None:
+        """The live peer that says it serves `board`, if any."""
+        return next((c for c, m in self.covers.items() if m >> board & 1 and is_alive(c)), None)
+
+    def plan(self, dead: set[int], busy: set[int]) -> list:
+        """LoadShards for the dead boards assigned to this one, UnloadShards for those it no longer serves
+        and no request in flight uses (`busy`)."""
+        if not self.enabled or self._last == (frozenset(dead), frozenset(busy)):
+            return []
+        self._last = (frozenset(dead), frozenset(busy))
+        for board in [b for b in self.failed if b not in dead]:
+            del self.failed[board]            # back: a later death tries again
+        assigned = assign_takeovers(self.backups, dead, self.param_bytes, self.budget)
+        mine = {d for d, taker in assigned.items() if taker == self.me}
+        actions = [LoadShards(d) for d in sorted(mine - self.taken - self.loading - set(self.failed))]
+        self.loading.update(a.board for a in actions)
+        for board in sorted(self.taken - mine - busy):
+            self.taken.discard(board)
+            actions.append(UnloadShards(board))
+        return actions
+
+    def loaded(self, board: int, error: str | None, dead: set[int]) -> bool:
+        """A load finished; True when the board now serves `board`'s channels."""
+        self.loading.discard(board)
+        self._last = None                     # decide again on the next tick (it may be back already)
+        if error is not None:
+            self.failed[board] = error
+            return False
+        self.taken.add(board)
+        return True

@@ -1,0 +1,68 @@
+"""Takeover on real board processes over loopback: after kill -9 of a board, the survivor the manifest's
+backups name loads its shards from disk and computes its channels as well, so the answers are the
+no-failure ones again; when the board is back it takes its work back.
+
+Contract: every request answered once by its deadline; answers in the compensation window (detected, not yet
+taken over) equal the LocalExecutor's compensated output for that failure set; after the takeover they equal
+the no-failure output and say who took over; after the restart and rejoin, normal again.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from robustpart.runtime.mesh import LocalCluster, MeshClient
+from robustpart.runtime.mesh.client import DEADLINE, MIXED, OK
+
+from mesh_helpers import (BOARDS, DEADLINE_S, DETECTION_BOUND, TAKEOVER, References, check_contract, detections,
+                          drive)
+
+pytestmark = pytest.mark.board
+
+
+@pytest.fixture
+def mesh(bundle, tmp_path):
+    cluster = LocalCluster(bundle, TAKEOVER, workdir=tmp_path / "cluster")
+    cluster.start().wait_started()
+    client = MeshClient(bundle, inventory=cluster.inventory, settings=TAKEOVER, deadline=DEADLINE_S)
+    assert client.wait_ready(10) == tuple(range(BOARDS))
+    yield cluster, client
+    client.close()
+    cluster.close()
+
+
+def takeovers(cluster, board, since):
+    return [e for e in cluster.events(board) if e["event"] == "takeover" and e["t"] >= since]
+
+
+def test_a_killed_board_is_taken_over_and_given_back_after_its_restart(mesh, bundle, images):
+    cluster, client = mesh
+    refs = References(bundle, images)
+    answers, t, _ = drive(client, images, 3.0, [(1.0, "kill", lambda: cluster.kill(2))])
+    check_contract(answers, refs, len(images))
+    assert all(a.status in (OK, MIXED) for a in answers), {a.status for a in answers}
+    # board 3 (first in board 2's backups) takes it over, nobody else; within detection + the load time
+    [event] = takeovers(cluster, 3, t["kill"])
+    assert event["peer"] == 2 and not any(takeovers(cluster, b, t["kill"]) for b in (0, 1))
+    detected = t["kill"] + max(detections(cluster, 2, t["kill"], [0, 1, 3]).values())
+    assert event["t"] - t["kill"] <= DETECTION_BOUND + 2 * event["load_ms"] / 1e3 + 0.2
+    ready = event["t"] + TAKEOVER.heartbeat
+    window = [a for a in answers if detected + TAKEOVER.heartbeat < a.submitted_at < event["t"]]
+    after = [a for a in answers if a.submitted_at > ready + TAKEOVER.heartbeat]
+    assert all(a.failed == (2,) for a in window if a.consistent)        # compensated until then
+    assert len(after) >= 10
+    assert all((a.status, a.failed, a.technique) == (OK, (), "2 taken over by 3") for a in after)
+    assert any(np.abs(refs((2,), i) - refs((), i)).max() > 1e-3 for i in range(len(images)))   # not vacuous
+
+    restarted = cluster.restart(2)
+    cluster.wait_started([2])
+    deadline = time.time() + 10
+    while time.time() < deadline and not any(e["event"] == "released" and e["t"] >= restarted
+                                             for e in cluster.events(3)):
+        client.pump(0.05)
+    assert any(e["event"] == "released" and e["peer"] == 2 for e in cluster.events(3) if e["t"] >= restarted)
+    assert client.wait_ready(10) == tuple(range(BOARDS))
+    back, _, _ = drive(client, images, 1.0)
+    check_contract(back, refs, len(images))
+    late = [a for a in back if a.submitted_at > time.time() - 0.5]
+    assert late and all((a.status, a.failed, a.technique) == (OK, (), "") for a in late)
