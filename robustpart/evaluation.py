@@ -423,6 +423,6 @@ def _label(plan: Plan) -> str:
     if plan.blocks:
         techniques = [f"skip {plan.skip}"] * (plan.skip != "none") + ["exits"] * plan.exits
         groups = "x".join(map(str, (len(plan.blocks), len(plan.blocks[0].boards))))
-        label = (f"pipeline" if plan.mode == "pipeline" else f"hybrid {groups} {label}") + \
+        label = ("pipeline" if plan.mode == "pipeline" else f"hybrid {groups} {label}") + \
             "".join(f" + {t}" for t in techniques)
     return label

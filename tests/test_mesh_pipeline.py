@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from robustpart.runtime.mesh import LocalCluster, MeshClient
-from robustpart.runtime.mesh.client import DEADLINE, MIXED, NO_BOARDS, OK
+from robustpart.runtime.mesh.client import MIXED, OK
 
 from mesh_helpers import DEADLINE_S, DETECTION_BOUND, SETTINGS, References, check_contract, technique
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from robustpart.runtime.mesh import LocalCluster, MeshClient
-from robustpart.runtime.mesh.client import DEADLINE, MIXED, OK
+from robustpart.runtime.mesh.client import MIXED, OK
 
 from mesh_helpers import (BOARDS, DEADLINE_S, DETECTION_BOUND, TAKEOVER, References, check_contract, detections,
                           drive)

@@ -178,13 +178,20 @@ class ClientMachine(Machine):
     def _view_changed(self, board: int, event: str, now: float) -> None:
         """A board died or restarted (pipeline_client_logic re-routes the inputs it handed on)."""
 
-    def _on_result(self, h: Header, payload, now: float) -> None:
+    def _pending_for(self, h: Header, payload) -> _Pending | None:
+        """The request a RESULT answers, or None when it is answered already (or not ours)."""
         p = self.pending.get(h.request)
         if p is None or h.session != self.session:
-            self.stats["late_results"] += 1         # answered already (or never ours)
-            return
+            self.stats["late_results"] += 1
+            return None
         if len(payload) != 2:
             raise ProtocolError(f"RESULT with {len(payload)} payload frames, expected 2")
+        return p
+
+    def _on_result(self, h: Header, payload, now: float) -> None:
+        p = self._pending_for(h, payload)
+        if p is None:
+            return
         board = h.board                             # the sender's slice, or a board's it took over
         if not 0 <= board < self.n:
             raise ProtocolError(f"a RESULT for board {board}, which is not in the inventory")

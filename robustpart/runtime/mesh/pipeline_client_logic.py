@@ -23,7 +23,7 @@ from . import protocol as wire
 from .client_logic import DEADLINE, MIXED, NO_BOARDS, OK, Answer, ClientMachine, _Pending
 from .events import Answered
 from .liveness import RESTARTED
-from .protocol import CLIENT, FLAG_MIXED, Header, Kind, ProtocolError
+from .protocol import CLIENT, FLAG_MIXED, Header, Kind
 
 
 @dataclass
@@ -70,12 +70,9 @@ class PipelineClientMachine(ClientMachine):
             self._hand_off(p, now, restarted)
 
     def _on_result(self, h: Header, payload, now: float) -> None:
-        p = self.pending.get(h.request)
-        if p is None or h.session != self.session:
-            self.stats["late_results"] += 1          # answered already (or never ours)
+        p = self._pending_for(h, payload)
+        if p is None:
             return
-        if len(payload) != 2:
-            raise ProtocolError(f"RESULT with {len(payload)} payload frames, expected 2")
         output = np.array(wire.read_array(payload[1], (p.batch, *self.spec.output_shape)))
         used = wire.read_masks(payload[0])
         p.received_bytes += wire.HEADER_BYTES + len(payload[0]) + len(payload[1])
