@@ -63,6 +63,49 @@ def test_a_killed_board_is_taken_over_and_given_back_after_its_restart(mesh, bun
     assert any(e["event"] == "released" and e["peer"] == 2 for e in cluster.events(3) if e["t"] >= restarted)
     assert client.wait_ready(10) == tuple(range(BOARDS))
     back, _, _ = drive(client, images, 1.0)
+    end = time.time()
     check_contract(back, refs, len(images))
-    late = [a for a in back if a.submitted_at > time.time() - 0.5]
+    late = [a for a in back if a.submitted_at > end - 0.5]
+    assert late and all((a.status, a.failed, a.technique) == (OK, (), "") for a in late)
+
+
+def wait_for(predicate, client, seconds=10.0):
+    end = time.time() + seconds
+    while time.time() < end and not predicate():
+        client.pump(0.05)
+    return predicate()
+
+
+def test_the_last_board_takes_over_all_the_others(mesh, bundle, images):
+    """kill -9 of N-1 boards: board 0, every dead board's live backup, loads them all and answers as the
+    healthy mesh did."""
+    cluster, client = mesh
+    refs = References(bundle, images)
+    killed = time.time()
+    for b in (1, 2, 3):
+        cluster.kill(b)
+    assert wait_for(lambda: len(takeovers(cluster, 0, killed)) == 3, client)
+    answers, _, _ = drive(client, images, 1.0)
+    end = time.time()
+    check_contract(answers, refs, len(images))
+    late = [a for a in answers if a.submitted_at > end - 0.6]
+    expected = "1 taken over by 0, 2 taken over by 0, 3 taken over by 0"
+    assert late and all((a.status, a.failed, a.technique) == (OK, (), expected) for a in late)
+
+
+def test_a_frozen_board_is_taken_over_and_takes_its_work_back_when_thawed(mesh, bundle, images):
+    cluster, client = mesh
+    refs = References(bundle, images)
+    frozen = cluster.freeze(2)
+    assert wait_for(lambda: takeovers(cluster, 3, frozen), client)
+    answers, _, _ = drive(client, images, 0.8)
+    check_contract(answers, refs, len(images))
+    assert any(a.technique == "2 taken over by 3" and a.failed == () for a in answers)
+    thawed = cluster.thaw(2)
+    assert wait_for(lambda: any(e["event"] == "released" and e["t"] >= thawed for e in cluster.events(3)), client)
+    assert client.wait_ready(10) == tuple(range(BOARDS))
+    back, _, _ = drive(client, images, 0.8)
+    end = time.time()
+    check_contract(back, refs, len(images))
+    late = [a for a in back if a.submitted_at > end - 0.4]
     assert late and all((a.status, a.failed, a.technique) == (OK, (), "") for a in late)
