@@ -14,7 +14,7 @@ from robustpart.runtime.mesh.client_logic import ClientMachine
 from robustpart.runtime.mesh.pipeline_client_logic import PipelineClientMachine
 from robustpart.runtime.mesh.pipeline_logic import PipelineBoardMachine
 from robustpart.runtime.mesh.spec import mesh_spec
-from robustpart.runtime.adapters import apply_adapter
+from robustpart.runtime.adapters import rebuild_cut
 
 BUNDLE_ID = "f" * 64           # what the machines compare in HELLO (FakeMesh's BUNDLE)
 
@@ -37,10 +37,7 @@ class BundleModel:
 
     def replacer(self, board: int):
         def replace(source: int, target: int, x: np.ndarray) -> np.ndarray:
-            held, shape = self.adapters[board], self.spec.pipeline.cut_shapes[target]
-            if held is None or (source, target) not in held.weights:
-                return np.zeros((len(x), *shape), np.float32)
-            return apply_adapter(x, held.weights[(source, target)], held.biases[(source, target)], shape)
+            return rebuild_cut(self.adapters[board], source, target, x, self.spec.pipeline.cut_shapes[target])
         return replace
 
     def board(self, b: int, settings, incarnation: int):

@@ -31,10 +31,11 @@ class References:
         return self.cache[failed, i]
 
 
-def start_mesh(bundle, workdir):
-    cluster = LocalCluster(bundle, SETTINGS, workdir=workdir)
+def start_mesh(bundle, workdir, settings=SETTINGS):
+    """The bundle's boards as local processes and a client that sees all of them."""
+    cluster = LocalCluster(bundle, settings, workdir=workdir)
     cluster.start().wait_started()
-    client = MeshClient(bundle, inventory=cluster.inventory, settings=SETTINGS, deadline=DEADLINE_S)
+    client = MeshClient(bundle, inventory=cluster.inventory, settings=settings, deadline=DEADLINE_S)
     assert client.wait_ready(10) == tuple(range(BOARDS))
     return cluster, client
 

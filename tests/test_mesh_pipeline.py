@@ -11,20 +11,16 @@ import time
 import numpy as np
 import pytest
 
-from robustpart.runtime.mesh import LocalCluster, MeshClient
 from robustpart.runtime.mesh.client import MIXED, OK
 
-from mesh_helpers import DEADLINE_S, DETECTION_BOUND, SETTINGS, References, check_contract, technique
+from mesh_helpers import DETECTION_BOUND, SETTINGS, References, check_contract, start_mesh, technique
 
 pytestmark = pytest.mark.board
 
 
 @pytest.fixture
 def chain(pipeline_bundle, tmp_path):
-    cluster = LocalCluster(pipeline_bundle, SETTINGS, workdir=tmp_path / "cluster")
-    cluster.start().wait_started()
-    client = MeshClient(pipeline_bundle, inventory=cluster.inventory, settings=SETTINGS, deadline=DEADLINE_S)
-    assert client.wait_ready(10) == (0, 1, 2, 3)
+    cluster, client = start_mesh(pipeline_bundle, tmp_path / "cluster")
     yield cluster, client
     client.close()
     cluster.close()
@@ -86,11 +82,8 @@ def test_a_board_killed_mid_stream_every_request_is_answered(name, victim, pipel
     every request answered once by its deadline; every consistent answer equals LocalExecutor for its
     failure set; after detection every answer is computed without the victim."""
     bundle = {"pipeline": pipeline_bundle, "hybrid": hybrid_bundle}[name]
-    cluster = LocalCluster(bundle, SETTINGS, workdir=tmp_path / "cluster")
-    cluster.start().wait_started()
-    client = MeshClient(bundle, inventory=cluster.inventory, settings=SETTINGS, deadline=DEADLINE_S)
+    cluster, client = start_mesh(bundle, tmp_path / "cluster")
     try:
-        assert client.wait_ready(10) == (0, 1, 2, 3)
         answers, killed = stream_with_kill(cluster, client, images, victim)
     finally:
         client.close()

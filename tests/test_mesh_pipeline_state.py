@@ -36,6 +36,13 @@ def ready_mesh(bundle, **options) -> FakeMesh:
     return mesh
 
 
+def kill_and_detect(mesh, *boards) -> None:
+    """Stop `boards` (SIGSTOP) and let every other machine declare them dead."""
+    for b in boards:
+        mesh.freeze(b)
+    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+
+
 def assert_equals_local(answer, bundle, x, failed):
     assert (answer.status, answer.failed) == (OK, failed)
     ref = References(bundle, x)(failed, 0)
@@ -86,9 +93,7 @@ def test_the_client_hands_the_input_to_the_next_block_when_the_first_dies_holdin
 
 def test_with_every_later_block_dead_the_last_live_one_answers_with_its_exit(bundles, x):
     mesh = ready_mesh(bundles["pipeline"])
-    mesh.freeze(2)
-    mesh.freeze(3)
-    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    kill_and_detect(mesh, 2, 3)
     answer = mesh.answer(mesh.submit(x))
     assert_equals_local(answer, bundles["pipeline"], x, (2, 3))
     assert answer.technique == "exit from cut 2" and answer.boards == (0, 1)
@@ -115,9 +120,7 @@ def test_a_hybrid_group_goes_on_without_a_member_and_the_next_member_hands_on(bu
 
 def test_a_hybrid_block_with_every_member_dead_is_skipped_from_the_input(bundles, x):
     mesh = ready_mesh(bundles["hybrid"])
-    mesh.freeze(0)
-    mesh.freeze(1)
-    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    kill_and_detect(mesh, 0, 1)
     answer = mesh.answer(mesh.submit(x))
     assert_equals_local(answer, bundles["hybrid"], x, (0, 1))
     assert answer.technique == technique(bundles["hybrid"], (0, 1))
@@ -145,9 +148,7 @@ def test_an_exit_chosen_for_a_failure_set_answers_where_the_cut_is(bundles, x, f
     mesh = FakeMesh(SETTINGS, model=BundleModel(bundle))
     mesh.model.spec.pipeline.exit_for[frozenset(failed)] = source     # as skips.choose_exits may decide
     mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
-    for b in failed:
-        mesh.freeze(b)
-    mesh.run(SETTINGS.timeout + 2 * SETTINGS.heartbeat)
+    kill_and_detect(mesh, *failed)
     answer = mesh.answer(mesh.submit(x))
     executor = LocalExecutor(bundle)
     executor.adapters.exit_for[frozenset(failed)] = source

@@ -11,21 +11,17 @@ import time
 import numpy as np
 import pytest
 
-from robustpart.runtime.mesh import LocalCluster, MeshClient
 from robustpart.runtime.mesh.client import MIXED, OK
 
-from mesh_helpers import (BOARDS, DEADLINE_S, DETECTION_BOUND, TAKEOVER, References, check_contract, detections,
-                          drive)
+from mesh_helpers import (BOARDS, DETECTION_BOUND, TAKEOVER, References, check_contract, detections, drive,
+                          start_mesh)
 
 pytestmark = pytest.mark.board
 
 
 @pytest.fixture
 def mesh(bundle, tmp_path):
-    cluster = LocalCluster(bundle, TAKEOVER, workdir=tmp_path / "cluster")
-    cluster.start().wait_started()
-    client = MeshClient(bundle, inventory=cluster.inventory, settings=TAKEOVER, deadline=DEADLINE_S)
-    assert client.wait_ready(10) == tuple(range(BOARDS))
+    cluster, client = start_mesh(bundle, tmp_path / "cluster", TAKEOVER)
     yield cluster, client
     client.close()
     cluster.close()

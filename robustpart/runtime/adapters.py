@@ -115,6 +115,16 @@ def pool_rows(x: np.ndarray, target_shape: tuple[int, ...], in_features: int) ->
     raise BundleError(f"no adapter from a tensor of shape {list(x.shape[1:])} to {list(target_shape)}")
 
 
+def rebuild_cut(adapters: AdapterSet | None, source: int, target: int, x: np.ndarray,
+                target_shape: tuple[int, ...]) -> np.ndarray:
+    """Cut `target` rebuilt from `x`, cut `source`, by the adapter (source, target), or zeros where
+    `adapters` has none (no adapters, --skip none, or one this board does not hold)."""
+    pair = (source, target)
+    if adapters is None or pair not in adapters.weights:
+        return np.zeros((len(x), *target_shape), np.float32)
+    return apply_adapter(x, adapters.weights[pair], adapters.biases[pair], target_shape)
+
+
 def apply_adapter(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     """The adapter (pooling, then the 1x1 convolution / linear map) on a batch, as skips.apply_adapter."""
     rows = pool_rows(np.asarray(x, dtype=np.float32), target_shape, weight.shape[1]) @ weight.T + bias

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from ..errors import BundleError, DataError
 from ..routes import route
-from .adapters import apply_adapter
+from .adapters import rebuild_cut
 from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
 
@@ -166,7 +166,6 @@ class LocalExecutor:
         """A dead block's output: its skip adapter or early exit applied to the last live cut tensor, or
         zeros (routes.route)."""
         kind, j = action
-        if kind == "fill" or self.adapters is None or (j, t) not in self.adapters.weights:
+        if kind == "fill":
             return np.zeros((batch, *block.output.shape), dtype=np.float32)
-        return apply_adapter(env[cuts[j]], self.adapters.weights[(j, t)], self.adapters.biases[(j, t)],
-                             block.output.shape)
+        return rebuild_cut(self.adapters, j, t, env[cuts[j]], block.output.shape)

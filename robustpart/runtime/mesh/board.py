@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from ..adapters import apply_adapter
+from ..adapters import rebuild_cut
 from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, check_files, load_manifest
@@ -190,12 +190,7 @@ class DeviceServer:
 
     def _replace(self, source: int, target: int, x: np.ndarray) -> np.ndarray:
         """Cut `target` rebuilt from cut `source` by the adapter this board holds, or zeros without one."""
-        pipe = self.machine.spec.pipeline
-        shape = pipe.cut_shapes[target]
-        pair = (source, target)
-        if self.adapters is None or pair not in self.adapters.weights:
-            return np.zeros((len(x), *shape), np.float32)
-        return apply_adapter(x, self.adapters.weights[pair], self.adapters.biases[pair], shape)
+        return rebuild_cut(self.adapters, source, target, x, self.machine.spec.pipeline.cut_shapes[target])
 
     def _emit(self, event: str, **fields) -> None:
         record = {"t": time.time(), "board": self.me, "event": event, **fields}

@@ -131,7 +131,7 @@ class BoardMachine(Machine):
             self._on_slice(h, payload, now)
         elif h.kind == Kind.CUT:
             self._on_cut(h, payload, now)
-        elif h.kind != Kind.HEARTBEAT:
+        else:
             raise ProtocolError(f"board {p} sent a {h.kind.name}, which only clients send")
 
     def _heard(self, p: int, incarnation: int, now: float, view: int | None) -> None:
@@ -188,7 +188,8 @@ class BoardMachine(Machine):
             raise ProtocolError("INPUT without an input tensor")
         x = wire.read_array(payload[0], (h.batch, *self.spec.input_shape))
         req = Request(h.session, h.request, h.mask, now + h.deadline_ms / 1e3, h.batch, {self.spec.input_name: x})
-        req.proxied = tuple(d for d in sorted(self.takeovers.taken) if h.mask >> d & 1 and not self.liveness.is_alive(d))
+        req.proxied = tuple(d for d in sorted(self.takeovers.taken)
+                            if h.mask >> d & 1 and not self.liveness.is_alive(d))
         self.started[h.session] = h.request
         self.requests[key] = req
         early = self.pending.pop(key, None)
@@ -242,15 +243,20 @@ class BoardMachine(Machine):
             self._beat(now)
             self.next_beat = max(self.next_beat + self.settings.heartbeat, now)
         self._expire(now)
-        for action in self.takeovers.plan(self._dead(), {d for r in self.requests.values() for d in r.proxied}):
-            self._actions.append(action)
-            if isinstance(action, UnloadShards):
-                self._emit("released", peer=action.board)
+        if self.takeovers.enabled:
+            self._plan_takeovers()
         for req in list(self.requests.values()):
             if req.waiting and (now >= req.wait_until or not self._missing(req)):
                 self._assemble(req)
         if self.ready and self.running is None:
             self._run(self.ready.popleft())
+
+    def _plan_takeovers(self) -> None:
+        busy = {d for r in self.requests.values() for d in r.proxied}
+        for action in self.takeovers.plan(self._dead(), busy):
+            self._actions.append(action)
+            if isinstance(action, UnloadShards):
+                self._emit("released", peer=action.board)
 
     def _run(self, req: Request, board: int = -1) -> None:
         """Run the request's current stage: this board's shard, or (`board`) a taken-over board's."""
@@ -270,7 +276,7 @@ class BoardMachine(Machine):
             self._shard_done(event, now)
 
     def _shards_loaded(self, done: ShardsLoaded, now: float) -> None:
-        if self.takeovers.loaded(done.board, done.error, self._dead()):
+        if self.takeovers.loaded(done.board, done.error):
             self._emit("takeover", peer=done.board, load_ms=round(done.seconds * 1e3, 1))
             self.next_beat = now                   # say so at once: the others wait for its slices from here
         else:

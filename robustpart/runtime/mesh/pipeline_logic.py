@@ -72,6 +72,7 @@ class PipelineBoardMachine(BoardMachine):
         self.from_block = [wire.mask_of(b for block in self.pipe.blocks[k:] for b in block.boards)
                            for k in range(self.n_blocks + 1)]
         self.seen: dict[int, set[int]] = {}      # session -> requests started here (a re-sent cut is dropped)
+        self.pruned_at: dict[int, int] = {}      # session -> the watermark `seen` was last pruned to
         self.now = 0.0
 
     def handle(self, event, now: float) -> list:
@@ -172,11 +173,12 @@ class PipelineBoardMachine(BoardMachine):
         if not self._designated(req):
             return                               # kept in case the designated sender dies
         tensor = req.env[self.pipe.cut_names[c]]
-        if (kind == "exit" and source == c) or target is None:
+        exit_here = kind == "exit" and source == c
+        if exit_here or target is None:
             req.failed = failed
-            answer = (self.replace(c, last, tensor) if kind == "exit" and source == c else
+            answer = (self.replace(c, last, tensor) if exit_here else
                       np.zeros((req.batch, *self.spec.output_shape), np.float32))
-            self._answer(req, answer, c if kind == "exit" and source == c else ANSWERED_BY_ZEROS)
+            self._answer(req, answer, c if exit_here else ANSWERED_BY_ZEROS)
             return
         receivers = self.pipe.blocks[target].boards
         if target == req.handed_to and not restarted & wire.mask_of(receivers):
@@ -202,7 +204,7 @@ class PipelineBoardMachine(BoardMachine):
     def _view_changed(self, peer: int, event: str, now: float) -> None:
         restarted = 1 << peer if event == RESTARTED else 0
         for req in list(self.requests.values()):
-            if isinstance(req, PipelineRequest) and req.kept:
+            if req.kept:
                 self._hand_off(req, restarted)
 
     # ---- answering ---------------------------------------------------------------------------------------
@@ -227,6 +229,9 @@ class PipelineBoardMachine(BoardMachine):
         super()._expire(now)
         for session in list(self.seen):
             mark = self.watermark.get(session, 0)
-            self.seen[session] = {r for r in self.seen[session] if r >= mark}
+            if mark > self.pruned_at.get(session, 0):
+                self.seen[session] = {r for r in self.seen[session] if r >= mark}
+                self.pruned_at[session] = mark
             if not self.seen[session] and session not in self.clients:
                 del self.seen[session]
+                self.pruned_at.pop(session, None)

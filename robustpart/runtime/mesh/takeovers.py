@@ -33,8 +33,8 @@ class Takeovers:
 
     def plan(self, dead: set[int], busy: set[int]) -> list:
         """LoadShards for the dead boards assigned to this one, UnloadShards for those it no longer serves
-        and no request in flight uses (`busy`)."""
-        if not self.enabled or self._last == (frozenset(dead), frozenset(busy)):
+        and no request in flight uses (`busy`). The machine asks only when `enabled`."""
+        if self._last == (frozenset(dead), frozenset(busy)):
             return []
         self._last = (frozenset(dead), frozenset(busy))
         for board in [b for b in self.failed if b not in dead]:
@@ -48,7 +48,7 @@ class Takeovers:
             actions.append(UnloadShards(board))
         return actions
 
-    def loaded(self, board: int, error: str | None, dead: set[int]) -> bool:
+    def loaded(self, board: int, error: str | None) -> bool:
         """A load finished; True when the board now serves `board`'s channels."""
         self.loading.discard(board)
         self._last = None                     # decide again on the next tick (it may be back already)
