@@ -10,7 +10,7 @@ from robustpart.runtime.mesh.settings import MeshSettings
 from robustpart.runtime.takeover import assign_takeovers
 
 from bundle_model import BundleModel
-from fake_mesh import FakeMesh
+from fake_mesh import CLIENT, FakeMesh
 from fixture_bundles import fixture_bundle, fixture_images
 from mesh_helpers import References
 
@@ -116,3 +116,23 @@ def test_a_takeover_beyond_the_memory_budget_is_not_done(bundle, refs, x, tmp_pa
     mesh.run(DETECTED + mesh.load_time + SETTINGS.heartbeat)
     assert_answer(mesh.answer(mesh.submit(x)), refs, (2,))
     assert not any(mesh.events(b, "takeover") for b in (0, 1, 3))
+
+
+
+def test_a_request_sent_only_to_dying_boards_is_not_kept_waiting_for_their_coverer(bundle, x):
+    """Boards 1-3 stop; board 0 declares them dead and takes them over before the client notices, so the
+    client, still hearing their old views, sends the next request to boards 1-3 alone. Board 0 covers them
+    but was not asked: once the client declares them dead it gives up at once (it used to wait for board 0
+    until the deadline)."""
+    from robustpart.runtime.mesh.client_logic import DEADLINE
+    mesh = FakeMesh(SETTINGS, model=BundleModel(bundle), deadline=5.0)
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    mesh.load_time = 0.001
+    for b in (1, 2, 3):
+        mesh.freeze(b)
+    mesh.run_until(lambda: mesh.client.covers.get(0) == 0b1110, within=1.0)
+    assert not mesh.events(CLIENT, "dead") and mesh.client.members() == 0b1110
+    answer = mesh.answer(mesh.submit(x))
+    assert (answer.status, answer.output) == (DEADLINE, None)
+    assert answer.latency < SETTINGS.timeout
+    assert mesh.answer(mesh.submit(x)).failed == ()        # the next one goes to board 0, which answers

@@ -209,9 +209,7 @@ class ClientMachine(Machine):
 
     def _try_finish(self, p: _Pending, now: float) -> None:
         lineages = {b: r[1] for b, r in p.results.items()}
-        alive = wire.mask_of(self.liveness.alive())
-        waiting = p.members & (alive | self._covered(alive)) & ~wire.mask_of(p.results)
-        give_up = not waiting or now >= p.deadline
+        give_up = not self._awaited(p) or now >= p.deadline
         if self.spec.head_inputs is not None:
             clean = [b for b, lin in lineages.items() if not lin.mixed]
             if clean:
@@ -228,6 +226,17 @@ class ClientMachine(Machine):
             boards = sorted(p.results)
             lineage = after_assembly(wire.mask_of(boards), lineages.values()) if boards else None
             self._answer(p, boards, lineage, now)
+
+    def _awaited(self, p: _Pending) -> int:
+        """The boards whose final slice (or output) may still come for request `p`: its live members, and
+        the taken-over boards its live members cover until the coverer's own result is in (a coverer sends
+        the slices it computes for others first; one that started the request before its takeover, or was
+        not asked, sends none)."""
+        alive, delivered = wire.mask_of(self.liveness.alive()), wire.mask_of(p.results)
+        awaited = p.members & alive
+        for c in wire.boards_of(awaited & ~delivered):
+            awaited |= self.covers.get(c, 0) & p.members & ~alive
+        return awaited & ~delivered
 
     def _answer(self, p: _Pending, boards: list[int], lineage: Lineage | None, now: float) -> None:
         del self.pending[p.rid]
