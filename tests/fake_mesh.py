@@ -116,6 +116,11 @@ class FakeMesh:
         for event in self.frozen.pop(name):
             self._push(self.now, name, event)
 
+    def tick(self, name) -> None:
+        """Tick `name` now, before it reads what waits for it: a process that runs again after a stop before
+        its socket threads have delivered what came meanwhile."""
+        self._handle(name, TICK)
+
     def restart(self, b: int) -> BoardMachine:
         self.generation[b] += 1                 # the old process's pending work and inbox are gone
         self.busy_until.pop(b, None)

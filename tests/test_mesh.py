@@ -71,6 +71,22 @@ def test_liveness_detects_silence_after_the_timeout_not_before():
     assert live.next_check(0.6) == float("inf")
 
 
+def test_liveness_after_a_stall_of_the_observer_listens_before_it_declares_anyone_dead():
+    """An observer that checks every 50 ms and then not for 1 s was not running: the silence is its own, its
+    peers' messages may still be unread, so it waits half a timeout of listening before judging."""
+    live = Liveness([1, 2], timeout=0.3, heartbeat=0.05)
+    live.heard(1, 100, now=0.0)
+    live.heard(2, 200, now=0.0)
+    assert live.check(0.05) == []
+    assert live.check(1.05) == []                    # silent 1.05 s, but the observer was stopped
+    assert live.next_check(1.05) == pytest.approx(0.15)
+    live.heard(1, 100, now=1.06)                     # what waited in the socket
+    assert live.check(1.15) == []
+    assert live.check(1.21) == [2]                   # 0.15 s of listening and still silent: dead
+    assert live.alive() == [1]
+    assert live.check(1.25) == [] and live.check(1.37) == [1]   # normal detection again
+
+
 def test_liveness_rejoin_restart_and_stale_frames():
     live = Liveness([1], timeout=0.3)
     live.heard(1, 100, now=0.0, view=0b11)

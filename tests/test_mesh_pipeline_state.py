@@ -126,6 +126,20 @@ def test_a_hybrid_block_with_every_member_dead_is_skipped_from_the_input(bundles
     assert answer.technique == technique(bundles["hybrid"], (0, 1))
 
 
+def test_a_client_that_stalls_listens_before_it_declares_boards_dead(bundles, x):
+    """The client stops for twice the timeout (a loaded machine) with a request in flight and, when it runs
+    again, ticks before it has read what came meanwhile: it declares no board dead on that tick (which would
+    leave the request no board to go to), reads the answer, and the request is answered healthy."""
+    mesh = ready_mesh(bundles["pipeline"])
+    rid = mesh.submit(x)
+    mesh.freeze(CLIENT)
+    mesh.run(2 * SETTINGS.timeout)
+    mesh.tick(CLIENT)
+    mesh.thaw(CLIENT)
+    assert_equals_local(mesh.answer(rid), bundles["pipeline"], x, ())
+    assert mesh.events(CLIENT, "dead") == []
+
+
 def test_no_boards_and_no_answer_by_the_deadline(bundles, x):
     mesh = ready_mesh(bundles["pipeline"], deadline=0.2)
     mesh.cut(1)                         # board 1 never gets its cut, and no one declares it dead in time

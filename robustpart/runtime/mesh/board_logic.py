@@ -72,7 +72,7 @@ class BoardMachine(Machine):
         self.n, self.last = spec.boards, len(spec.stages) - 1
         self.slice_shapes = [[s.slice_shape(b) for b in range(self.n)] for s in spec.stages]
         self.peers = [b for b in range(self.n) if b != me]
-        self.liveness = Liveness(self.peers, settings.timeout)
+        self.liveness = Liveness(self.peers, settings.timeout, settings.heartbeat)
         self.boards = Handshake(me, incarnation, bundle, "board", "board")      # peers, by board id
         self.guests = Handshake(me, incarnation, bundle, "board", "client")     # clients, by session
         self.clients: dict[int, Client] = {}

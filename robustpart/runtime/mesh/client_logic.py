@@ -83,7 +83,7 @@ class ClientMachine(Machine):
         self.assemble = assemble
         self.n, self.last = spec.boards, len(spec.stages) - 1
         self.final_shapes = [spec.stages[-1].slice_shape(b) for b in range(self.n)]
-        self.liveness = Liveness(range(self.n), settings.timeout)
+        self.liveness = Liveness(range(self.n), settings.timeout, settings.heartbeat)
         self.boards = Handshake(CLIENT, session, bundle, "client", "board", session=session)
         self.last_sent: dict[int, float] = {}      # board -> when we last sent it anything
         self.pending: dict[int, _Pending] = {}

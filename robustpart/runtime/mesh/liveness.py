@@ -7,6 +7,11 @@ board starting before its peers does not wait for them.
     never heard --heard--> alive --silent > timeout--> dead --heard--> alive ("rejoined")
                            alive --heard, higher incarnation--> alive ("restarted": a new process)
     a lower incarnation than the known one is a stale frame from a previous process: "stale", ignore it.
+
+Silence is only held against a peer while this observer was listening. An observer checks at least every
+heartbeat; a longer gap between two checks means it was not running (descheduled on a loaded machine,
+stopped), and its peers' messages from that time may still sit unread in its sockets. After such a stall it
+listens for half a timeout before it declares anyone dead, instead of declaring every peer dead at once.
 """
 from __future__ import annotations
 
@@ -25,11 +30,18 @@ class PeerState:
 
 
 class Liveness:
-    def __init__(self, peers: Iterable[int], timeout: float):
+    def __init__(self, peers: Iterable[int], timeout: float, heartbeat: float | None = None):
+        """`heartbeat`: how often the observer checks at the most; None: it makes no such promise, so no
+        gap between checks counts as a stall."""
         if timeout <= 0:
             raise ValueError(f"liveness timeout must be > 0, got {timeout}")
         self.timeout = timeout
         self.peers = {int(p): PeerState() for p in peers}
+        # a gap between checks this long is a stall
+        self.stall_gap = float("inf") if heartbeat is None else max(timeout / 2, 1.5 * heartbeat)
+        self.grace = timeout / 2                              # how long to listen after a stall
+        self.last_check = float("-inf")
+        self.listening_since = float("-inf")
 
     def heard(self, peer: int, incarnation: int, now: float, view: int | None = None) -> str | None:
         """Record a message from `peer`; returns the transition it caused (JOINED, REJOINED, RESTARTED),
@@ -51,7 +63,13 @@ class Liveness:
         return event
 
     def check(self, now: float) -> list[int]:
-        """Mark peers silent for longer than the timeout dead; returns the newly dead."""
+        """Mark peers silent for longer than the timeout dead; returns the newly dead (none while this
+        observer listens again after a stall)."""
+        if now - self.last_check > self.stall_gap and self.last_check > float("-inf"):
+            self.listening_since = now
+        self.last_check = now
+        if now - self.listening_since < self.grace:
+            return []
         dead = [p for p, s in self.peers.items() if s.alive and now - s.last_heard > self.timeout]
         for p in dead:
             self.peers[p].alive = False
@@ -60,7 +78,9 @@ class Liveness:
     def next_check(self, now: float) -> float:
         """Seconds until the earliest alive peer could time out (inf if none is alive)."""
         times = [s.last_heard + self.timeout - now for s in self.peers.values() if s.alive]
-        return max(0.0, min(times)) if times else float("inf")
+        if not times:
+            return float("inf")
+        return max(0.0, min(times), self.listening_since + self.grace - now)
 
     def alive(self) -> list[int]:
         return [p for p, s in self.peers.items() if s.alive]
