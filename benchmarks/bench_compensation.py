@@ -66,7 +66,8 @@ def run_model(model: str, args, policies) -> dict:
                 cost = {"seconds": time.perf_counter() - start, "bytes": compensation.nbytes,
                         "max_set_bytes": compensation.max_set_bytes()}
             evaluator = PlanEvaluator(graph, plan, images, labels, compensation=compensation)
-            report = evaluate_plan(graph, plan, images, labels, ks, label, evaluator=evaluator)
+            report = evaluate_plan(graph, plan, images, labels, ks, label, evaluator=evaluator,
+                                   compensation=compensation)
             rows.append({"plan": label, "policy": policy_name, "memory": report.cost["memory_ratio_full"],
                          "accuracy": report.accuracy, "model_bytes": graph.total_param_bytes,
                          "failures": {k: report.by_k[k].to_json() for k in ks}, "compensation": cost})
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(zoo.reference_names()))
     parser.add_argument("--devices", type=int, default=4)
-    parser.add_argument("--memory", type=float, default=0.30, help="largest board / full model for robust")
+    parser.add_argument("--memory", type=float, default=0.30, help="largest board's parameters / full model for robust (the memory column adds the compensation data it holds)")
     parser.add_argument("--policies", default="none:zero,adabn:ls",
                         help="affine:fill pairs; none:zero = no compensation (default none:zero,adabn:ls)")
     parser.add_argument("--calib", type=int, default=256, help="calibration images for compensation")

@@ -76,7 +76,8 @@ def plan_agreement(a, b) -> float:
 def accuracy_row(graph, plan, images, labels, prepared) -> dict:
     evaluator = PlanEvaluator(graph, plan, images, labels,
                               compensation=prepared.data if prepared is not None else None)
-    report = evaluate_plan(graph, plan, images, labels, KS, evaluator=evaluator)
+    report = evaluate_plan(graph, plan, images, labels, KS, evaluator=evaluator,
+                           compensation=prepared.data if prepared is not None else None)
     return {"none": report.accuracy, **{k: report.by_k[k].mean for k in KS},
             "replication": plan.replication_factor()}
 

@@ -431,7 +431,7 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
                        "calibration_data": None if options.calib_data is None else str(options.calib_data),
                        "synthesized": source is not None and source.kind == "synthesized"},
             "max_failures": k, "sets": [list(failed) for failed in sets], "seconds": round(seconds, 3),
-            "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes()}
+            "bytes": data.nbytes, "max_set_bytes": data.max_set_bytes(), "board_bytes": data.board_bytes(plan.n_boards)}
     progress = progress or (lambda msg: log.info(msg))
     progress(f"compensation ({policy_name}) for {len(sets)} failure sets of 1..{k} boards: "
              f"{seconds:.1f} s, {data.nbytes / 1e6:.2f} MB")

@@ -60,7 +60,7 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
     if adapters is not None:
         from .routes import held_adapter_bytes
         held = held_adapter_bytes(plan, {(p["source"], p["target"]): p["bytes"] for p in adapters.info["pairs"]})
-    cost = plan_cost(graph, plan, held)
+    cost = plan_cost(graph, plan, held, compensation.data if compensation is not None else None)
     (tmp / "report.json").write_text(json.dumps({"cost": cost.to_json(),
                                                  "replication": plan.replication_factor()}, indent=1))
     text = plan_report_text(graph, plan, cost) + (f"\n{calibration}\n" if calibration else "")

@@ -120,18 +120,18 @@ class PlanEvaluator:
 def evaluate_plan(graph: ModelGraph, plan: Plan, images, labels, ks: list[int], label: str | None = None,
                   fail_probs: dict[str, list[float]] | None = None,
                   progress: Callable[[str], None] | None = None, evaluator=None,
-                  extra_bytes: list[int] | None = None) -> MethodReport:
+                  extra_bytes: list[int] | None = None, compensation=None) -> MethodReport:
     """Accuracy with no failure, mean/min/max over every failure set of each size in `ks`, the expected
     accuracy for each named list of per-board failure probabilities, and the per-board cost. `evaluator`
     (default: the torch simulator) answers accuracy(failed); `extra_bytes`: per board, what it holds beyond
-    the plan's parameters (adapters)."""
+    the plan's parameters (adapters); `compensation`: the plan's Compensation, counted in board memory."""
     n = plan.n_boards
     check_failure_sizes(ks, n)
     ev = evaluator or PlanEvaluator(graph, plan, torch.as_tensor(images), torch.as_tensor(labels))
     label = label or plan.method
     report = MethodReport(label=label, plan=plan, accuracy=ev.accuracy(), by_k={},
                           replication=plan.replication_factor(),
-                          cost=plan_cost(graph, plan, extra_bytes).to_json())
+                          cost=plan_cost(graph, plan, extra_bytes, compensation).to_json())
     for k in ks:
         sets = failure_sets(n, k)
         accs = []
@@ -356,7 +356,7 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     log.info("evaluate: %d images in batches of %d, %d distinct forward passes per batch, %.1f s (%s)",
              evaluator.images, batch_size, evaluator.passes_per_batch, seconds, device)
     reports = [evaluate_plan(graph, v.plan, None, None, ks, v.label, fail_probs, None, _Lookup(acc, evaluator.runs(i)),
-                             v.held_bytes())
+                             v.held_bytes(), v.compensation)
                for i, (v, acc) in enumerate(zip(variants, evaluator.accuracies()))]
     return BundleEvaluation(model=graph.name, data=stream.source, ks=ks, reports=reports, images=evaluator.images,
                             passes_per_batch=evaluator.passes_per_batch, batch_size=batch_size, seconds=seconds)

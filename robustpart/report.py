@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:.2f} MB"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -23,10 +23,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def plan_report_text(graph: ModelGraph, plan: Plan, cost: PlanCost) -> str:
     lines = [f"model {graph.name}  ({_mb(graph.total_param_bytes)}, {graph.total_macs / 1e6:.1f} M MACs/image)",
              f"plan  {_plan_line(plan)}",
-             f"replication factor {plan.replication_factor():.3f}; max board memory {_mb(cost.max_param_bytes)} = "
-             f"{cost.memory_ratio_full:.3f} x full model, {cost.memory_ratio_even:.3f} x even split", ""]
-    lines.append(table(["board", "param bytes", "MACs/image"],
-                       [[str(b.board), _mb(b.param_bytes), f"{b.macs / 1e6:.1f} M"] for b in cost.boards]))
+             f"replication factor {plan.replication_factor():.3f}; max board memory {_mb(cost.max_memory_bytes)} = "
+             f"{cost.memory_ratio_full:.3f} x full model, {cost.memory_ratio_even:.3f} x even split "
+             f"(parameters and the largest compensation set a board holds)", ""]
+    lines.append(table(["board", "param bytes", "compensation", "memory", "MACs/image"],
+                       [[str(b.board), _mb(b.param_bytes), _mb(b.compensation_bytes), _mb(b.memory_bytes),
+                         f"{b.macs / 1e6:.1f} M"] for b in cost.boards]))
     lines.append("")
     rows = []
     for unit in graph.units:
@@ -74,23 +76,31 @@ def evaluation_text(reports: list, ks: list[int], data_source: str) -> str:
 
 
 def shards_text(manifest) -> str:
-    """Per board: bytes of its ONNX shards' parameters, bytes sent / received per image, stages; the boards
-    that keep a copy of its shards (for a takeover) and what it stores on disk, its backups' shards included."""
+    """Per board: bytes of its ONNX shards' parameters, the largest compensation set it holds, their sum (its
+    memory while it answers under a failure), the most a takeover can add to it, bytes sent / received per
+    image, stages; the boards that keep a copy of its shards (for a takeover) and what it stores on disk."""
+    from .runtime.takeover import most_taken_over
     from .traffic import traffic_per_image
     backups = manifest.backup_lists()
     stored = storage_bytes(manifest)
+    params = [manifest.param_bytes(b) for b in range(manifest.boards)]
+    taken = most_taken_over(backups, params, manifest.memory_budget)
+    comp = manifest.compensation
     rows = []
     for t in traffic_per_image(manifest):
         b = t["board"]
-        rows.append([str(b), _mb(manifest.param_bytes(b)), _kb(t["sent"]), _kb(t["received"]),
-                     _kb(t["min_received"]), str(t["stages"]), ",".join(map(str, backups[b])) or "-",
-                     _mb(stored[b])])
+        held = comp.held_bytes(b) if comp else 0
+        rows.append([str(b), _mb(params[b]), _mb(held), _mb(params[b] + held), _mb(taken[b]),
+                     _kb(t["sent"]), _kb(t["received"]), _kb(t["min_received"]), str(t["stages"]),
+                     ",".join(map(str, backups[b])) or "-", _mb(stored[b])])
     head = "" if manifest.head is None else f"; head shard {_mb(manifest.head.param_bytes)} on every board"
     if manifest.memory_budget is not None:
         head += f"; a takeover may bring a board to {_mb(manifest.memory_budget)} of parameters at most"
     return (f"ONNX shards: {len(manifest.stages)} stages x {manifest.boards} boards{head}\n" +
-            table(["board", "shard params", "sent/image", "received/image", "min received", "stages", "backups",
-                   "stores"], rows) + "\n")
+            table(["board", "shard params", "compensation", "memory", "+takeover", "sent/image", "received/image",
+                   "min received", "stages", "backups", "stores"], rows) + "\n" +
+            "memory = shard params + the largest compensation set the board holds at once; +takeover: the most "
+            "parameters a takeover adds to it\n")
 
 
 def storage_bytes(manifest) -> list[int]:

@@ -67,6 +67,26 @@ def test_no_failure_is_unchanged(tiny, compensated_bundle):
     assert all(units.get(first) is None or units[first].scale is None for units in data.sets.values())
 
 
+def test_board_memory_counts_the_largest_compensation_set_each_board_survives(compensated_bundle):
+    """The compile report, the manifest and evaluate's cost count, per board, its parameters plus the
+    largest compensation set among those it survives (what a board process holds at once)."""
+    import json
+    from robustpart.cost import plan_cost
+    bundle, graph, plan, data = compensated_bundle
+    sizes = {failed: sum(u.nbytes for u in units.values()) for failed, units in data.sets.items()}
+    held = [max(n for failed, n in sizes.items() if b not in failed) for b in range(3)]
+    assert all(h > 0 for h in held) and len(set(sizes.values())) > 1
+    cost = json.loads((bundle / "report.json").read_text())["cost"]
+    params = plan_cost(graph, plan).boards
+    for b, entry in enumerate(cost["boards"]):
+        assert entry["compensation_bytes"] == held[b]
+        assert entry["memory_bytes"] == round(params[b].param_bytes + held[b])
+    assert cost["memory_ratio_full"] == pytest.approx(max(p.param_bytes + h for p, h in zip(params, held))
+                                                      / graph.total_param_bytes)
+    assert cost["memory_ratio_full"] > cost["param_ratio_full"]
+    assert load_manifest(bundle).compensation.board_bytes == tuple(held)
+
+
 def test_simulator_and_executor_agree_for_every_failure_set(tiny, compensated_bundle):
     _, graph, _, images = tiny
     bundle, _, plan, data = compensated_bundle

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from robustpart.errors import RobustpartError
 from robustpart.runtime import LocalExecutor, load_manifest
+from robustpart.runtime.compensation import CompensationFile
 
 from fixture_bundles import (ASSETS, BUNDLES, IMAGES_FILE, build, committed, expected_key, expected_outputs,
                              failure_sets, make_images, simulated_outputs)
@@ -60,3 +62,30 @@ def test_a_committed_bundle_runs_as_its_plan_simulates(name):
         out = LocalExecutor(path, failed).run(images)
         assert close(out, simulated[key]), (name, failed, np.abs(out - simulated[key]).max())
         assert close(recorded[key], simulated[key]), f"{name}.expected.npz {REMAKE}"
+
+
+def test_a_board_holds_one_compensation_set_at_a_time_and_it_is_the_bundles_data(tmp_path):
+    """What a board process holds of the compensation data (CompensationFile): the sets it survives, one at a
+    time, read when first asked for, equal to the whole file's; a changed file is refused when opened."""
+    manifest = load_manifest(ASSETS / "mesh")
+    every = manifest.load_compensation().sets
+    held = manifest.load_compensation(board=1)
+    assert set(held.members) == {failed for failed in every if 1 not in failed}
+    assert held.for_failures({1}) is None and held.loads == 0
+    for failed in held.members:
+        units = held.for_failures(failed)
+        assert held.current[0] == failed                     # the previous set was dropped
+        assert units.keys() == every[failed].keys()
+        for name, unit in units.items():
+            for field in ("scale", "shift", "lost", "fill", "recon"):
+                a, b = getattr(unit, field), getattr(every[failed][name], field)
+                assert (a is None and b is None) or np.array_equal(a, b), (failed, name, field)
+    assert held.loads == len(held.members)
+    held.for_failures(failed)
+    assert held.loads == len(held.members)                   # the set in use is not read again
+    copy = tmp_path / "compensation.npz"
+    data = bytearray((ASSETS / "mesh" / "compensation.npz").read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(RobustpartError, match="does not match the SHA-256"):
+        CompensationFile(copy, manifest.compensation.sha256, board=1)

@@ -7,7 +7,7 @@ import pytest
 
 from robustpart.runtime.mesh.client_logic import OK
 from robustpart.runtime.mesh.settings import MeshSettings
-from robustpart.runtime.takeover import assign_takeovers
+from robustpart.runtime.takeover import assign_takeovers, most_taken_over
 
 from bundle_model import BundleModel
 from fake_mesh import CLIENT, FakeMesh
@@ -54,6 +54,9 @@ def test_the_assignment_balances_takeovers_and_respects_the_budget():
     assert assign_takeovers(ring, {0, 1, 2}, [10] * 4) == {0: 3, 1: 3, 2: 3}
     assert assign_takeovers(ring, {2}, [10] * 4, budget=15) == {}           # board 3 would hold 20
     assert assign_takeovers(((), (0,)), {0}, [5, 5]) == {}                    # no backup: nobody
+    # the most a board can be given, over every failure set it survives: 3 boards' shards for each (N-1 dead)
+    assert most_taken_over(ring, [10, 20, 30, 40]) == [90, 80, 70, 60]
+    assert most_taken_over(ring, [10] * 4, budget=25) == [10] * 4              # one more board at most
 
 
 def test_compensated_until_the_takeover_is_ready_then_the_no_failure_answer(bundle, refs, x):

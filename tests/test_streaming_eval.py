@@ -188,6 +188,8 @@ def test_bundle_evaluation_equals_direct_computation(folder_bundle):
                 else compensation_like(bundle.compensation, graph, report.plan, None, torch.device("cpu")).data
         acc = direct_accuracies(graph, report.plan, comp, images, labels, all_sets(3))
         assert report.accuracy == acc[()] == 1.0
+        held = comp.board_bytes(3) if comp is not None else [0] * 3   # board memory counts compensation
+        assert [b["compensation_bytes"] for b in report.cost["boards"]] == held
         for k, stats in report.by_k.items():
             values = [acc[f] for f in failure_sets(3, k)]
             assert (stats.mean, stats.min, stats.max) == (pytest.approx(np.mean(values)), min(values), max(values))

@@ -65,6 +65,12 @@ class Compensation:
         """The most a board has to hold at once: the data of one failure set."""
         return max((sum(u.nbytes for u in units.values()) for units in self.sets.values()), default=0)
 
+    def board_bytes(self, n_boards: int) -> list[int]:
+        """Per board, the most it holds at once: the largest set among those it survives (it never serves a
+        failure set that contains itself)."""
+        sizes = {failed: sum(u.nbytes for u in units.values()) for failed, units in self.sets.items()}
+        return [max((n for failed, n in sizes.items() if b not in failed), default=0) for b in range(n_boards)]
+
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {}
         for failed, units in sorted(self.sets.items(), key=lambda kv: (len(kv[0]), sorted(kv[0]))):
@@ -113,6 +119,60 @@ class Compensation:
         return cls.from_bytes(data, str(path))
 
 
+class CompensationFile:
+    """The bundle's compensation data read from its .npz one failure set at a time: a board holds in memory
+    only the data of the failure set it is serving (the one last asked for), so what it pays in memory is the
+    largest set it can need, not every set (compile's report counts it so). The file is hash-checked when
+    opened; a set is read when a request first needs it (a few ms for a reference model)."""
+
+    def __init__(self, path: Path, sha256: str | None = None, board: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"compensation file {path} is missing; compile the bundle again")
+        if sha256 is not None and _file_sha256(path) != sha256:
+            raise BundleError(f"compensation file {path} does not match the SHA-256 in the manifest (changed "
+                              f"or corrupted); compile the bundle again")
+        try:
+            self.archive = np.load(path, allow_pickle=False)        # NpzFile: reads a member when asked
+            keys = {name[len("set/"):]: frozenset(int(b) for b in self.archive[name])
+                    for name in self.archive.files if name.startswith("set/")}
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path} is not a readable .npz file ({exc}); compile the bundle again") from exc
+        self.source = str(path)
+        self.members = {failed: [n for n in self.archive.files if n.split("/", 1)[0] == key]
+                        for key, failed in keys.items() if board is None or board not in failed}
+        self.current: tuple[frozenset, dict[str, UnitCompensation]] | None = None
+        self.loads = 0                                   # sets read so far (a test counts them)
+
+    def for_failures(self, failed: Iterable[int]) -> dict[str, UnitCompensation] | None:
+        failed = frozenset(failed)
+        if failed not in self.members:
+            return None
+        if self.current is None or self.current[0] != failed:
+            self.current = None                          # drop the old set before reading the new one
+            self.current = (failed, self._read(failed))
+            self.loads += 1
+        return self.current[1]
+
+    def _read(self, failed: frozenset) -> dict[str, UnitCompensation]:
+        units: dict[str, UnitCompensation] = {}
+        for name in self.members[failed]:
+            _, rest = name.split("/", 1)
+            unit, field_name = rest.rsplit("/", 1)
+            if field_name not in FIELDS:
+                raise BundleError(f"{self.source}: unexpected entry '{name}'; compile the bundle again")
+            setattr(units.setdefault(unit, UnitCompensation()), field_name, self.archive[name])
+        return units
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _deterministic_zip(data: bytes) -> bytes:
     """np.savez stamps the current time into the zip; rewrite it with a fixed one so equal data hash equal."""
     src = zipfile.ZipFile(io.BytesIO(data))
@@ -146,9 +206,10 @@ class CompensationTables:
     """What a runtime feeds and fills under a failure set: the shards' affine inputs per (stage, board) and
     the exit data per stage, from a bundle's Compensation (identity when there is none for the set)."""
 
-    def __init__(self, stages, compensation: Compensation | None, affine_inputs):
-        """`stages`: the manifest's StageEntry values; `affine_inputs`: the shards' (scale, shift) input
-        names, empty when the shards have none."""
+    def __init__(self, stages, compensation: Compensation | CompensationFile | None, affine_inputs):
+        """`stages`: the manifest's StageEntry values; `compensation`: anything with for_failures (all sets
+        in memory, or a CompensationFile); `affine_inputs`: the shards' (scale, shift) input names, empty
+        when the shards have none."""
         self.stages, self.compensation = stages, compensation
         self.scale_name, self.shift_name = affine_inputs if affine_inputs else (None, None)
         self._feeds: dict[tuple, dict[str, np.ndarray]] = {}
@@ -164,6 +225,8 @@ class CompensationTables:
             return {}
         key = (stage, board, failed)
         if key not in self._feeds:
+            if any(k[2] != failed for k in self._feeds):     # keep one failure set's feeds, as the data
+                self._feeds.clear()
             channels = self.stages[stage].shards[board].channel_array
             data = self._unit(stage, failed)
             if data is not None and data.scale is not None:

@@ -172,30 +172,36 @@ class CompensationEntry:
     seconds: float = 0.0
     bytes: int = 0
     max_set_bytes: int = 0
+    board_bytes: tuple[int, ...] = ()    # per board, the largest set it survives: what it holds at once
     affine_inputs: tuple[str, ...] = ()
 
-    def load(self, root: Path, board: int | None = None):
-        """The data this entry names, under bundle directory `root`, hash-checked. With `board`, only the
-        failure sets that board survives are kept in memory."""
-        from .compensation import Compensation
+    def held_bytes(self, board: int) -> int:
+        """What `board` holds of the data at once (bundles from before board_bytes: the largest set)."""
+        return self.board_bytes[board] if self.board_bytes else self.max_set_bytes
+
+    def load(self, root: Path, board: int | None = None, one_set: bool = False):
+        """The data this entry names, under bundle directory `root`, hash-checked: every set in memory, or
+        (`one_set`, or `board` given: a runtime process) a CompensationFile that holds one set at a time, of
+        those `board` survives."""
+        from .compensation import Compensation, CompensationFile
         path = Path(root) / self.file
         if not path.resolve().is_relative_to(Path(root).resolve()):
             raise BundleError(f"compensation file {self.file!r} points outside the bundle directory; compile again")
-        data = Compensation.load(path, self.sha256)
-        if board is not None:
-            data.sets = {failed: units for failed, units in data.sets.items() if board not in failed}
-        return data
+        if board is None and not one_set:
+            return Compensation.load(path, self.sha256)
+        return CompensationFile(path, self.sha256, board)
 
     def to_json(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "policy": self.policy, "max_failures": self.max_failures,
                 "sets": [list(s) for s in self.sets], "seconds": self.seconds, "bytes": self.bytes,
-                "max_set_bytes": self.max_set_bytes, "affine_inputs": list(self.affine_inputs)}
+                "max_set_bytes": self.max_set_bytes, "board_bytes": list(self.board_bytes),
+                "affine_inputs": list(self.affine_inputs)}
 
     @classmethod
     def from_json(cls, d: dict) -> CompensationEntry:
         return cls(d["file"], d["sha256"], d["policy"], d["max_failures"], tuple(_ints(s) for s in d["sets"]),
                    d.get("seconds", 0.0), d.get("bytes", 0), d.get("max_set_bytes", 0),
-                   tuple(d.get("affine_inputs", ())))
+                   _ints(d.get("board_bytes", ())), tuple(d.get("affine_inputs", ())))
 
 
 @dataclass(frozen=True)
@@ -294,17 +300,18 @@ class Manifest:
         adapters = self.pipeline.adapters if self.pipeline else None
         return None if adapters is None else adapters.load(self.root)
 
-    def load_compensation(self, board: int | None = None):
-        """The bundle's compensation data (hash-checked), or None when it has none. With `board`, only the
-        failure sets that board survives are kept in memory."""
-        return None if self.compensation is None else self.compensation.load(self.root, board)
+    def load_compensation(self, board: int | None = None, one_set: bool = False):
+        """The bundle's compensation data (hash-checked), or None when it has none. With `one_set` or
+        `board`: read one failure set (that board survives) at a time (compensation.py, CompensationFile)."""
+        return None if self.compensation is None else self.compensation.load(self.root, board, one_set)
 
-    def compensation_tables(self, board: int | None = None, with_data: bool = True):
+    def compensation_tables(self, board: int | None = None, with_data: bool = True, one_set: bool = False):
         """What a runtime feeds the shards' affine inputs and applies at assemblies; `with_data=False`: the
-        identity (the inputs are still fed, the data file is not read)."""
+        identity (the inputs are still fed, the data file is not read); `board` / `one_set`: the data read
+        one failure set at a time."""
         from .compensation import CompensationTables
         entry = self.compensation
-        return CompensationTables(self.stages, self.load_compensation(board) if with_data else None,
+        return CompensationTables(self.stages, self.load_compensation(board, one_set) if with_data else None,
                                   entry.affine_inputs if entry else ())
 
     def to_json(self) -> dict:

@@ -48,6 +48,8 @@ MANIFEST_SCHEMA = {
                                         "seconds": {"type": "number", "minimum": 0},
                                         "bytes": {"type": "integer", "minimum": 0},
                                         "max_set_bytes": {"type": "integer", "minimum": 0},
+                                        "board_bytes": {"type": "array",
+                                                        "items": {"type": "integer", "minimum": 0}},
                                         "affine_inputs": _NAME_LIST}},
         "provenance": {"type": "object", "required": ["method", "options"],
                        "properties": {"method": {"type": "string"}, "options": {"type": "object"}}},

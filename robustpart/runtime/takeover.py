@@ -46,3 +46,18 @@ def storage_bytes(backups: Sequence[Sequence[int]], file_bytes: Sequence[int]) -
         for holder in holders:
             stored[holder] += file_bytes[board]
     return stored
+
+
+def most_taken_over(backups: Sequence[Sequence[int]], param_bytes: Sequence[int],
+                    budget: int | None = None) -> list[int]:
+    """Per board, the most parameter bytes it takes over under any failure set it survives (the sets of
+    1..N-1 boards; N <= 8 in practice, so every set is tried)."""
+    n = len(param_bytes)
+    most = [0] * n
+    for mask in range(1, (1 << n) - 1):
+        failed = [b for b in range(n) if mask >> b & 1]
+        taken = [0] * n
+        for dead, taker in assign_takeovers(backups, failed, param_bytes, budget).items():
+            taken[taker] += param_bytes[dead]
+        most = [max(m, t) for m, t in zip(most, taken)]
+    return most

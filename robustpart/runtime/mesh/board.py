@@ -62,7 +62,7 @@ class DeviceServer:
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head.file, providers, options) if head else None
         self.assemblers = [StageAssembler(s, self.n) for s in stages]
-        self.compensation = self.manifest.compensation_tables(board=self.me)    # only the sets it survives
+        self.compensation = self.manifest.compensation_tables(board=self.me)    # one set it survives at a time
         self.adapters = held_adapters(self.manifest, self.me)
         self.incarnation = time.time_ns()      # grows across restarts: peers tell a new process from an old one
         spec = mesh_spec(self.manifest, self.adapters.exit_for if self.adapters else None)

@@ -193,7 +193,7 @@ class MeshClient:
         if entry is not None and not (self.manifest.root / entry.file).is_file():
             log.warning("%s is missing: the final assembly runs without compensation", entry.file)
             return self.manifest.compensation_tables(with_data=False)
-        return self.manifest.compensation_tables()
+        return self.manifest.compensation_tables(one_set=True)
 
 
 def answer_line(answer: Answer, label: int | None, manifest, as_json: bool = False) -> str:
