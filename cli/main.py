@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default min(2, CPU count))")
     e.add_argument("--torch-device",
                    help="where the torch backend runs: auto (CUDA when available), cpu or cuda (default auto)")
+    e.add_argument("--plot", type=Path, help="also draw accuracy against failed boards per method (mean, min..max "
+                                             "bars, the no-failure line) to FILE.png or FILE.svg")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
@@ -322,6 +324,10 @@ def cmd_evaluate(args, progress) -> int:
         print(evaluation_text(result.reports, result.ks, result.data), end="")
         print(f"{result.images} images read once in batches of {result.batch_size}: {result.passes_per_batch} "
               f"forward passes per batch, {result.seconds:.1f} s")
+    if args.plot:
+        from robustpart.plots import plot_failures
+        written = plot_failures(result.reports, result.ks, args.plot, f"{result.model} on {result.data}")
+        print(f"figure written to {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -561,6 +567,9 @@ def check_evaluate(args) -> None:
     _check_data(args.data)
     _check_torch_device(args.torch_device)
     _check_provider(args.provider)
+    if args.plot is not None:
+        from robustpart.plots import check_plot_path
+        check_plot_path(args.plot)
     if args.backend == "onnx":
         _refuse_unused(_given(args, "torch_device"), "--backend onnx runs the shards with ONNX Runtime (--provider)")
         if args.compare:

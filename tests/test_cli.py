@@ -106,6 +106,15 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     assert onnx_result["accuracy"] == result["methods"][0]["accuracy"]
     for k in ("1", "2"):
         assert onnx_result["failures"][k]["mean"] == pytest.approx(result["methods"][0]["failures"][k]["mean"])
+    # the figure: refused before any work with a format it cannot write, else one SVG with every method
+    code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--plot", str(tmp_path / "f.jpg"))
+    assert code == 2 and ".png or .svg" in error_line(err) and not (tmp_path / "f.jpg").exists()
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--compare", "lop", "--plot",
+                       str(tmp_path / "f.svg"))
+    svg = (tmp_path / "f.svg").read_text()
+    assert code == 0 and f"figure written to {tmp_path / 'f.svg'}" in out and svg.startswith("<?xml")
+    assert all(label in svg for label in ("robust t=0.3", "lop", "no failure", "failed boards"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.svg")] == []     # no temporary left
 
 
 def test_failed_compile_leaves_no_bundle_and_keeps_the_old_one(tmp_path, monkeypatch):
