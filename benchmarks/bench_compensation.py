@@ -35,10 +35,15 @@ from robustpart.policies import DEFAULT_CRITERIA
 
 
 def parse_policies(text: str) -> list[tuple[str, CompensationPolicy | None]]:
+    """affine:fill[:dtype[:regressors]] items, e.g. adabn:ls:float16:32 (float16 coefficients, 32 regressors
+    per lost channel)."""
     out = []
     for item in text.split(","):
-        affine, _, fill = item.partition(":")
-        out.append((item, None if (affine, fill) == ("none", "zero") else CompensationPolicy(affine, fill)))
+        affine, fill, *compact = item.split(":")
+        dtype = compact[0] if compact else "float32"
+        regressors = int(compact[1]) if len(compact) > 1 else 0
+        out.append((item, None if (affine, fill) == ("none", "zero") else
+                    CompensationPolicy(affine, fill, recon_dtype=dtype, max_regressors=regressors)))
     return out
 
 
@@ -56,7 +61,7 @@ def run_model(model: str, args, policies) -> dict:
     calibration = calibration_images(graph.input_spec, args.calib)
     ks = list(range(1, args.devices))
     rows = []
-    for label, plan in plans:
+    for label, plan in [(label, plan) for label, plan in plans if plan.method in args.plans.split(",")]:
         for policy_name, policy in policies if plan.method != "full" else [("none:zero", None)]:
             cost = {}
             compensation = None
@@ -98,7 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--memory", type=float, default=0.30, help="largest board's parameters / full model for robust (the memory column adds the compensation data it holds)")
     parser.add_argument("--policies", default="none:zero,adabn:ls",
-                        help="affine:fill pairs; none:zero = no compensation (default none:zero,adabn:ls)")
+                        help="affine:fill[:dtype[:regressors]] items; none:zero = no compensation (default "
+                             "none:zero,adabn:ls)")
+    parser.add_argument("--plans", default="robust,lop,full", help="which of the plans to evaluate")
     parser.add_argument("--calib", type=int, default=256, help="calibration images for compensation")
     parser.add_argument("--no-replicate-output", dest="replicate_output", action="store_false")
     parser.add_argument("--data", help="Fashion-MNIST idx folder (default: Debian's, else the bundled slice)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from robustpart import checks, options as defaults
 from robustpart.errors import ModelError, RobustpartError, Terminated, UsageError, WeightsError
 from robustpart.policies import (COMPENSATION, COMPENSATION_ROWS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERIA,
-                                 EVAL_BACKENDS, JSD_MODES, PARTITIONERS)
+                                 EVAL_BACKENDS, JSD_MODES, PARTITIONERS, RECON_DTYPES)
 from robustpart.options import BALANCES
 from robustpart.plan import MODES, SKIPS
 from robustpart.runtime.mesh.settings import MeshSettings
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--std", type=_float_list, help="normalisation std (one or per channel)")
     c.add_argument("--num-classes", type=int, help="number of classes of a model given by path")
     c.add_argument("--replicate", type=_names, default=[], help="units (fnmatch patterns) to put whole on every board")
+    c.add_argument("--split-output", action="store_true",
+                   help="split the output layer over the boards like the others (default: whole on every board "
+                        "when it is at most 5%% of the model; a lost class logit cannot be rebuilt)")
     c.add_argument("--backups", type=int, help="boards that keep a copy of each board's shards on disk, to take its "
                                                "work over when it dies (default: every other board)")
     c.add_argument("--memory-budget", type=float,
@@ -125,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare every failure set of 1..K boards (default N-1 while there are at most 256 sets)")
     c.add_argument("--compensate-calib", type=int,
                    help=f"calibration images for compensation (default {defaults.DEFAULT_COMPENSATE_CALIB})")
+    c.add_argument("--compensate-dtype", choices=RECON_DTYPES,
+                   help=f"how the reconstruction coefficients are stored (default {defaults.DEFAULT_RECON_DTYPE})")
+    c.add_argument("--regressors", type=int,
+                   help="rebuild each lost channel from its K most correlated surviving channels only (sparse, "
+                        "smaller data); default: from all of them")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
     c.add_argument("--mode", choices=MODES, default=defaults.DEFAULT_MODE,
@@ -173,6 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the torch backend runs: auto (CUDA when available), cpu or cuda (default auto)")
     e.add_argument("--plot", type=Path, help="also draw accuracy against failed boards per method (mean, min..max "
                                              "bars, the no-failure line) to FILE.png or FILE.svg")
+
+    x = sub.add_parser("explore", help="measure plans and compensation forms that fit a per-board memory budget "
+                                       "(compensation counted) on a validation split; write the best as a bundle")
+    x.add_argument("model", help="torchvision name, zoo name, or a model file, as for compile")
+    x.add_argument("--devices", "-n", type=int, default=defaults.DEFAULT_DEVICES)
+    x.add_argument("--memory", type=float, default=0.30,
+                   help="the most a board may hold (shard parameters + compensation), as a fraction of the model "
+                        "(default 0.30)")
+    x.add_argument("--objective", default="k1", help="what the choice maximises: k1..kN-1 (mean accuracy under k "
+                                                     "failed boards), worst:kK, expected:normal|poor|hazardous "
+                                                     "(default k1)")
+    x.add_argument("--val-data", type=Path, help="labelled validation images, not the test set: an image folder, or "
+                                                 "a Fashion-MNIST idx folder (its train split; default: Debian's "
+                                                 "for a 1x28x28 model)")
+    x.add_argument("--val-limit", type=int, default=2000, help="validation images (default 2000)")
+    x.add_argument("--steps", type=int, default=4, help="robust plans tried between the even split and the budget "
+                                                        "(default 4)")
+    x.add_argument("--calib-data", type=Path, help="image folder for calibration (default: bundled Fashion-MNIST)")
+    x.add_argument("--scores", type=_names, help=f"importance criteria for the robust plans (default "
+                                                 f"{','.join(DEFAULT_CRITERIA)})")
+    x.add_argument("--weights", help="as for compile")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d-explored)")
+    x.add_argument("--plot", type=Path, help="draw memory against the objective, the front and the choice "
+                                             "(FILE.png or FILE.svg)")
+    x.add_argument("--torch-device", help="auto, cpu or cuda (default cpu)")
 
     i = sub.add_parser("inspect", help="per-board memory and MACs, per-unit placement of a bundle")
     i.add_argument("bundle", type=Path)
@@ -288,6 +322,9 @@ def cmd_compile(args, progress) -> int:
                              thresholds_file=args.thresholds_file, method=args.method,
                              criteria=tuple(args.scores) if args.scores else None, calib=given_or_default("calib"),
                              calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
+                             split_output=args.split_output,
+                             compensate_dtype=args.compensate_dtype or defaults.DEFAULT_RECON_DTYPE,
+                             compensate_regressors=args.regressors or 0,
                              shards=not args.no_shards, jsd=given_or_default("jsd"), compensate=args.compensate,
                              compensate_up_to=args.compensate_up_to,
                              compensate_calib=given_or_default("compensate_calib"), batch_size=args.batch_size,
@@ -328,6 +365,29 @@ def cmd_evaluate(args, progress) -> int:
         from robustpart.plots import plot_failures
         written = plot_failures(result.reports, result.ks, args.plot, f"{result.model} on {result.data}")
         print(f"figure written to {written}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_explore(args, progress) -> int:
+    from robustpart.device import resolve_device
+    from robustpart.emit import emit_bundle
+    from robustpart.explore import explore, front_text
+    from robustpart.options import CompileOptions
+    options = CompileOptions(devices=args.devices, calib_data=args.calib_data, seed=args.seed,
+                             criteria=tuple(args.scores) if args.scores else None,
+                             torch_device=str(resolve_device(args.torch_device)))
+    result, graph, source = explore(args.model, options, args.memory, args.objective, args.val_data, args.val_limit,
+                                    args.steps, args.weights, progress)
+    out = args.out or Path("artifacts") / f"{graph.name}-{args.devices}d-explored"
+    chosen = result.chosen
+    bundle = emit_bundle(out, graph, source, chosen.plan, None, True, progress, chosen.compensation,
+                         f"explore: {chosen.label}, chosen on {result.validation}")
+    progress.done()
+    print(front_text(result), end="")
+    print(f"chosen: {chosen.label} (memory {chosen.memory:.3f} x model); bundle written to {bundle.path}")
+    if args.plot:
+        from robustpart.plots import plot_front
+        print(f"figure written to {plot_front(result, args.plot)}")
     return 0
 
 
@@ -462,6 +522,7 @@ def _key_is_used(inventory) -> None:
 
 
 COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "finetune": cmd_finetune,
+            "explore": cmd_explore,
             "demo": cmd_demo,
             "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys}
 
@@ -520,9 +581,12 @@ def check_compile(args) -> None:
         _refuse_unused(_given(args, "threshold", "thresholds_file", "scores", "jsd", "calib", "reuse_scores"),
                        f"--method {args.method} places channels without scores or thresholds (they are for "
                        f"--method robust)")
+    if args.regressors is not None:
+        checks.check_int(args.regressors, "--regressors", 1, hint=" (surviving channels per lost channel)",
+                         error=UsageError)
     if args.compensate == "none":
-        _refuse_unused(_given(args, "compensate_up_to", "compensate_calib"), "--compensate none prepares no "
-                       "compensation")
+        _refuse_unused(_given(args, "compensate_up_to", "compensate_calib", "compensate_dtype", "regressors"),
+                       "--compensate none prepares no compensation")
     if args.mode == "horizontal":
         _refuse_unused(_given(args, "balance", "cuts", "groups", "skip") + (["--no-exits"] if args.no_exits else []),
                        "they shape pipeline and hybrid plans (--mode pipeline|hybrid)")
@@ -581,6 +645,26 @@ def check_evaluate(args) -> None:
 
 def check_inspect(args) -> None:
     checks.check_bundle_dir(args.bundle)
+
+
+def check_explore(args) -> None:
+    from robustpart.explore import check_objective
+    checks.check_int(args.devices, "--devices", 2, hint=" (boards to explore plans for)", error=UsageError)
+    if not 0 < args.memory <= 1:
+        raise UsageError(f"--memory must be in (0, 1] (a fraction of the model's parameter bytes), got {args.memory}")
+    check_objective(args.objective, args.devices)
+    for name, low in (("val_limit", 1), ("steps", 1)):
+        checks.check_int(getattr(args, name), "--" + name.replace("_", "-"), low, error=UsageError)
+    if args.val_data is not None:
+        checks.check_existing(args.val_data, "--val-data", "dir", error=UsageError)
+    if args.calib_data is not None:
+        checks.check_existing(args.calib_data, "--calib-data", "dir", error=UsageError)
+    if args.out is not None:
+        checks.check_output_dir(args.out)
+    if args.plot is not None:
+        from robustpart.plots import check_plot_path
+        check_plot_path(args.plot)
+    _check_torch_device(args.torch_device)
 
 
 def check_finetune(args) -> None:
@@ -658,6 +742,7 @@ def check_keys(args) -> None:
 
 
 CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "finetune": check_finetune,
+          "explore": check_explore,
           "demo": check_demo,
           "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys}
 

@@ -32,6 +32,7 @@ The result is a `runtime.compensation.Compensation`; the simulator, the executor
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -51,7 +52,7 @@ from .errors import ConfigError, DataError
 from .graph import ModelGraph
 from .options import CompileOptions
 from .plan import Plan
-from .policies import COMPENSATION, DEFAULT_COMPENSATION, CompensationPolicy
+from .policies import COMPENSATION, DEFAULT_COMPENSATION, CompensationPolicy, index_dtype
 from .runtime.compensation import Compensation, UnitCompensation
 from .lstsq import CrossMoments
 from .simulate import AFFINE_PREFIX, MASK_PREFIX, FailureSimulator
@@ -324,21 +325,25 @@ class _Calibrator:
                   result: dict[str, UnitCompensation]) -> None:
         unit = point.unit
         lost = np.flatnonzero(~keep)
-        fill, recon = None, None
+        fill, entry_data = None, {}
         if self.policy.fill != "zero":
             if _uses_ls(self.policy, keep, self.param_bytes[unit]):
-                fill, recon = self._least_squares(point, inputs, keep, healthy)
+                fill, entry_data = self._least_squares(point, inputs, keep, healthy)
             else:
                 fill = healthy.moments[(unit, "exit")].mean[torch.as_tensor(lost)].float().cpu().numpy()
         base = self.sim.layout.stage_of(unit).fill.copy()
+        recon = None
         if fill is not None:
             base[lost] = fill
             entry = result.setdefault(unit, UnitCompensation())
-            entry.lost, entry.fill, entry.recon = lost, fill, recon
+            entry.lost, entry.fill = lost, fill
+            entry.recon, entry.recon_index = entry_data.get("recon"), entry_data.get("recon_index")
+            recon = entry.dense_recon(int(keep.sum()))    # as stored (float16, sparse): what runtimes apply
         self.sim.masks[unit].set(keep, base, recon)
 
     def _least_squares(self, point: FitPoint, inputs: list[torch.Tensor], keep: np.ndarray,
-                       healthy: HealthyStats) -> tuple[np.ndarray, np.ndarray]:
+                       healthy: HealthyStats) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The fill and the reconstruction's stored arrays ({"recon": ..., "recon_index": ... when sparse})."""
         rows, targets = healthy.rows[point.unit], healthy.values[point.unit]
         device = targets.device
         lost, kept = torch.as_tensor(np.flatnonzero(~keep), device=device), torch.as_tensor(np.flatnonzero(keep), device=device)
@@ -347,16 +352,23 @@ class _Calibrator:
             chosen = rows.in_batch(first, len(x), device)
             sums.add(_rows(x, point.axis, chosen, kept), targets[taken:taken + len(chosen)][:, lost])
             taken += len(chosen)
+        dtype = np.dtype(self.policy.recon_dtype)
+        k = self.policy.regressors(len(kept))
+        if k < len(kept):
+            index, coef, fill = sums.sparse_ridge_fit(self.policy.ridge, k)
+            return fill.float().cpu().numpy(), {
+                "recon": coef.float().cpu().numpy().astype(dtype),
+                "recon_index": index.cpu().numpy().astype(index_dtype(len(kept)))}
         coef, fill = sums.ridge_fit(self.policy.ridge)
-        return fill.float().cpu().numpy(), coef.T.contiguous().float().cpu().numpy()
+        return fill.float().cpu().numpy(), {"recon": coef.T.contiguous().float().cpu().numpy().astype(dtype)}
 
 
 def _uses_ls(policy: CompensationPolicy, keep: np.ndarray, unit_bytes: int) -> bool:
     """Whether a unit losing ~keep gets the least-squares fill (else the mean): asked for, something survives
-    to regress on, and the matrix stays within `max_recon_ratio` of the unit's parameter bytes."""
+    to regress on, and the matrix (at float32) stays within `max_recon_ratio` of the unit's parameter bytes."""
     n_lost, n_kept = int((~keep).sum()), int(keep.sum())
     return (policy.fill == "ls" and n_lost > 0 and n_kept > 0
-            and 4 * n_lost * n_kept <= policy.max_recon_ratio * unit_bytes)
+            and policy.recon_bytes(n_lost, n_kept, stored=False) <= policy.max_recon_ratio * unit_bytes)
 
 
 def compute_compensation(graph: ModelGraph, plan: Plan, calibration: torch.Tensor, max_failures: int,
@@ -403,7 +415,8 @@ def prepare_compensation(graph: ModelGraph, plan: Plan, options: CompileOptions,
     if name == "none" or plan.n_boards < 2:
         return None
     policy_name = DEFAULT_COMPENSATION if name == "auto" else name
-    policy = policy_named(policy_name)
+    policy = dataclasses.replace(policy_named(policy_name), recon_dtype=options.compensate_dtype,
+                                 max_regressors=options.compensate_regressors)
     k = options.compensate_up_to if options.compensate_up_to is not None else default_max_failures(plan.n_boards)
     sets = compensated_sets(plan.n_boards, k)
     if not any((~plan.surviving(u, failed)).any() for failed in sets for u in plan.units):
@@ -447,6 +460,8 @@ def compensation_like(entry, graph: ModelGraph, plan: Plan, progress: Progress |
     options = CompileOptions(devices=plan.n_boards, compensate=entry.policy["name"],
                              compensate_up_to=entry.max_failures,
                              compensate_calib=entry.policy["calibration_images"], seed=entry.policy["seed"],
-                             calib_data=entry.policy["calibration_data"], torch_device=str(device))
+                             calib_data=entry.policy["calibration_data"], torch_device=str(device),
+                             compensate_dtype=entry.policy.get("recon_dtype", "float32"),
+                             compensate_regressors=entry.policy.get("max_regressors", 0))
     return prepare_compensation(graph, plan, options, progress, source=CalibrationSource(graph, options, progress),
                                 adapters=adapters)

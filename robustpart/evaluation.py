@@ -378,7 +378,9 @@ def _plans(bundle, graph: ModelGraph, compare: list[str]) -> list[tuple[str, Pla
         method, threshold = parse_method(spec)
         if method == "robust" and bundle.scores is None:
             raise PlanError("comparing with robust needs scores; the bundle has none (compile with --method robust)")
+        # the bundle's own replication choice (the output layer's included), so the rows differ in method only
         options = CompileOptions(devices=plan.n_boards, method=method, seed=plan.options.get("seed", 0),
+                                 replicate=list(plan.options.get("replicate") or []), split_output=True,
                                  threshold=threshold if threshold is not None else plan.options.get("threshold", DEFAULT_THRESHOLD),
                                  criteria=tuple(plan.options.get("criteria") or (bundle.scores.criteria
                                                                                 if bundle.scores else ("l1",))))

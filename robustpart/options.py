@@ -11,6 +11,8 @@ DEFAULT_FILL = "zero"
 DEFAULT_JSD_MODE = "auto"
 DEFAULT_CALIB = 64               # calibration images for the data-driven scores
 DEFAULT_COMPENSATE_CALIB = 256   # calibration images for compensation
+DEFAULT_RECON_DTYPE = "float16"  # reconstruction coefficients: half the bytes of float32, the same accuracy on
+                                 # every reference model (README, "Compact compensation")
 DEFAULT_MODE = "horizontal"      # plan.MODES
 BALANCES = ("params", "macs")    # pipeline / hybrid: what the cut points balance over the blocks
 DEFAULT_BALANCE = "params"
@@ -32,12 +34,16 @@ class CompileOptions:
     calib_data: Path | None = None        # an image folder, or SYNTHESIZE
     seed: int = 0
     replicate: list[str] = field(default_factory=list)
+    split_output: bool = False            # split the output layer too (default: whole on every board when it
+                                          # is small, partition.output_unit_to_replicate)
     fill: str = DEFAULT_FILL              # policies.FILLS
     shards: bool = True                   # write per-board ONNX shards and manifest.json
     compensate: str = "auto"              # policies.COMPENSATION, "none", or "auto": the default policy when
                                           # calibration images are at hand, else none
     compensate_up_to: int | None = None   # largest failure set prepared (default: compensate.default_max_failures)
     compensate_calib: int = DEFAULT_COMPENSATE_CALIB
+    compensate_dtype: str = DEFAULT_RECON_DTYPE    # how reconstruction coefficients are stored (policies.RECON_DTYPES)
+    compensate_regressors: int = 0        # > 0: surviving channels each lost channel is rebuilt from (0: all)
     batch_size: int | None = None         # images per batch in scoring and compensation (default: batching.py)
     torch_device: str = "cpu"             # where scoring and compensation run: cpu, cuda or auto
     mode: str = DEFAULT_MODE              # horizontal, pipeline (a block per board) or hybrid (a block per group)

@@ -24,12 +24,16 @@ def check_plot_path(path: str | Path) -> Path:
     return path
 
 
-def plot_failures(reports: list, ks: list[int], path: str | Path, title: str = "") -> Path:
-    """Accuracy (%) against failed boards (0 and each k in `ks`) per MethodReport, written to `path`."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")                   # no display on a build machine
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_failures(reports: list, ks: list[int], path: str | Path, title: str = "") -> Path:
+    """Accuracy (%) against failed boards (0 and each k in `ks`) per MethodReport, written to `path`."""
+    plt = _pyplot()
     path = check_plot_path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     xs = [0, *ks]
@@ -51,6 +55,36 @@ def plot_failures(reports: list, ks: list[int], path: str | Path, title: str = "
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def plot_front(result, path: str | Path) -> Path:
+    """explore's candidates: board memory against the objective's score, the Pareto front as a line, the
+    budget as a dashed line, the chosen candidate circled."""
+    from .explore import score
+    plt = _pyplot()
+    path = check_plot_path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for form in dict.fromkeys(c.form for c in result.candidates):
+        group = [c for c in result.candidates if c.form == form]
+        ax.scatter([c.memory for c in group], [100 * score(c, result.objective)[0] for c in group], label=form, s=18)
+    front = result.front
+    ax.plot([c.memory for c in front], [100 * score(c, result.objective)[0] for c in front], color="black",
+            linewidth=1, label="Pareto front")
+    chosen = result.chosen
+    ax.scatter([chosen.memory], [100 * score(chosen, result.objective)[0]], s=160, facecolors="none",
+               edgecolors="red", label=f"chosen: {chosen.label}")
+    ax.axvline(result.budget, color="grey", linestyle="--", linewidth=1, label=f"budget {result.budget}")
+    ax.set_xlabel("max board memory / model (shard parameters + compensation)")
+    ax.set_ylabel(f"accuracy (%), objective {result.objective}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(result.validation, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Write the figure to a temporary file beside `path`, then rename it there."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:

@@ -30,6 +30,13 @@ FILLS.declare("zero", path="robustpart.fills:zero_fill", help="a lost channel re
 
 COMPENSATION_AFFINES = ("adabn", "restore", "none")
 COMPENSATION_FILLS = ("zero", "mean", "ls")
+RECON_DTYPES = ("float32", "float16")
+
+
+def index_dtype(n: int):
+    """The smallest integer type for positions 0..n-1 of a sparse reconstruction."""
+    import numpy as np
+    return np.dtype(np.uint16 if n <= 1 << 16 else np.int32)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class CompensationPolicy:
     max_scale: float = 10.0    # bound on the affine's scale (a channel that died upstream has ~0 variance)
     max_recon_ratio: float = 1.0    # a unit's reconstruction matrix may take at most this fraction of the
                                     # unit's own parameter bytes (per failure set); above it: mean fill
+    recon_dtype: str = "float32"    # how the reconstruction coefficients are stored: float32 or float16
+    max_regressors: int = 0         # > 0: each lost channel regressed on at most this many surviving
+                                    # channels (its most correlated), stored sparse; 0: on all of them
 
     def __post_init__(self):
         if self.affine not in COMPENSATION_AFFINES:
@@ -50,6 +60,24 @@ class CompensationPolicy:
         if self.fill not in COMPENSATION_FILLS:
             raise ConfigError(f"unknown compensation fill '{self.fill}'; choose one of "
                               f"{', '.join(COMPENSATION_FILLS)}")
+        if self.recon_dtype not in RECON_DTYPES:
+            raise ConfigError(f"unknown reconstruction dtype '{self.recon_dtype}'; choose one of "
+                              f"{', '.join(RECON_DTYPES)}")
+        if not isinstance(self.max_regressors, int) or self.max_regressors < 0:
+            raise ConfigError(f"the regressors per lost channel must be an integer >= 0 (0: all), got "
+                              f"{self.max_regressors!r}")
+
+    def recon_bytes(self, n_lost: int, n_kept: int, stored: bool = True) -> int:
+        """Bytes of a unit's reconstruction for `n_lost` lost and `n_kept` surviving channels, as stored, or
+        (`stored=False`) with float32 coefficients: the size `max_recon_ratio` caps, so that float16 stores
+        the same reconstructions in half the bytes rather than more of them."""
+        item = 2 if stored and self.recon_dtype == "float16" else 4
+        k = self.regressors(n_kept)
+        return n_lost * k * (item + (index_dtype(n_kept).itemsize if k < n_kept else 0))
+
+    def regressors(self, n_kept: int) -> int:
+        """How many surviving channels each lost channel is regressed on."""
+        return n_kept if self.max_regressors == 0 else min(self.max_regressors, n_kept)
 
     def to_json(self) -> dict:
         return asdict(self)

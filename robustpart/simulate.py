@@ -175,7 +175,7 @@ class FailureSimulator:
             if data is not None and data.lost is not None and np.array_equal(data.lost, np.flatnonzero(~keep)):
                 fill = fill.copy()
                 fill[data.lost] = data.fill
-                recon = data.recon
+                recon = data.dense_recon(int(keep.sum()))
             self.masks[name].set(keep, fill, recon)
             self.affines[name].set(*((data.scale, data.shift) if data is not None else (None, None)))
         self.route.actions = self.cut_actions(failed)

@@ -41,6 +41,9 @@ def error_line(err: str) -> str:
     (["compile", TV, "--weights", "none", "--scores", "l1,nope"], "unknown importance criterion 'nope'"),
     (["compile", TV, "--weights", "none", "--devices", "3", "--backups", "3"], "--backups must be an integer"),
     (["compile", TV, "--weights", "none", "--memory-budget", "0"], "--memory-budget must be > 0"),
+    (["compile", TV, "--weights", "none", "--regressors", "0"], "--regressors must be an integer >= 1"),
+    (["compile", TV, "--weights", "none", "--compensate", "none", "--regressors", "4"],
+     "--compensate none prepares no compensation"),
     (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):

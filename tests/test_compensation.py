@@ -101,6 +101,53 @@ def test_simulator_and_executor_agree_for_every_failure_set(tiny, compensated_bu
                          plain.logits(images, failed).numpy())
 
 
+def test_compact_reconstructions_are_stored_as_asked_and_applied_alike_everywhere(tiny, tmp_path):
+    """float16 and sparse reconstructions (each lost channel regressed on its 3 most correlated surviving
+    channels): stored in that form and smaller, and the LocalExecutor applies exactly what the simulator
+    does, under every failure set; with all regressors the sparse fit is the dense one."""
+    from robustpart.compensate import PreparedCompensation
+    _, graph, calibration, images = tiny
+    plan = make_plan(channels_of(graph), 3, "lop")
+    dense = compute_compensation(graph, plan, calibration, 2, CompensationPolicy())
+    compact = compute_compensation(graph, plan, calibration, 2,
+                                   CompensationPolicy(recon_dtype="float16", max_regressors=3))
+    entries = [u for units in compact.sets.values() for u in units.values() if u.recon is not None]
+    sparse = [u for u in entries if u.recon_index is not None]     # units with > 3 surviving channels
+    assert sparse and all(u.recon.dtype == np.float16 for u in entries)
+    assert all(u.recon.shape == u.recon_index.shape and u.recon.shape[1] == 3 for u in sparse)
+    assert compact.nbytes < dense.nbytes
+    write_bundle(tmp_path, graph, ModelSource("file", "test", "default"), plan, None,
+                 compensation=PreparedCompensation(compact, {"policy": {"name": "ls", "calibration_images": 48},
+                                                             "max_failures": 2, "sets": []}))
+    sim, plain = FailureSimulator(graph, plan, compact), FailureSimulator(graph, plan)
+    for failed in [f for k in (1, 2) for f in itertools.combinations(range(3), k)]:
+        ref = sim.logits(images, failed).numpy()
+        assert close(LocalExecutor(tmp_path, failed).run(images.numpy()), ref), failed
+        assert not close(ref, plain.logits(images, failed).numpy(), rel=1e-3), failed
+    every = compute_compensation(graph, plan, calibration, 2, CompensationPolicy(max_regressors=10_000))
+    for failed, units in dense.sets.items():
+        for name, unit in units.items():
+            if unit.recon is not None:
+                assert every.sets[failed][name].recon_index is None     # k >= surviving: the dense fit
+                assert np.array_equal(every.sets[failed][name].recon, unit.recon)
+
+
+def test_a_sparse_fit_is_the_least_squares_fit_on_the_chosen_sources():
+    from robustpart.lstsq import CrossMoments
+    g = torch.Generator().manual_seed(3)
+    sources = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    targets = sources[:, [1, 4]] @ torch.tensor([[2.0, 0.8], [0.5, -1.0]], dtype=torch.float64) + 3.0
+    targets[:, 1] += 0.3 * sources[:, 6] + 0.01 * torch.randn(500, generator=g, dtype=torch.float64)
+    sums = CrossMoments()
+    sums.add(sources, targets)
+    index, coef, intercept = sums.sparse_ridge_fit(1e-9, 3)
+    assert index.tolist()[1] == [1, 4, 6]              # the three sources target 1 depends on
+    for t in range(2):
+        design = torch.cat([sources[:, index[t]].double(), torch.ones(500, 1, dtype=torch.float64)], 1)
+        direct = torch.linalg.lstsq(design, targets[:, t:t + 1].double()).solution[:, 0]
+        assert torch.allclose(coef[t], direct[:3], atol=1e-4) and abs(float(intercept[t] - direct[3])) < 1e-4
+
+
 @pytest.mark.parametrize("policy", ["ls", "stats"])
 def test_streaming_in_batches_equals_one_batch(tiny, policy):
     """Fitted 7 images at a time (48 does not divide by 7) or all 48 at once: the same compensation, so the

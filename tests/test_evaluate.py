@@ -86,3 +86,24 @@ def test_memory_per_board(tiny_graph):
     robust0 = plan_cost(tiny_graph, make_plan(channels, 3, "robust", random_scores(channels), 0.0))
     assert robust0.memory_ratio_full == pytest.approx(1.0)
     assert robust0.memory_ratio_even == pytest.approx(3.0)
+
+
+def test_the_default_plan_puts_a_small_output_layer_whole_on_every_board(tiny_graph):
+    """By default the classifier's output layer (a linear with one channel per class) goes whole on every
+    board when it is at most 5 % of the model; --split-output, a pipeline plan or a larger layer: split."""
+    import dataclasses
+    from robustpart.options import CompileOptions
+    from robustpart.partition import OUTPUT_REPLICATION_SHARE, plan_for
+    last = tiny_graph.units[-1]
+    assert last.kind == "linear" and last.channels == tiny_graph.input_spec.num_classes
+    assert last.param_bytes <= OUTPUT_REPLICATION_SHARE * tiny_graph.total_param_bytes
+    for method in ("robust", "lop"):
+        scores = random_scores(unit_channels(tiny_graph)) if method == "robust" else None
+        options = CompileOptions(devices=3, method=method, threshold=0.5)
+        plan = plan_for(tiny_graph, options, scores)
+        assert all(b.size == last.channels for b in plan.units[last.name].board_channels), method
+        assert last.name in plan.options["replicate"]
+        split = plan_for(tiny_graph, dataclasses.replace(options, split_output=True), scores)
+        assert sum(b.size for b in split.units[last.name].board_channels) < 3 * last.channels
+    big = dataclasses.replace(tiny_graph, total_param_bytes=int(last.param_bytes / OUTPUT_REPLICATION_SHARE) - 1)
+    assert plan_for(big, CompileOptions(devices=3, method="lop"), None).options["replicate"] == []

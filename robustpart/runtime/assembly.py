@@ -52,5 +52,6 @@ class StageAssembler:
             src[self.axis] = positions
             full[tuple(index)] = slices[board][tuple(src)]
         if prepared is not None and np.array_equal(prepared.lost, lost):
-            reconstruct_lost(full, self.axis, prepared.lost, prepared.fill, prepared.recon)
+            reconstruct_lost(full, self.axis, prepared.lost, prepared.fill,
+                             prepared.dense_recon(self.channels - len(prepared.lost)))
         return full

@@ -8,7 +8,10 @@ For a failure set F (the boards that are dead) and each partition unit it can ho
   (for BatchNorm units: AdaBN, the BN statistics re-estimated with F's channels removed).
 - `lost`, `fill`, `recon`: at the unit's exit (the sync point), the channels no live board holds are
   `fill + recon @ surviving` (one row of `recon` per lost channel, one column per surviving channel in
-  channel order) instead of the plain fill value. `recon` may be absent (constant fill).
+  channel order) instead of the plain fill value. `recon` may be absent (constant fill), stored in float16,
+  or sparse: with `recon_index` [L, k], row l of `recon` [L, k] holds the coefficients of the surviving
+  channels at positions recon_index[l] (a few strongest regressors per lost channel). `dense_recon` gives
+  the float32 [L, S] matrix every user applies, built when applied (one unit's at a time).
 
 Only units that change are stored. The file is numpy's .npz (no pickles), verified by SHA-256 from the
 manifest like the shards. This module needs numpy only: the boards use it.
@@ -26,7 +29,7 @@ import numpy as np
 
 from ..errors import BundleError
 
-FIELDS = ("scale", "shift", "lost", "fill", "recon")
+FIELDS = ("scale", "shift", "lost", "fill", "recon", "recon_index")
 
 
 def set_key(failed: Iterable[int]) -> str:
@@ -40,11 +43,23 @@ class UnitCompensation:
     shift: np.ndarray | None = None    # [C]
     lost: np.ndarray | None = None     # [L] int64: the lost channels this exit data was fitted for
     fill: np.ndarray | None = None     # [L] float32
-    recon: np.ndarray | None = None    # [L, S] float32, S = channels not in `lost`, in channel order
+    recon: np.ndarray | None = None    # [L, S] float32 or float16, S = channels not in `lost`, in channel
+                                       # order; [L, k] with recon_index
+    recon_index: np.ndarray | None = None   # [L, k] uint16 / int32: the surviving positions row l reads
 
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, f).nbytes for f in FIELDS if getattr(self, f) is not None)
+
+    def dense_recon(self, n_surviving: int) -> np.ndarray | None:
+        """The reconstruction as a float32 [L, n_surviving] matrix (None for a constant fill)."""
+        if self.recon is None:
+            return None
+        if self.recon_index is None:
+            return np.asarray(self.recon, dtype=np.float32)
+        dense = np.zeros((len(self.recon), n_surviving), np.float32)
+        np.put_along_axis(dense, self.recon_index.astype(np.int64), self.recon.astype(np.float32), axis=1)
+        return dense
 
 
 class Compensation:

@@ -1,0 +1,63 @@
+"""`robustpart explore`: every candidate within the memory budget counting compensation, measured on a
+validation split that is not the test set; the front and the choice follow from the measurements; the
+chosen bundle is the chosen candidate."""
+import json
+
+import pytest
+
+from robustpart.data import FASHION_MNIST_DIR
+from robustpart.explore import explore, pareto_front, score
+from robustpart.options import CompileOptions
+
+from test_cli import error_line, run
+
+MODEL = "fmnist_alexnet"
+needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+
+
+@needs_fmnist
+def test_the_choice_is_the_best_measured_candidate_within_the_budget():
+    result, graph, _ = explore(MODEL, CompileOptions(devices=3, criteria=("l1",)), 0.45, "k1", val_limit=200, steps=2)
+    assert "train" in result.validation and len(result.candidates) >= 6
+    assert {c.form for c in result.candidates} >= {"none", "ls fp16", "ls fp16, 8 regressors"}
+    assert all(c.memory <= 0.45 for c in result.candidates)
+    best = max(score(c, "k1") for c in result.candidates)
+    assert score(result.chosen, "k1") == best and result.chosen in result.front
+    for c in result.candidates:            # nothing off the front beats a front member on both axes
+        if c not in result.front:
+            assert any(f.memory <= c.memory and score(f, "k1") >= score(c, "k1") for f in result.front)
+    assert pareto_front(result.candidates, "worst:k2")[0].memory == min(c.memory for c in result.candidates)
+    compensated = [c for c in result.candidates if c.compensation is not None]
+    assert compensated and all(c.memory > c.report.cost["param_ratio_full"] for c in compensated)
+
+
+@needs_fmnist
+def test_explore_writes_the_chosen_bundle_and_its_figure(capsys, tmp_path):
+    out, figure = tmp_path / "b", tmp_path / "front.svg"
+    code, printed, _ = run(capsys, "explore", MODEL, "--devices", "3", "--steps", "1", "--val-limit", "200",
+                           "--memory", "0.45", "--scores", "l1", "--out", str(out), "--plot", str(figure))
+    assert code == 0 and "chosen" in printed and figure.read_text().startswith("<?xml")
+    memory = float(printed.split("chosen: ")[1].split("(memory ")[1].split(" ")[0])
+    cost = json.loads((out / "report.json").read_text())["cost"]
+    assert cost["memory_ratio_full"] == pytest.approx(memory, abs=1e-3) and cost["memory_ratio_full"] <= 0.45
+    assert (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "k3"], "3 boards can lose 1..2"),
+    (["--objective", "best"], "unknown --objective 'best'"),
+    (["--memory", "1.5"], "--memory must be in (0, 1]"),
+    (["--val-data", "no/such/dir"], "no/such/dir does not exist"),
+    (["--plot", "front.gif"], ".png or .svg"),
+])
+def test_bad_explore_options_are_one_clear_line(capsys, argv, message):
+    code, _, err = run(capsys, "explore", MODEL, "--devices", "3", *argv)
+    assert code == 2 and message in error_line(err)
+
+
+@needs_fmnist
+def test_a_budget_nothing_fits_says_what_is_needed(capsys, tmp_path):
+    code, _, err = run(capsys, "explore", MODEL, "--devices", "3", "--memory", "0.2", "--scores", "l1",
+                       "--val-limit", "50", "--out", str(tmp_path / "b"))
+    assert code != 0 and "no plan fits 0.2 x the model per board" in error_line(err)
+    assert not (tmp_path / "b").exists()
