@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--regressors", type=int,
                    help="rebuild each lost channel from its K most correlated surviving channels only (sparse, "
                         "smaller data); default: from all of them")
+    c.add_argument("--wire", choices=("fp32", "fp16"), default="fp32",
+                   help="precision of the stage slices the boards exchange: fp16 halves the bytes; every slice is "
+                        "rounded where it is computed, so evaluate --backend onnx measures it (default fp32)")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
     c.add_argument("--mode", choices=MODES, default=defaults.DEFAULT_MODE,
@@ -322,7 +325,7 @@ def cmd_compile(args, progress) -> int:
                              thresholds_file=args.thresholds_file, method=args.method,
                              criteria=tuple(args.scores) if args.scores else None, calib=given_or_default("calib"),
                              calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
-                             split_output=args.split_output,
+                             split_output=args.split_output, wire=args.wire,
                              compensate_dtype=args.compensate_dtype or defaults.DEFAULT_RECON_DTYPE,
                              compensate_regressors=args.regressors or 0,
                              shards=not args.no_shards, jsd=given_or_default("jsd"), compensate=args.compensate,
@@ -380,7 +383,7 @@ def cmd_explore(args, progress) -> int:
                                     args.steps, args.weights, progress)
     out = args.out or Path("artifacts") / f"{graph.name}-{args.devices}d-explored"
     chosen = result.chosen
-    bundle = emit_bundle(out, graph, source, chosen.plan, None, True, progress, chosen.compensation,
+    bundle = emit_bundle(out, graph, source, chosen.plan, result.scores, True, progress, chosen.compensation,
                          f"explore: {chosen.label}, chosen on {result.validation}")
     progress.done()
     print(front_text(result), end="")
@@ -576,6 +579,7 @@ def _check_mesh(args) -> None:
 def check_compile(args) -> None:
     checks.check_compile_numbers(args.devices, args.threshold, args.calib, args.compensate_calib,
                                  args.compensate_up_to, args.batch_size, args.seed)
+    checks.check_compile_method(args.method)
     _check_torch_device(args.torch_device)
     if args.method != "robust":
         _refuse_unused(_given(args, "threshold", "thresholds_file", "scores", "jsd", "calib", "reuse_scores"),

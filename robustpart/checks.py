@@ -183,3 +183,12 @@ def check_compile_numbers(devices, threshold=None, calib=None, compensate_calib=
                                       or not math.isfinite(memory_budget) or memory_budget <= 0):
         raise PlanError(f"--memory-budget must be > 0 (bytes, or <= 1: a fraction of the model's parameters), got "
                         f"{memory_budget}")
+
+
+def check_compile_method(method: str) -> None:
+    """A partitioning method a bundle can be compiled with (cdc is evaluate's baseline only)."""
+    from .policies import PARTITIONERS
+    PARTITIONERS.check(method)
+    if method == "cdc":
+        raise PlanError("--method cdc is a baseline for `evaluate BUNDLE --compare cdc`: the shards and the mesh do "
+                        "not compute its parity; compile with another method")

@@ -13,7 +13,7 @@ from pathlib import Path
 from .batching import batch_size_for
 from .bundle import Bundle
 from .calibration import CalibrationSource, calibration_images
-from .checks import check_compile_numbers, check_existing, check_output_dir
+from .checks import check_compile_method, check_compile_numbers, check_existing, check_output_dir
 from .compensate import prepare_compensation
 from .skips import prepare_adapters, settle_exits
 from .criteria import compute_scores
@@ -24,7 +24,7 @@ from .graph import ModelGraph
 from .models import load_graph
 from .options import SYNTHESIZE, CompileOptions
 from .partition import load_thresholds, plan_for
-from .policies import COMPENSATION, CRITERIA, DEFAULT_CRITERIA, JSD_MODES, PARTITIONERS, criterion_needs_data
+from .policies import COMPENSATION, CRITERIA, DEFAULT_CRITERIA, JSD_MODES, criterion_needs_data
 from .scores import Scores
 from .spec import InputSpec
 
@@ -64,7 +64,7 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     progress(f"writing {out}")
     return emit_bundle(out, graph, source, plan, scores, options.shards, progress, compensation,
                        calibration.describe(), adapters, backups=options.backups,
-                       memory_budget=options.memory_budget).path
+                       memory_budget=options.memory_budget, wire=options.wire).path
 
 
 def check_compile_options(options: CompileOptions, out: Path | None = None, reuse_scores: Path | None = None) -> None:
@@ -74,7 +74,7 @@ def check_compile_options(options: CompileOptions, out: Path | None = None, reus
     check_compile_numbers(options.devices, options.threshold, options.calib, options.compensate_calib,
                           options.compensate_up_to, options.batch_size, options.seed, options.backups,
                           options.memory_budget)
-    PARTITIONERS.check(options.method)
+    check_compile_method(options.method)
     for criterion in options.criteria or ():
         CRITERIA.check(criterion)
     JSD_MODES.check(options.jsd)
@@ -124,6 +124,12 @@ def _check_block_options(options: CompileOptions) -> None:
     from .plan import MODES, SKIPS
     if options.mode not in MODES:
         raise PlanError(f"unknown --mode '{options.mode}'; choose one of {', '.join(MODES)}")
+    from .runtime.precision import WIRE_FORMATS
+    if options.wire not in WIRE_FORMATS:
+        raise PlanError(f"unknown --wire '{options.wire}'; choose one of {', '.join(WIRE_FORMATS)}")
+    if options.wire != "fp32" and options.mode != "horizontal":
+        raise PlanError(f"--wire {options.wire} is for horizontal bundles so far (pipeline and hybrid cut tensors "
+                        f"travel at float32); drop it or use --mode horizontal")
     if options.balance not in BALANCES:
         raise PlanError(f"unknown --balance '{options.balance}'; choose one of {', '.join(BALANCES)}")
     if options.skip not in (*SKIPS, "auto"):

@@ -90,7 +90,7 @@ def plan_cost(graph: ModelGraph, plan: Plan, extra: list[int] | None = None, com
         bytes_, macs = float(graph.replicated_param_bytes), float(graph.replicated_macs)
         bytes_ += extra[board] if extra else 0
         for unit in graph.units:
-            share = plan.units[unit.name].board_channels[board].size / unit.channels
+            share = plan.units[unit.name].share(board)
             bytes_ += unit.param_bytes * share
             macs += unit.macs * share
         boards.append(BoardCost(board, bytes_, macs, held[board]))

@@ -27,7 +27,7 @@ def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, s
                 shards: bool = True, progress: Progress | None = None,
                 compensation: PreparedCompensation | None = None, calibration: str | None = None,
                 adapters=None, extra_files: dict[str, bytes] | None = None, backups: int | None = None,
-                memory_budget: float | None = None) -> Bundle:
+                memory_budget: float | None = None, wire: str = "fp32") -> Bundle:
     """Write the bundle to `out` (replacing an older one there only once complete) and return it, loaded.
     `extra_files`: more files to put in it (a fine-tuned model's weights); `backups`: how many boards store a
     copy of each board's shards (None: every other board); `memory_budget`: parameter bytes a board may hold
@@ -36,7 +36,7 @@ def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, s
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         write_bundle(tmp, graph, source, plan, scores, shards, progress, compensation, calibration, adapters,
-                     backups, memory_budget)
+                     backups, memory_budget, wire)
 
     path = write_atomically(Path(out), write)
     return Bundle.load(path)
@@ -45,7 +45,8 @@ def emit_bundle(out: Path, graph: ModelGraph, source: ModelSource, plan: Plan, s
 def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, scores: Scores | None,
                  shards: bool = True, progress: Progress | None = None,
                  compensation: PreparedCompensation | None = None, calibration: str | None = None,
-                 adapters=None, backups: int | None = None, memory_budget: float | None = None) -> None:
+                 adapters=None, backups: int | None = None, memory_budget: float | None = None,
+                 wire: str = "fp32") -> None:
     """Write every file of a bundle into the (empty, temporary) directory `tmp`; `emit` makes it atomic.
     `adapters`: the skips.PreparedAdapters of a pipeline / hybrid plan."""
     model = {"schema": BUNDLE_SCHEMA, "source": source.to_json(), "identity": graph.identity(),
@@ -83,7 +84,7 @@ def write_bundle(tmp: Path, graph: ModelGraph, source: ModelSource, plan: Plan, 
         manifest = write_shards(tmp, graph, plan, progress, entry, adapter_entry)
         budget = None if memory_budget is None else int(memory_budget * graph.total_param_bytes
                                                        if memory_budget <= 1 else memory_budget)
-        replace(manifest, backups=ring_backups(plan.n_boards, backups), memory_budget=budget).write(tmp)
+        replace(manifest, backups=ring_backups(plan.n_boards, backups), memory_budget=budget, wire=wire).write(tmp)
 
 
 def _write_data(tmp: Path, data_name: str, info_name: str, data: bytes, info: dict, entry_type):

@@ -74,6 +74,7 @@ class Exploration:
     objective: str
     ks: list[int]
     validation: str
+    scores: object = None            # the robust plans' scores (written with the chosen bundle)
 
 
 def check_objective(objective: str, n_boards: int) -> None:
@@ -181,7 +182,7 @@ def explore(name: str, options: CompileOptions, budget: float, objective: str = 
                           f"{plan_cost(graph, lop).memory_ratio_full:.3f}; raise --memory or use more boards")
     front = pareto_front(candidates, objective)
     chosen = max(candidates, key=lambda c: (*score(c, objective), -c.memory))
-    return Exploration(candidates, front, chosen, budget, objective, ks, validation), graph, source
+    return Exploration(candidates, front, chosen, budget, objective, ks, validation, scores), graph, source
 
 
 def _plans(graph, options: CompileOptions, scores, budget: float, steps: int) -> list[tuple[str, Plan]]:

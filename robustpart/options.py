@@ -55,5 +55,6 @@ class CompileOptions:
                                           # (runtime/takeover.py; None: every other board)
     memory_budget: float | None = None    # parameter bytes a board may hold after a takeover (<= 1: a fraction
                                           # of the model's); None: no limit
+    wire: str = "fp32"                    # runtime/precision.WIRE_FORMATS: the precision of stage slices
     exits: bool | None = None             # pipeline / hybrid: early exits when every later block is dead
                                           # (None: when calibration images are at hand)

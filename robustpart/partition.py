@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -85,6 +86,16 @@ def robust_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPla
 def lop_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
     return UnitPlacement(channels, [np.asarray(p, dtype=np.int64)
                                     for p in np.array_split(np.arange(channels), ctx.n_boards)])
+
+
+def cdc_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
+    """The CDC baseline (coded distributed computing, Hadidi et al., as paper 003 compares it): a contiguous
+    even split over the first N-1 boards, the last board their parity (plan.UnitPlacement)."""
+    if ctx.n_boards < 2:
+        raise PlanError("--method cdc needs at least 2 boards (one of them holds the parity)")
+    split = lop_partition(unit, channels, dataclasses.replace(ctx, n_boards=ctx.n_boards - 1))
+    return UnitPlacement(channels, [*split.board_channels, np.zeros(0, dtype=np.int64)],
+                         parity=ctx.n_boards - 1)
 
 
 def full_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
@@ -170,7 +181,7 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
     if blocks and (len(blocks.cuts) + 1) * group_size != n_boards:
         raise PlanError(f"{len(blocks.cuts) + 1} blocks of {group_size} boards do not make --devices {n_boards}")
     smallest = min(unit_channels, key=unit_channels.get)
-    if group_size > unit_channels[smallest] and method in ("lop", "random"):
+    if group_size - (method == "cdc") > unit_channels[smallest] and method in ("lop", "random", "cdc"):
         raise PlanError(f"{group_size} boards per block exceeds the {unit_channels[smallest]} output channels of unit "
                         f"'{smallest}': every board must compute at least one channel of every unit")
     partition = get_partitioner(method)

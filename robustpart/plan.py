@@ -19,11 +19,17 @@ PLAN_SCHEMA = 1
 
 @dataclass
 class UnitPlacement:
-    """Channels of one unit on each board; `groups[c]` is channel c's importance group (robust only)."""
+    """Channels of one unit on each board; `groups[c]` is channel c's importance group (robust only).
+
+    `parity` (coded distributed computing, the CDC baseline): that board holds no channel of its own but the
+    sum of the other boards' weights (one more share), so it computes the sum of their pre-activations; with
+    it alive, any one other dead board's channels are its sum minus the live boards' (exact), two or more
+    dead boards' are lost."""
 
     channels: int
     board_channels: list[np.ndarray]     # [b]: the channels board b computes
     groups: np.ndarray | None = None
+    parity: int | None = None
 
     def copies(self) -> np.ndarray:
         """How many boards hold each channel."""
@@ -35,6 +41,8 @@ class UnitPlacement:
     def surviving(self, failed: Iterable[int]) -> np.ndarray:
         """Boolean mask of the channels still held by at least one live board."""
         failed = set(failed)
+        if self.parity is not None and self.parity not in failed and len(failed) <= 1:
+            return np.ones(self.channels, dtype=bool)          # the parity rebuilds the one dead board
         alive = np.zeros(self.channels, dtype=bool)
         for board, held in enumerate(self.board_channels):
             if board not in failed:
@@ -45,14 +53,23 @@ class UnitPlacement:
         out = {"channels": self.channels, "boards": [held.tolist() for held in self.board_channels]}
         if self.groups is not None:
             out["groups"] = self.groups.tolist()
+        if self.parity is not None:
+            out["parity"] = self.parity
         return out
+
+    def share(self, board: int) -> float:
+        """The fraction of the unit's channel parameters `board` holds (a parity board: the largest share)."""
+        if board == self.parity:
+            return max(len(h) for h in self.board_channels) / self.channels
+        return len(self.board_channels[board]) / self.channels
 
     @classmethod
     def from_json(cls, data: dict) -> "UnitPlacement":
         groups = data.get("groups")
         return cls(channels=int(data["channels"]),
                    board_channels=[np.asarray(b, dtype=np.int64) for b in data["boards"]],
-                   groups=None if groups is None else np.asarray(groups, dtype=np.int64))
+                   groups=None if groups is None else np.asarray(groups, dtype=np.int64),
+                   parity=data.get("parity"))
 
 
 MODES = ("horizontal", "pipeline", "hybrid")

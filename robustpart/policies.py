@@ -24,6 +24,8 @@ PARTITIONERS.declare("robust", path="robustpart.partition:robust_partition",
 PARTITIONERS.declare("lop", path="robustpart.partition:lop_partition", help="contiguous even split")
 PARTITIONERS.declare("full", path="robustpart.partition:full_partition", help="every channel on every board")
 PARTITIONERS.declare("random", path="robustpart.partition:random_partition", help="random even split")
+PARTITIONERS.declare("cdc", path="robustpart.partition:cdc_partition",
+                     help="baseline for evaluate --compare: even split on N-1 boards + a parity board")
 
 FILLS = Registry("fill policy")
 FILLS.declare("zero", path="robustpart.fills:zero_fill", help="a lost channel reads as zeros")

@@ -7,7 +7,9 @@ receive is every channel of every stage it does not compute itself, once.
 Pipeline / hybrid bundles, with no board failed: a stage's slices go only to the boards that read the
 stage's tensor (the boards of the stages that take it as input: within a block its own group, at a cut the
 next block's group), and a block's output, which every board of its group holds whole, is sent once, by the
-group's first board. This is the traffic by design; the board mesh does not serve these bundles yet.
+group's first board. This is the traffic by design.
+
+A value takes 4 bytes, or 2 in a bundle compiled with --wire fp16.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import math
 
 from .runtime.manifest import Manifest
 
-BYTES_PER_VALUE = 4   # float32
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2}   # by the bundle's wire precision (runtime/precision.py)
 
 
 def traffic_per_image(manifest: Manifest) -> list[dict]:
@@ -24,7 +26,7 @@ def traffic_per_image(manifest: Manifest) -> list[dict]:
             for b in range(n)]
     readers = _readers(manifest) if manifest.pipeline else None
     for i, stage in enumerate(manifest.stages):
-        per_channel = math.prod(stage.shape) // stage.channels * BYTES_PER_VALUE
+        per_channel = math.prod(stage.shape) // stage.channels * BYTES_PER_VALUE[manifest.wire]
         sizes = [len(s.channels) for s in stage.shards]
         if readers is None:
             for b in range(n):

@@ -42,6 +42,9 @@ def error_line(err: str) -> str:
     (["compile", TV, "--weights", "none", "--devices", "3", "--backups", "3"], "--backups must be an integer"),
     (["compile", TV, "--weights", "none", "--memory-budget", "0"], "--memory-budget must be > 0"),
     (["compile", TV, "--weights", "none", "--regressors", "0"], "--regressors must be an integer >= 1"),
+    (["compile", TV, "--weights", "none", "--method", "cdc"], "--method cdc is a baseline for `evaluate"),
+    (["compile", TV, "--weights", "none", "--mode", "pipeline", "--wire", "fp16"],
+     "--wire fp16 is for horizontal bundles"),
     (["compile", TV, "--weights", "none", "--compensate", "none", "--regressors", "4"],
      "--compensate none prepares no compensation"),
     (["evaluate", "no/such/bundle"], "does not exist; create it with `robustpart compile`"),
@@ -109,6 +112,10 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     assert onnx_result["accuracy"] == result["methods"][0]["accuracy"]
     for k in ("1", "2"):
         assert onnx_result["failures"][k]["mean"] == pytest.approx(result["methods"][0]["failures"][k]["mean"])
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--compare", "cdc", "--json")
+    cdc = json.loads(out)["methods"][-1]
+    assert code == 0 and cdc["method"] == "cdc" and cdc["failures"]["1"]["min"] == cdc["accuracy"]
+    assert cdc["cost"]["boards"][2]["param_bytes"] == max(b["param_bytes"] for b in cdc["cost"]["boards"][:2])
     # the figure: refused before any work with a format it cannot write, else one SVG with every method
     code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--plot", str(tmp_path / "f.jpg"))
     assert code == 2 and ".png or .svg" in error_line(err) and not (tmp_path / "f.jpg").exists()

@@ -107,3 +107,15 @@ def test_the_default_plan_puts_a_small_output_layer_whole_on_every_board(tiny_gr
         assert sum(b.size for b in split.units[last.name].board_channels) < 3 * last.channels
     big = dataclasses.replace(tiny_graph, total_param_bytes=int(last.param_bytes / OUTPUT_REPLICATION_SHARE) - 1)
     assert plan_for(big, CompileOptions(devices=3, method="lop"), None).options["replicate"] == []
+
+
+def test_cdc_loses_nothing_under_one_failure_and_its_parity_board_pays_a_share(tiny_graph, tiny_images):
+    plan = make_plan(unit_channels(tiny_graph), 3, "cdc")
+    labels = PlanEvaluator(tiny_graph, make_plan(unit_channels(tiny_graph), 3, "full"), tiny_images,
+                           torch.zeros(len(tiny_images), dtype=torch.long)).sim.logits(tiny_images).argmax(1)
+    report = evaluate_plan(tiny_graph, plan, tiny_images, labels, [1, 2])
+    assert report.accuracy == 1.0 and report.by_k[1].min == 1.0 and report.by_k[2].min < 1.0
+    cost = plan_cost(tiny_graph, plan)
+    lop2 = plan_cost(tiny_graph, make_plan(unit_channels(tiny_graph), 2, "lop"))
+    assert cost.boards[2].param_bytes == pytest.approx(cost.boards[0].param_bytes)   # the parity: one share
+    assert cost.max_param_bytes == pytest.approx(lop2.max_param_bytes)               # = LOP on N-1 boards

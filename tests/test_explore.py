@@ -40,7 +40,7 @@ def test_explore_writes_the_chosen_bundle_and_its_figure(capsys, tmp_path):
     memory = float(printed.split("chosen: ")[1].split("(memory ")[1].split(" ")[0])
     cost = json.loads((out / "report.json").read_text())["cost"]
     assert cost["memory_ratio_full"] == pytest.approx(memory, abs=1e-3) and cost["memory_ratio_full"] <= 0.45
-    assert (out / "manifest.json").is_file()
+    assert (out / "manifest.json").is_file() and (out / "scores.npz").is_file()
 
 
 @pytest.mark.parametrize("argv, message", [

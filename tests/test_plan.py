@@ -160,3 +160,15 @@ def test_scores_normalisation_and_selection():
     assert s.select(("taylor",)).tables["u"].shape == (3, 1)
     with pytest.raises(PlanError, match="not computed"):
         s.select(("jsd",))
+
+
+def test_cdc_splits_over_n_minus_1_boards_and_the_parity_rebuilds_any_one_dead_board():
+    plan = make_plan({"a": 7, "b": 6}, 4, "cdc")
+    a = plan.units["a"]
+    assert [h.tolist() for h in a.board_channels] == [[0, 1, 2], [3, 4], [5, 6], []] and a.parity == 3
+    assert plan.surviving("a", ()).all() and plan.surviving("a", (1,)).all() and plan.surviving("a", (3,)).all()
+    assert np.flatnonzero(~plan.surviving("a", (1, 2))).tolist() == [3, 4, 5, 6]    # two dead: both lost
+    assert np.flatnonzero(~plan.surviving("a", (0, 3))).tolist() == [0, 1, 2]       # parity dead too
+    assert a.share(3) == a.share(0) == 3 / 7 and a.share(1) == 2 / 7
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.units["a"].parity == 3 and again.lost_signature((1, 2)) == plan.lost_signature((1, 2))

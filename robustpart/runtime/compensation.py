@@ -144,7 +144,8 @@ class CompensationFile:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"compensation file {path} is missing; compile the bundle again")
-        if sha256 is not None and _file_sha256(path) != sha256:
+        from .manifest import sha256_file
+        if sha256 is not None and sha256_file(path) != sha256:
             raise BundleError(f"compensation file {path} does not match the SHA-256 in the manifest (changed "
                               f"or corrupted); compile the bundle again")
         try:
@@ -178,14 +179,6 @@ class CompensationFile:
                 raise BundleError(f"{self.source}: unexpected entry '{name}'; compile the bundle again")
             setattr(units.setdefault(unit, UnitCompensation()), field_name, self.archive[name])
         return units
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _deterministic_zip(data: bytes) -> bytes:

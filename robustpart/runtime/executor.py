@@ -18,6 +18,7 @@ from ..routes import route
 from .adapters import rebuild_cut
 from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
+from .precision import to_wire_precision
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class LocalExecutor:
             for board in live:
                 feeds = {name: env[name] for name in stage.inputs}
                 outputs = sessions[board].run(None, {**feeds, **tables.affine_feeds(s, board, failed)})
-                slices[board] = outputs[0]
+                slices[board] = to_wire_precision(outputs[0]) if self.manifest.wire == "fp16" else outputs[0]
                 extras = extras or outputs[1:]
             env[stage.tensor] = assembler.assemble(slices, batch, tables.exit_data(s, failed))
             for meta, value in zip(stage.extras, extras or ()):

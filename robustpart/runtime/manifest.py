@@ -282,6 +282,7 @@ class Manifest:
     backups: tuple[tuple[int, ...], ...] | None = None   # per board, the boards that store a copy of its
                                                          # shards (takeover.py); None: every other board
     memory_budget: int | None = None          # parameter bytes a board may hold after a takeover; None: no limit
+    wire: str = "fp32"                        # WIRE_FORMATS: the precision of every stage slice (wire.py)
 
     def backup_lists(self) -> tuple[tuple[int, ...], ...]:
         from .takeover import ring_backups
@@ -323,7 +324,8 @@ class Manifest:
                 "head": None if self.head is None else self.head.to_json(),
                 **({"pipeline": self.pipeline.to_json()} if self.pipeline else {}),
                 **({"backups": [list(b) for b in self.backups]} if self.backups is not None else {}),
-                **({"memory_budget": self.memory_budget} if self.memory_budget is not None else {})}
+                **({"memory_budget": self.memory_budget} if self.memory_budget is not None else {}),
+                **({"wire": self.wire} if self.wire != "fp32" else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], root: Path | str = ".") -> Manifest:
@@ -336,7 +338,7 @@ class Manifest:
                    None if head is None else HeadEntry.from_json(head), d["schema_version"], Path(root),
                    PipelineEntry.from_json(d["pipeline"]) if d.get("pipeline") else None,
                    tuple(_ints(b) for b in d["backups"]) if d.get("backups") is not None else None,
-                   d.get("memory_budget"))
+                   d.get("memory_budget"), d.get("wire", "fp32"))
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(json.dumps(self.to_json(), indent=1))
@@ -385,6 +387,8 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
 
 def _check_structure(m: Manifest) -> None:
     n = m.boards
+    if m.wire != "fp32" and m.pipeline is not None:
+        raise BundleError(f"wire {m.wire} is for horizontal bundles; this one is {m.pipeline.mode}: compile it again")
     if m.backups is not None:
         if len(m.backups) != n:
             raise BundleError(f"the manifest lists backups for {len(m.backups)} boards; the bundle has {n}")

@@ -68,6 +68,7 @@ MANIFEST_SCHEMA = {
                                 "param_bytes": {"type": "integer", "minimum": 0}}},
         "backups": {"type": "array", "items": _INT_LIST},
         "memory_budget": {"type": "integer", "minimum": 0},
+        "wire": {"enum": ["fp32", "fp16"]},
         "pipeline": {"type": "object", "required": ["mode", "skip", "exits", "blocks", "adapters"],
                      "properties": {
                          "mode": {"type": "string", "enum": ["pipeline", "hybrid"]},

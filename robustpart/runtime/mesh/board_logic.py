@@ -27,7 +27,8 @@ from .handshake import ACCEPTED, REFUSED, STALE, Handshake
 from .lineage import ANY, Lineage, after_assembly
 from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
 from .machine import Machine
-from .protocol import CLIENT, Header, Kind, ProtocolError
+from ..precision import to_wire_precision
+from .protocol import CLIENT, FLAG_FP16, Header, Kind, ProtocolError
 from .settings import MeshSettings
 from .spec import Assemble, MeshSpec
 from .takeovers import Takeovers
@@ -86,6 +87,7 @@ class BoardMachine(Machine):
         self.last_hello: dict[int, float] = {}          # peer -> when we last greeted it
         self.last_client_hello: dict[int, float] = {}   # session -> when we last asked it to greet us
         self.takeovers = Takeovers(me, spec, settings.takeover)
+        self.fp16 = spec.wire == "fp16"        # stage slices at float16, the board's own copy included
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due (`now`: a shard is ready to run)."""
@@ -212,7 +214,7 @@ class BoardMachine(Machine):
         board = h.board                            # the sender's, or a board it took over
         if not 0 <= board < self.n:
             raise ProtocolError(f"SLICE of board {board}; the bundle has boards 0..{self.n - 1}")
-        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][board]))
+        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][board]), bool(h.flags & FLAG_FP16))
         lineage = Lineage.from_wire(h.mask, h.flags)
         req = self.requests.get(key)
         if req is not None:
@@ -291,12 +293,13 @@ class BoardMachine(Machine):
         if s > self.last:
             self._result(req, s, outputs[0])
             return
+        own = to_wire_precision(outputs[0]) if self.fp16 else outputs[0]
         if done.board < 0:
             for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
                 req.env[name] = value
-            req.own = outputs[0]
+            req.own = own
         else:
-            req.proxy_slices[done.board] = outputs[0]
+            req.proxy_slices[done.board] = own
         todo = [d for d in req.proxied if d not in req.proxy_slices]
         if todo:                                   # the boards taken over, one shard at a time as well
             self._run(req, todo[0])
@@ -310,8 +313,9 @@ class BoardMachine(Machine):
         if targets:
             for owner, part in [(-1, req.own), *req.proxy_slices.items()]:
                 frames = [Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
-                                 req.lineage.boards, flags=req.lineage.flags, owner=owner).pack(),
-                          wire.array_frame(part)]
+                                 req.lineage.boards, flags=req.lineage.flags | self.fp16 * FLAG_FP16,
+                                 owner=owner).pack(),
+                          wire.array_frame(part, self.fp16)]
                 for p in targets:
                     self._actions.append(SendPeer(p, frames, "slices"))
                 req.sent_bytes += wire.frames_bytes(frames) * len(targets)
@@ -364,9 +368,11 @@ class BoardMachine(Machine):
         """Send the final slice (or the output) to the client; the request is done here unless `owner`
         names a taken-over board's slice (this board's own goes last)."""
         lineage = req.lineage
+        fp16 = self.fp16 and stage <= self.last          # a final slice; a head's output goes at float32
         header = Header(Kind.RESULT, self.me, self.incarnation, req.session, req.rid, stage, req.batch,
-                        lineage.boards, mesh_bytes=req.sent_bytes, flags=lineage.flags, owner=owner)
-        frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output)]
+                        lineage.boards, mesh_bytes=req.sent_bytes, flags=lineage.flags | fp16 * FLAG_FP16,
+                        owner=owner)
+        frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output, fp16)]
         self._to_client(req.session, frames, "results")
         if owner < 0:
             del self.requests[(req.session, req.rid)]

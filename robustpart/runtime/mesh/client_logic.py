@@ -197,7 +197,7 @@ class ClientMachine(Machine):
             raise ProtocolError(f"a RESULT for board {board}, which is not in the inventory")
         shape = (p.batch, *(self.spec.output_shape if self.spec.head_inputs is not None else
                             self.final_shapes[board]))
-        array = wire.read_array(payload[1], shape)
+        array = wire.read_array(payload[1], shape, bool(h.flags & wire.FLAG_FP16))
         used = wire.read_masks(payload[0])
         p.results[board] = (array, Lineage.from_wire(h.mask, h.flags), used, h.mesh_bytes if h.owner < 0 else 0)
         if h.owner >= 0:

@@ -45,6 +45,7 @@ MAX_BOARDS = 64          # board sets travel as u64 bit masks
 
 FLAG_MIXED = 1           # lineage: assembled from different board sets along the way
 FLAG_ANY = 2             # lineage: computed from the model input alone (stage 0)
+FLAG_FP16 = 4            # the array frame is float16 (a bundle compiled with --wire fp16), else float32
 
 _HEADER = struct.Struct("<4sBBHQQQiIQQQ")
 HEADER_BYTES = _HEADER.size
@@ -159,18 +160,20 @@ def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, wa
                    covers=covers).pack()]
 
 
-def array_frame(array: np.ndarray):
-    """A float32 C-contiguous array as a frame; pyzmq sends large ones without copying."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
+def array_frame(array: np.ndarray, fp16: bool = False):
+    """A C-contiguous float32 (or, `fp16`, float16) array as a frame; pyzmq sends large ones without copying."""
+    array = np.ascontiguousarray(array, dtype=np.float16 if fp16 else np.float32)
     return memoryview(array).cast("B")
 
 
-def read_array(frame, shape: tuple[int, ...]) -> np.ndarray:
-    """A received frame as a float32 array of `shape` (checked, no copy)."""
+def read_array(frame, shape: tuple[int, ...], fp16: bool = False) -> np.ndarray:
+    """A received frame as a float32 array of `shape` (checked; no copy for float32, one for `fp16`)."""
     buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    expected = math.prod(shape) * 4          # not np.prod: that costs ~15 us, on every message
+    expected = math.prod(shape) * (2 if fp16 else 4)    # not np.prod: that costs ~15 us, on every message
     if buffer.nbytes != expected:
         raise ProtocolError(f"payload has {buffer.nbytes} bytes, expected {expected} for shape {list(shape)}")
+    if fp16:
+        return np.frombuffer(buffer, dtype=np.float16).reshape(shape).astype(np.float32)
     return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
 
 

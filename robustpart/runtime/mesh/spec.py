@@ -77,6 +77,7 @@ class MeshSpec:
                                                 # () = no takeover
     param_bytes: tuple[int, ...] = ()        # per board, its shards' parameter bytes (balances takeovers)
     memory_budget: int | None = None         # parameter bytes a board may hold after a takeover
+    wire: str = "fp32"                       # fp16: every stage slice is rounded to float16, sent as such
 
 
 def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
@@ -88,7 +89,7 @@ def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
     return MeshSpec(manifest.boards, manifest.input.name, manifest.input.shape, manifest.output.shape, stages,
                     None if head is None else head.inputs, _pipeline_spec(manifest, exit_for),
                     manifest.backup_lists(), tuple(manifest.param_bytes(b) for b in range(manifest.boards)),
-                    manifest.memory_budget)
+                    manifest.memory_budget, manifest.wire)
 
 
 def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:

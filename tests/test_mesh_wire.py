@@ -1,0 +1,57 @@
+"""--wire fp16: the boards exchange float16 slices (half the bytes) and the mesh answers what the
+LocalExecutor computes for the same bundle, which rounds every slice alike (real processes, no torch)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from robustpart.errors import BundleError
+from robustpart.runtime import LocalExecutor, load_manifest
+from robustpart.runtime.mesh import protocol as wire
+from robustpart.traffic import traffic_per_image
+
+from mesh_helpers import start_mesh
+
+pytestmark = pytest.mark.board
+
+
+def with_wire(bundle, target, fmt):
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["wire"] = fmt
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_fp16_slices_halve_the_bytes_and_the_mesh_equals_the_executor(bundle, images, tmp_path):
+    half = with_wire(bundle, tmp_path / "fp16", "fp16")
+    assert load_manifest(half).wire == "fp16" and load_manifest(bundle).wire == "fp32"
+    x = images[:2]
+    exact, rounded = LocalExecutor(bundle).run(x), LocalExecutor(half).run(x)
+    scale = np.abs(exact).max()
+    assert 1e-6 * scale < np.abs(rounded - exact).max() <= 1e-2 * scale     # float16 rounding, small
+    assert np.abs(LocalExecutor(half, (1,)).run(x) - LocalExecutor(bundle, (1,)).run(x)).max() <= 1e-2 * scale
+    bytes_ = {}
+    for name, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded)):
+        cluster, client = start_mesh(path, tmp_path / f"cluster-{name}")
+        try:
+            answers = [client.infer(images[i:i + 1]) for i in range(2)]
+        finally:
+            client.close()
+            cluster.close()
+        for i, a in enumerate(answers):
+            assert a.consistent and a.failed == ()
+            assert np.abs(a.output - ref[i:i + 1]).max() <= 1e-5 * scale, (name, i)
+        bytes_[name] = answers[0].mesh_bytes
+    manifest = load_manifest(bundle)
+    messages = sum(3 * 4 for s in manifest.stages[:-1])       # every board sends each stage to 3 peers
+    slices32 = bytes_["fp32"] - messages * wire.HEADER_BYTES
+    assert bytes_["fp16"] - messages * wire.HEADER_BYTES == slices32 // 2
+    analytic = [traffic_per_image(load_manifest(p)) for p in (bundle, half)]       # what inspect shows
+    assert [r["sent"] // 2 for r in analytic[0]] == [r["sent"] for r in analytic[1]]
+
+
+def test_fp16_is_refused_for_a_pipeline_bundle(pipeline_bundle, tmp_path):
+    with pytest.raises(BundleError, match="wire fp16 is for horizontal bundles"):
+        load_manifest(with_wire(pipeline_bundle, tmp_path / "p16", "fp16"))
