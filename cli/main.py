@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=Path, help="append liveness events (ready, dead, rejoined...) as JSON lines")
     _mesh_options(s)
 
+    u = sub.add_parser("unit", help="print the systemd unit that runs board K of a bundle as a service")
+    u.add_argument("bundle", type=Path)
+    u.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
+    u.add_argument("--peers", help="the inventory the board reads (boards.json, or host:port,...; default: the "
+                                   "bundle's)")
+    u.add_argument("--user", help="the account the service runs as")
+    u.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
+    u.add_argument("--threads", type=int, default=1, help="intra-op threads per shard session (default 1)")
+    u.add_argument("--key", type=Path, help="the board's CURVE secret key file")
+    u.add_argument("--events", type=Path, help="where the board appends its liveness events")
+    u.add_argument("--executable", help="the robustpart program the unit runs (default: this one)")
+
     r = sub.add_parser("run", help="stream images to the boards; print answers, latency and bytes per image")
     r.add_argument("bundle", type=Path)
     r.add_argument("--input", "-i", default="bundled",
@@ -506,6 +518,16 @@ def cmd_cluster(args, progress) -> int:
     return 0
 
 
+def cmd_unit(args, progress) -> int:
+    from robustpart.runtime.manifest import load_manifest
+    from robustpart.runtime.service import systemd_unit
+    manifest = load_manifest(args.bundle, boards=[args.device], verify=False)
+    print(systemd_unit(args.bundle, args.device, manifest.boards, args.user, peers=args.peers,
+                       provider=args.provider, threads=args.threads, key=args.key, events=args.events,
+                       executable=args.executable), end="")
+    return 0
+
+
 def cmd_keys(args, progress) -> int:
     from robustpart.runtime.mesh.keys import make_keys
     from robustpart.runtime.mesh.peers import load_inventory
@@ -527,7 +549,7 @@ def _key_is_used(inventory) -> None:
 COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "finetune": cmd_finetune,
             "explore": cmd_explore,
             "demo": cmd_demo,
-            "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys}
+            "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys, "unit": cmd_unit}
 
 
 # ---- the boundary: every argument checked before the command runs (and before torch is imported) -------------
@@ -693,16 +715,29 @@ def check_demo(args) -> None:
     checks.check_output_dir(args.out)
 
 
-def check_serve(args) -> None:
+def _check_board(args) -> None:
+    """What serve and unit share: the bundle, the board id, its threads and execution provider."""
     checks.check_bundle_dir(args.bundle)
-    checks.check_int(args.device, "--device", 0, hint=" (this board's id)", error=UsageError)
+    checks.check_int(args.device, "--device", 0, hint=" (the board's id)", error=UsageError)
     checks.check_int(args.threads, "--threads", 1, error=UsageError)
     _check_provider(args.provider)
+
+
+def check_serve(args) -> None:
+    _check_board(args)
     if args.events is not None:
         checks.check_output_file(args.events, "--events")
     if args.bind is not None and not re.fullmatch(r"tcp://(\*|\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}", args.bind):
         raise UsageError(f"--bind {args.bind!r} is not a listen endpoint like tcp://0.0.0.0:5550")
     _check_mesh(args)
+
+
+def check_unit(args) -> None:
+    _check_board(args)
+    if args.key is not None:
+        checks.check_existing(args.key, "--key", "file", error=UsageError)
+    if args.user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", args.user):
+        raise UsageError(f"--user {args.user!r} is not an account name")
 
 
 def check_run(args) -> None:
@@ -748,7 +783,7 @@ def check_keys(args) -> None:
 CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "finetune": check_finetune,
           "explore": check_explore,
           "demo": check_demo,
-          "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys}
+          "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys, "unit": check_unit}
 
 
 # ---- the one place an exception becomes the one-line form -------------------------------------------------------

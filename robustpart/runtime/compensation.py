@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError
+from .hashing import sha256_file
 
 FIELDS = ("scale", "shift", "lost", "fill", "recon", "recon_index")
 
@@ -144,7 +145,6 @@ class CompensationFile:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"compensation file {path} is missing; compile the bundle again")
-        from .manifest import sha256_file
         if sha256 is not None and sha256_file(path) != sha256:
             raise BundleError(f"compensation file {path} does not match the SHA-256 in the manifest (changed "
                               f"or corrupted); compile the bundle again")

@@ -7,7 +7,6 @@ JSON against it first, so a malformed file gets a message that names the field.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -17,17 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError
+from .hashing import sha256_file
 from .schema import MANIFEST_SCHEMA, SCHEMA_VERSION, schema_errors
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ints(values) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, check_files, load_manifest
 from . import protocol as wire
 from .board_logic import BoardMachine
-from .events import TICK, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
+from .events import TICK, Leave, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .keys import load_secret_key, start_authenticator
 from .liveness import DEAD
 from .peers import Inventory, load_inventory
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_LIMIT = 10_000       # messages read per loop turn before doing other work
 LOAD_POLL_S = 0.005        # while a takeover loads, how often the loop looks whether it is done
+LEAVE_LINGER_MS = 200      # how long closing sockets may take to send the goodbyes of a clean stop
 
 
 class DeviceServer:
@@ -99,7 +100,7 @@ class DeviceServer:
     def close(self) -> None:
         for sock in [getattr(self, "router", None), *getattr(self, "out", {}).values()]:
             if sock is not None:
-                sock.close(0)
+                sock.close(LEAVE_LINGER_MS)        # long enough for the goodbyes to go out
         if self.auth is not None:
             self.auth.stop()
         self.context.term()
@@ -125,6 +126,7 @@ class DeviceServer:
                     self.loads.pop(done.board).join()
                     self._execute(self.machine.handle(done, time.monotonic()))
                 self._execute(self.machine.handle(TICK, time.monotonic()))
+            self._execute(self.machine.handle(Leave(), time.monotonic()))   # a clean stop: say goodbye
         finally:
             self._emit("stopped", stats=dict(self.stats))
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import protocol as wire
-from .events import Message, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
+from .events import Leave, Message, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .handshake import ACCEPTED, REFUSED, STALE, Handshake
 from .lineage import ANY, Lineage, after_assembly
 from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
@@ -62,7 +62,7 @@ class Client:
 
 
 class BoardMachine(Machine):
-    own_event = (ShardDone, ShardsLoaded)  # the outputs of a RunShard / LoadShards come back as these
+    own_event = (ShardDone, ShardsLoaded, Leave)   # a RunShard's / LoadShards' outputs; the shell stopping
     final_slices_to_client = True          # without a head, the client assembles the last stage's slices
 
     def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
@@ -125,6 +125,10 @@ class BoardMachine(Machine):
         if problem:             # from before a restart, or from a peer that has not greeted us yet
             self.stats[problem] += 1
             self._hello(p, now)
+            return
+        if h.kind == Kind.BYE:
+            if self.liveness.left(p):
+                self._dead_now(p, now, left=True)
             return
         self._heard(p, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
         if h.kind == Kind.HEARTBEAT:
@@ -239,8 +243,7 @@ class BoardMachine(Machine):
 
     def _tick(self, now: float) -> None:
         for peer in self.liveness.check(now):
-            self._emit(DEAD, peer=peer, silent_ms=round((now - self.liveness.peers[peer].last_heard) * 1e3, 1))
-            self._view_changed(peer, DEAD, now)
+            self._dead_now(peer, now)
         if now >= self.next_beat:
             self._beat(now)
             self.next_beat = max(self.next_beat + self.settings.heartbeat, now)
@@ -252,6 +255,21 @@ class BoardMachine(Machine):
                 self._assemble(req)
         if self.ready and self.running is None:
             self._run(self.ready.popleft())
+
+    def _dead_now(self, peer: int, now: float, left: bool = False) -> None:
+        """`peer` is dead to this board: silent for the timeout, or it said goodbye (`left`)."""
+        silent = round((now - self.liveness.peers[peer].last_heard) * 1e3, 1)
+        self._emit(DEAD, peer=peer, silent_ms=silent, **({"left": True} if left else {}))
+        self._view_changed(peer, DEAD, now)
+
+    def _leave(self) -> None:
+        """Goodbye to the peers and clients this board talks to (the shell sends it before it closes)."""
+        bye = wire.bye(self.me, self.incarnation)
+        for p in self.peers:
+            if self.liveness.is_alive(p):
+                self._actions.append(SendPeer(p, bye, "bye"))
+        for session in self.clients:
+            self._to_client(session, wire.bye(self.me, self.incarnation, session), "bye")
 
     def _plan_takeovers(self) -> None:
         busy = {d for r in self.requests.values() for d in r.proxied}
@@ -274,6 +292,8 @@ class BoardMachine(Machine):
     def _own_event(self, event, now: float) -> None:
         if isinstance(event, ShardsLoaded):
             self._shards_loaded(event, now)
+        elif isinstance(event, Leave):
+            self._leave()
         else:
             self._shard_done(event, now)
 

@@ -132,8 +132,7 @@ class ClientMachine(Machine):
 
     def _tick(self, now: float) -> None:
         for board in self.liveness.check(now):
-            self._emit(DEAD, board=board)
-            self._view_changed(board, DEAD, now)
+            self._dead_now(board, now)
         if now >= self.next_beat:
             self._beat(now)
             self.next_beat = now + self.settings.heartbeat
@@ -160,6 +159,12 @@ class ClientMachine(Machine):
         if problem:
             self.stats[problem] += 1
             return
+        if h.kind == Kind.BYE:                      # it stops cleanly: dead now, not after the timeout
+            if self.liveness.left(b):
+                self._dead_now(b, now, left=True)
+                for p in list(self.pending.values()):
+                    self._try_finish(p, now)
+            return
         self._heard(b, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
         if h.kind == Kind.HEARTBEAT:
             self.covers[b] = h.covers
@@ -174,6 +179,10 @@ class ClientMachine(Machine):
             for p in self.pending.values():
                 p.members &= ~(1 << b)
             self._view_changed(b, RESTARTED, now)
+
+    def _dead_now(self, board: int, now: float, left: bool = False) -> None:
+        self._emit(DEAD, board=board, **({"left": True} if left else {}))
+        self._view_changed(board, DEAD, now)
 
     def _view_changed(self, board: int, event: str, now: float) -> None:
         """A board died or restarted (pipeline_client_logic re-routes the inputs it handed on)."""

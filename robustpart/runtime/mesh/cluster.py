@@ -136,6 +136,15 @@ class LocalCluster:
         self.frozen.discard(board)
         return t
 
+    def terminate(self, board: int, timeout: float = 10.0) -> tuple[float, int]:
+        """SIGTERM: the board stops cleanly (says goodbye to its peers and clients). Returns the wall-clock
+        time and the process's exit code."""
+        t = time.time()
+        self._signal(board, signal.SIGTERM)
+        code = self.procs[board].wait(timeout)
+        self.frozen.discard(board)
+        return t, code
+
     def freeze(self, board: int) -> float:
         t = time.time()
         self._signal(board, signal.SIGSTOP)

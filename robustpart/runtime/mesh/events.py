@@ -28,6 +28,10 @@ class Tick(NamedTuple):
 TICK = Tick()
 
 
+class Leave(NamedTuple):
+    """The board process is stopping cleanly (SIGTERM / SIGINT): say goodbye to every peer and client."""
+
+
 class ShardDone(NamedTuple):
     """The outputs of a RunShard (boards)."""
     session: int

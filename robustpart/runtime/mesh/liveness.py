@@ -75,6 +75,14 @@ class Liveness:
             self.peers[p].alive = False
         return dead
 
+    def left(self, peer: int) -> bool:
+        """`peer` said it is stopping (BYE): dead now, without waiting for the timeout. True if it was
+        alive."""
+        state = self.peers[peer]
+        was = state.alive
+        state.alive = False
+        return was
+
     def next_check(self, now: float) -> float:
         """Seconds until the earliest alive peer could time out (inf if none is alive)."""
         times = [s.last_heard + self.timeout - now for s in self.peers.values() if s.alive]

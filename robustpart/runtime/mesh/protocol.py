@@ -58,6 +58,7 @@ class Kind(IntEnum):
     SLICE = 4
     RESULT = 5
     CUT = 6
+    BYE = 7           # a board stops cleanly (SIGTERM): its peers and clients count it dead at once
 
 
 class ProtocolError(ValueError):
@@ -158,6 +159,10 @@ def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, wa
               covers: int = 0) -> list:
     return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, mask=view, watermark=watermark,
                    covers=covers).pack()]
+
+
+def bye(sender: int, incarnation: int, session: int = 0) -> list:
+    return [Header(Kind.BYE, sender, incarnation, session=session).pack()]
 
 
 def array_frame(array: np.ndarray, fp16: bool = False):

@@ -1,0 +1,66 @@
+"""SIGTERM: a board leaves the mesh cleanly. Its peers and the client count it dead when its goodbye (BYE)
+arrives, long before the liveness timeout, and the mesh answers on without it (real processes)."""
+import time
+
+import numpy as np
+import pytest
+
+from robustpart.runtime.mesh import MeshSettings
+
+from mesh_helpers import References, start_mesh
+
+pytestmark = pytest.mark.board
+
+SLOW_TIMEOUT = MeshSettings(heartbeat=0.2, timeout=3.0, takeover=False)   # silence alone: 3 s to notice
+
+
+def test_a_board_stopped_with_sigterm_is_seen_to_leave_at_once(bundle, images, tmp_path):
+    cluster, client = start_mesh(bundle, tmp_path / "cluster", SLOW_TIMEOUT)
+    try:
+        before = [client.infer(images[i:i + 1]) for i in range(3)]
+        stopped, code = cluster.terminate(2)
+        after = []
+        while time.time() < stopped + 1.5:
+            after.append(client.infer(images[len(after) % len(images)][None]))
+        seen = {b: [e for e in cluster.events(b) if e["event"] == "dead" and e.get("peer") == 2] for b in (0, 1, 3)}
+        own = [e for e in cluster.events(2) if e["event"] == "stopped"]
+    finally:
+        client.close()
+        cluster.close()
+    assert code == 0 and own                              # a clean exit, its counters written
+    for b, events in seen.items():                        # every survivor: dead on the goodbye, not the timeout
+        assert events and events[0].get("left") and events[0]["t"] - stopped < 1.0, (b, events)
+    assert all(a.failed == () for a in before)
+    done = [a for a in after if a.submitted_at > stopped + 0.5]
+    assert done and all(a.consistent and a.failed == (2,) for a in done)
+    assert max(a.latency for a in after) < 1.0            # nobody waited for the 3 s timeout
+    refs = References(bundle, images)
+    for image, a in [*enumerate(before), *((i % len(images), a) for i, a in enumerate(after))]:
+        if a.consistent:                                  # the answers equal the executor for their set
+            ref = refs(a.failed, image)
+            assert np.abs(a.output - ref).max() <= 1e-5 * np.abs(ref).max(), (image, a.failed)
+
+
+def test_the_unit_runs_serve_for_the_board_restarts_on_failure_and_stops_with_sigterm(tmp_path, capsys):
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from robustpart.cli.main import main
+    from fixture_bundles import ASSETS
+    assert main(["unit", str(ASSETS / "mesh"), "--device", "2", "--user", "edge", "--events",
+                 str(tmp_path / "b2.jsonl")]) == 0
+    unit = capsys.readouterr().out
+    fields = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+    argv = shlex.split(fields["ExecStart"])
+    assert argv[1:5] == ["serve", str((ASSETS / "mesh").absolute()), "--device", "2"]
+    assert Path(argv[0]).is_absolute() and "--events" in argv
+    assert (fields["Restart"], fields["KillSignal"], fields["User"]) == ("on-failure", "SIGTERM", "edge")
+    if shutil.which("systemd-analyze"):                    # systemd's own check of the file, where it is
+        path = tmp_path / "robustpart-board2.service"
+        path.write_text(unit.replace("User=edge\n", ""))   # no such account here
+        done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert main(["unit", str(ASSETS / "mesh"), "--device", "4"]) == 2
+    assert "out of range" in capsys.readouterr().err
