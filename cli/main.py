@@ -245,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=Path, help="append liveness events (ready, dead, rejoined...) as JSON lines")
     _mesh_options(s)
 
+    st = sub.add_parser("status", help="a live view of the mesh from this machine: every board up or down, what "
+                                       "it hears, what it has taken over, requests it answered")
+    st.add_argument("bundle", type=Path)
+    st.add_argument("--seconds", type=float, default=1.5, help="how long to listen before printing (default 1.5)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _mesh_options(st)
+
+    pr = sub.add_parser("profile", help="time board K's shards on this machine and the takeovers it would do; "
+                                        "writes profile_K.json next to the manifest")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
+    pr.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
+    pr.add_argument("--threads", type=int, default=1, help="intra-op threads per shard session (default 1)")
+    pr.add_argument("--repeats", type=int, default=20, help="timed runs per shard (default 20)")
+    pr.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON")
+
     u = sub.add_parser("unit", help="print the systemd unit that runs board K of a bundle as a service")
     u.add_argument("bundle", type=Path)
     u.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
@@ -518,6 +535,47 @@ def cmd_cluster(args, progress) -> int:
     return 0
 
 
+def cmd_status(args, progress) -> int:
+    from robustpart.runtime.mesh.client import MeshClient
+    from robustpart.runtime.mesh.protocol import boards_of
+    with MeshClient(args.bundle, args.peers, settings=_mesh_settings(args), key_file=args.key) as client:
+        end = time.monotonic() + args.seconds      # listen the whole time: every board's heartbeats come in
+        while (left := end - time.monotonic()) > 0:
+            client.pump(left)
+        rows, members = client.snapshot(), boards_of(client.members())
+    progress.done()
+    if args.json:
+        print(json.dumps({"boards": rows, "answering": list(members)}))
+    else:
+        from robustpart.report import table
+        fmt = lambda v: "-" if v is None or v == [] else ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+        print(table(["board", "address", "state", "incarnation", "hears", "took over", "answered", "last heard"],
+                    [[str(r["board"]), r["address"], "up" if r["up"] else ("down" if r["incarnation"] else "no answer"),
+                      fmt(r["incarnation"]), fmt(r["hears"]), fmt(r["covers"]), fmt(r["served"]),
+                      "-" if r["last_heard_s"] is None else f"{1e3 * r['last_heard_s']:.0f} ms ago"] for r in rows]))
+        print(f"requests go to boards {','.join(map(str, members)) or 'none'} "
+              f"({len(members)} of {len(rows)} agree they hear each other)")
+    return 0 if members else 1
+
+
+def cmd_profile(args, progress) -> int:
+    from robustpart.runtime.profile import profile_board, write_profile
+    profile = profile_board(args.bundle, args.device, args.provider, args.threads, args.repeats, args.batch)
+    path = write_profile(args.bundle, profile)
+    progress.done()
+    if args.json:
+        print(json.dumps(profile))
+        return 0
+    from robustpart.report import table
+    print(table(["stage", "unit", "ms p50", "ms p90"], [[str(s["stage"]), str(s["unit"]), f"{s['ms_p50']:.3f}",
+                                                      f"{s['ms_p90']:.3f}"] for s in profile["stages"]]))
+    takeovers = ", ".join(f"board {b} {ms:.1f} ms" for b, ms in profile["takeover_load_ms"].items()) or "none"
+    print(f"board {args.device}: {profile['total_ms_p50']:.3f} ms per batch of {args.batch} in its shards "
+          f"(p50 sums); sessions opened in {profile['load_ms']:.1f} ms; a takeover loads {takeovers}")
+    print(f"written to {path}")
+    return 0
+
+
 def cmd_unit(args, progress) -> int:
     from robustpart.runtime.manifest import load_manifest
     from robustpart.runtime.service import systemd_unit
@@ -549,7 +607,8 @@ def _key_is_used(inventory) -> None:
 COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "finetune": cmd_finetune,
             "explore": cmd_explore,
             "demo": cmd_demo,
-            "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys, "unit": cmd_unit}
+            "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys, "unit": cmd_unit,
+            "status": cmd_status, "profile": cmd_profile}
 
 
 # ---- the boundary: every argument checked before the command runs (and before torch is imported) -------------
@@ -732,6 +791,19 @@ def check_serve(args) -> None:
     _check_mesh(args)
 
 
+def check_profile(args) -> None:
+    _check_board(args)
+    checks.check_int(args.repeats, "--repeats", 1, error=UsageError)
+    checks.check_int(args.batch, "--batch", 1, error=UsageError)
+
+
+def check_status(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    if not 0 < args.seconds <= 600:
+        raise UsageError(f"--seconds must be in (0, 600], got {args.seconds:g}")
+    _check_mesh(args)
+
+
 def check_unit(args) -> None:
     _check_board(args)
     if args.key is not None:
@@ -783,7 +855,8 @@ def check_keys(args) -> None:
 CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check_inspect, "finetune": check_finetune,
           "explore": check_explore,
           "demo": check_demo,
-          "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys, "unit": check_unit}
+          "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys, "unit": check_unit,
+          "status": check_status, "profile": check_profile}
 
 
 # ---- the one place an exception becomes the one-line form -------------------------------------------------------

@@ -396,6 +396,7 @@ class BoardMachine(Machine):
         self._to_client(req.session, frames, "results")
         if owner < 0:
             del self.requests[(req.session, req.rid)]
+            self.stats["answered"] += 1
 
     # ---- housekeeping ----------------------------------------------------------------------------------
 
@@ -412,7 +413,8 @@ class BoardMachine(Machine):
             self._actions.append(SendPeer(p, self.boards.hello(p, self._view()), "hello"))
 
     def _beat(self, now: float) -> None:
-        beat = wire.heartbeat(self.me, self.incarnation, self._view(), covers=self.takeovers.mask())
+        beat = wire.heartbeat(self.me, self.incarnation, self._view(), covers=self.takeovers.mask(),
+                              served=self.stats["answered"])
         for p in self.peers:
             if self.liveness.is_alive(p):
                 self._actions.append(SendPeer(p, beat, "heartbeats"))

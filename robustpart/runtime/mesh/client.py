@@ -92,6 +92,22 @@ class MeshClient:
             self._service(min(self.settings.heartbeat, end - time.monotonic()))
         return wire.boards_of(self.members())
 
+    def snapshot(self) -> list[dict]:
+        """What this client sees of every board now: up or not, its incarnation, the boards it says it hears
+        and has taken over, the requests it says it has answered, seconds since it was last heard."""
+        now, m = time.monotonic(), self.machine
+        rows = []
+        for b in range(self.n):
+            state = m.liveness.peers[b]
+            heard = state.incarnation != 0
+            rows.append({"board": b, "address": self.inventory.boards[b].address, "up": state.alive,
+                         "incarnation": state.incarnation if heard else None,
+                         "hears": list(wire.boards_of(state.view)) if state.alive else None,
+                         "covers": list(wire.boards_of(m.covers.get(b, 0))) if state.alive else [],
+                         "served": m.served.get(b) if heard else None,
+                         "last_heard_s": round(now - state.last_heard, 3) if heard else None})
+        return rows
+
     def no_boards_reason(self) -> str:
         """Why no board joined, for an error message."""
         refused = self.machine.boards.refused_peers()

@@ -90,6 +90,7 @@ class ClientMachine(Machine):
         self.next_rid = 1                          # the id of the next Submit
         self.next_beat = float("-inf")
         self.covers: dict[int, int] = {}           # board -> the dead boards it says it has taken over
+        self.served: dict[int, int] = {}           # board -> requests it says it has answered
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due: a heartbeat, a possible liveness change or a request's deadline."""
@@ -168,6 +169,7 @@ class ClientMachine(Machine):
         self._heard(b, h.incarnation, now, view=h.mask if h.kind == Kind.HEARTBEAT else None)
         if h.kind == Kind.HEARTBEAT:
             self.covers[b] = h.covers
+            self.served[b] = h.request
         elif h.kind == Kind.RESULT:
             self._on_result(h, payload, now)
 

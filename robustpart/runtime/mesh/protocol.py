@@ -156,9 +156,10 @@ def parse_hello(frames) -> dict:
 
 
 def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, watermark: int = 0,
-              covers: int = 0) -> list:
-    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, mask=view, watermark=watermark,
-                   covers=covers).pack()]
+              covers: int = 0, served: int = 0) -> list:
+    """`served`: a board's count of requests answered so far (in the request field, unused otherwise)."""
+    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, request=served, mask=view,
+                   watermark=watermark, covers=covers).pack()]
 
 
 def bye(sender: int, incarnation: int, session: int = 0) -> list:

@@ -3,7 +3,8 @@
 - DEALERs set IMMEDIATE: messages are queued only on a live connection, so a dead or restarting peer
   does not collect a backlog of stale frames, and a send to it fails at once (EAGAIN) instead.
 - Every send is NOBLOCK and bounded by SNDHWM: a frozen peer fills its queue, further sends to it are
-  dropped and counted, the sender never waits. LINGER 0: closing never waits for unsent messages.
+  dropped and counted, the sender never waits. LINGER 0: closing never waits for unsent messages (except
+  a board's clean stop, which gives its goodbyes 200 ms: board.py).
 - The ROUTER is ROUTER_MANDATORY so that replies to a client that went away are counted as drops.
 - PUB/SUB is not used for feature maps: it silently drops messages while subscriptions propagate.
 """

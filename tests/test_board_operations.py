@@ -1,10 +1,13 @@
-"""SIGTERM: a board leaves the mesh cleanly. Its peers and the client count it dead when its goodbye (BYE)
-arrives, long before the liveness timeout, and the mesh answers on without it (real processes)."""
+"""Operating boards: a board stopped with SIGTERM leaves the mesh cleanly (its peers and the client count it
+dead when its goodbye arrives, long before the liveness timeout, and the mesh answers on without it);
+`status` shows the live mesh; `unit` prints the systemd service; `profile` times a board's shards (real
+processes, no torch)."""
 import time
 
 import numpy as np
 import pytest
 
+from robustpart.runtime import load_manifest
 from robustpart.runtime.mesh import MeshSettings
 
 from mesh_helpers import References, start_mesh
@@ -64,3 +67,51 @@ def test_the_unit_runs_serve_for_the_board_restarts_on_failure_and_stops_with_si
         assert done.returncode == 0, done.stderr
     assert main(["unit", str(ASSETS / "mesh"), "--device", "4"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_status_shows_every_board_what_it_hears_and_what_it_answered(bundle, images, tmp_path, capsys):
+    """`robustpart status`, run from the command line while the mesh serves: every board up with its
+    incarnation and the boards it hears, the requests it answered; after a kill -9, that board down and
+    the others no longer hearing it."""
+    import json as json_
+    from robustpart.cli.main import main
+    from mesh_helpers import SETTINGS
+    cluster, client = start_mesh(bundle, tmp_path / "cluster", SETTINGS)
+    try:
+        for i in range(5):
+            client.infer(images[i:i + 1])
+        args = ["status", str(bundle), "--seconds", "0.5", "--json", "--peers", str(cluster.inventory_file),
+                *SETTINGS.as_args()]
+        assert main(args) == 0
+        healthy = json_.loads(capsys.readouterr().out)
+        cluster.kill(2)
+        time.sleep(SETTINGS.timeout + 3 * SETTINGS.heartbeat)
+        assert main(args) == 0
+        after = json_.loads(capsys.readouterr().out)
+    finally:
+        client.close()
+        cluster.close()
+    assert healthy["answering"] == [0, 1, 2, 3]
+    assert all(r["up"] and r["hears"] == [0, 1, 2, 3] and r["incarnation"] for r in healthy["boards"])
+    assert all(r["served"] >= 5 for r in healthy["boards"])      # every board answers its slice of each
+    assert after["answering"] == [0, 1, 3] and not after["boards"][2]["up"]
+    assert all(after["boards"][b]["hears"] == [0, 1, 3] for b in (0, 1, 3))
+
+
+def test_profile_times_every_shard_of_the_board_and_the_takeovers_it_would_do(tmp_path, capsys):
+    import json as json_
+    import shutil
+    from robustpart.cli.main import main
+    from fixture_bundles import ASSETS
+    bundle = tmp_path / "b"
+    shutil.copytree(ASSETS / "mesh", bundle)
+    assert main(["profile", str(bundle), "--device", "1", "--repeats", "5"]) == 0
+    printed = capsys.readouterr().out
+    profile = json_.loads((bundle / "profile_1.json").read_text())
+    working = [s.index for s in load_manifest(bundle).stages if s.shards[1].has_work]
+    assert [s["stage"] for s in profile["stages"]] == working and "written to" in printed
+    assert all(0 < s["ms_p50"] <= s["ms_p90"] for s in profile["stages"]) and profile["load_ms"] > 0
+    assert sorted(profile["takeover_load_ms"]) == ["0", "2", "3"]     # board 1 backs up every other board
+    assert main(["profile", str(bundle), "--device", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert not (bundle / "profile_9.json").exists()
