@@ -87,6 +87,16 @@ def test_liveness_after_a_stall_of_the_observer_listens_before_it_declares_anyon
     assert live.check(1.25) == [] and live.check(1.37) == [1]   # normal detection again
 
 
+def test_liveness_of_an_observer_busy_for_longer_than_the_stall_gap_still_detects():
+    """A board whose every shard takes 0.4 s (checks 0.4 s apart, each gap a 'stall'): the check after a
+    listening window judges, so a silent peer is declared dead one check late at most."""
+    live = Liveness([1], timeout=0.3, heartbeat=0.05)
+    live.heard(1, 100, now=0.0)
+    live.check(0.05)
+    found = [t for t in (0.45, 0.85, 1.25) if live.check(t) == [1]]
+    assert found and found[0] <= 0.85
+
+
 def test_liveness_rejoin_restart_and_stale_frames():
     live = Liveness([1], timeout=0.3)
     live.heard(1, 100, now=0.0, view=0b11)

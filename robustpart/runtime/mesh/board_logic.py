@@ -88,6 +88,7 @@ class BoardMachine(Machine):
         self.last_client_hello: dict[int, float] = {}   # session -> when we last asked it to greet us
         self.takeovers = Takeovers(me, spec, settings.takeover)
         self.fp16 = spec.wire == "fp16"        # stage slices at float16, the board's own copy included
+        self.answered = 0                      # requests answered (reported in heartbeats: robustpart status)
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due (`now`: a shard is ready to run)."""
@@ -396,7 +397,7 @@ class BoardMachine(Machine):
         self._to_client(req.session, frames, "results")
         if owner < 0:
             del self.requests[(req.session, req.rid)]
-            self.stats["answered"] += 1
+            self.answered += 1
 
     # ---- housekeeping ----------------------------------------------------------------------------------
 
@@ -414,7 +415,7 @@ class BoardMachine(Machine):
 
     def _beat(self, now: float) -> None:
         beat = wire.heartbeat(self.me, self.incarnation, self._view(), covers=self.takeovers.mask(),
-                              served=self.stats["answered"])
+                              served=self.answered)
         for p in self.peers:
             if self.liveness.is_alive(p):
                 self._actions.append(SendPeer(p, beat, "heartbeats"))

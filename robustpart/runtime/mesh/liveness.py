@@ -12,6 +12,8 @@ Silence is only held against a peer while this observer was listening. An observ
 heartbeat; a longer gap between two checks means it was not running (descheduled on a loaded machine,
 stopped), and its peers' messages from that time may still sit unread in its sockets. After such a stall it
 listens for half a timeout before it declares anyone dead, instead of declaring every peer dead at once.
+The check after that judges whatever the gap before it, so a board whose shards keep it busy for longer
+than the stall gap (a large model) still declares a dead peer dead, one check later at most.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ class Liveness:
         self.stall_gap = float("inf") if heartbeat is None else max(timeout / 2, 1.5 * heartbeat)
         self.grace = timeout / 2                              # how long to listen after a stall
         self.last_check = float("-inf")
-        self.listening_since = float("-inf")
+        self.listen_until = float("-inf")     # after a stall: no judgement before this
+        self.listening = False                # in that window, or its first check after it not yet done
 
     def heard(self, peer: int, incarnation: int, now: float, view: int | None = None) -> str | None:
         """Record a message from `peer`; returns the transition it caused (JOINED, REJOINED, RESTARTED),
@@ -65,11 +68,13 @@ class Liveness:
     def check(self, now: float) -> list[int]:
         """Mark peers silent for longer than the timeout dead; returns the newly dead (none while this
         observer listens again after a stall)."""
-        if now - self.last_check > self.stall_gap and self.last_check > float("-inf"):
-            self.listening_since = now
+        stalled = self.last_check > float("-inf") and now - self.last_check > self.stall_gap
         self.last_check = now
-        if now - self.listening_since < self.grace:
+        if stalled and not self.listening:
+            self.listen_until, self.listening = now + self.grace, True
+        if now < self.listen_until:
             return []
+        self.listening = False
         dead = [p for p, s in self.peers.items() if s.alive and now - s.last_heard > self.timeout]
         for p in dead:
             self.peers[p].alive = False
@@ -88,7 +93,7 @@ class Liveness:
         times = [s.last_heard + self.timeout - now for s in self.peers.values() if s.alive]
         if not times:
             return float("inf")
-        return max(0.0, min(times), self.listening_since + self.grace - now)
+        return max(0.0, min(times), self.listen_until - now)
 
     def alive(self) -> list[int]:
         return [p for p, s in self.peers.items() if s.alive]

@@ -215,7 +215,7 @@ class PipelineBoardMachine(BoardMachine):
         frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output)]
         self._to_client(req.session, frames, "results")
         self.requests.pop((req.session, req.rid), None)
-        self.stats["answered"] += 1
+        self.answered += 1
 
     # ---- helpers -----------------------------------------------------------------------------------------
 
