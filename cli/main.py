@@ -262,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON")
 
+    pk = sub.add_parser("pack", help="what board K needs of a bundle (its shards, those it backs up, the data, "
+                                     "the inventory, its key) as a folder or a .tar.gz, with hashes")
+    pk.add_argument("bundle", type=Path)
+    pk.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
+    pk.add_argument("--out", "-o", type=Path, required=True, help="a folder, or FILE.tar.gz")
+    pk.add_argument("--peers", type=Path, help="the inventory to include (default: the bundle's boards.json)")
+    pk.add_argument("--key", type=Path, help="the board's CURVE secret key file to include")
+    up = sub.add_parser("unpack", help="extract a board's .tar.gz pack to a folder, checking every file's hash")
+    up.add_argument("archive", type=Path)
+    up.add_argument("--out", "-o", type=Path, required=True)
+
     u = sub.add_parser("unit", help="print the systemd unit that runs board K of a bundle as a service")
     u.add_argument("bundle", type=Path)
     u.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
@@ -576,6 +587,20 @@ def cmd_profile(args, progress) -> int:
     return 0
 
 
+def cmd_pack(args, progress) -> int:
+    from robustpart.runtime.pack import pack_board
+    path = pack_board(args.bundle, args.device, args.out, args.peers, args.key)
+    print(f"board {args.device}'s pack written to {path}")
+    return 0
+
+
+def cmd_unpack(args, progress) -> int:
+    from robustpart.runtime.pack import PACK_INDEX, unpack
+    path = unpack(args.archive, args.out)
+    print(f"unpacked to {path}; every file matches {PACK_INDEX}")
+    return 0
+
+
 def cmd_unit(args, progress) -> int:
     from robustpart.runtime.manifest import load_manifest
     from robustpart.runtime.service import systemd_unit
@@ -608,7 +633,7 @@ COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_ins
             "explore": cmd_explore,
             "demo": cmd_demo,
             "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys, "unit": cmd_unit,
-            "status": cmd_status, "profile": cmd_profile}
+            "status": cmd_status, "profile": cmd_profile, "pack": cmd_pack, "unpack": cmd_unpack}
 
 
 # ---- the boundary: every argument checked before the command runs (and before torch is imported) -------------
@@ -791,6 +816,21 @@ def check_serve(args) -> None:
     _check_mesh(args)
 
 
+def check_pack(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    checks.check_int(args.device, "--device", 0, hint=" (the board's id)", error=UsageError)
+    for option, path in (("--peers", args.peers), ("--key", args.key)):
+        if path is not None:
+            checks.check_existing(path, option, "file", error=UsageError)
+    checks.check_output_dir(args.out.parent if args.out.name.endswith(".tar.gz") else args.out, "--out",
+                            replaces=not args.out.name.endswith(".tar.gz"))
+
+
+def check_unpack(args) -> None:
+    checks.check_existing(args.archive, "archive", "file", error=UsageError)
+    checks.check_output_dir(args.out, "--out")
+
+
 def check_profile(args) -> None:
     _check_board(args)
     checks.check_int(args.repeats, "--repeats", 1, error=UsageError)
@@ -856,7 +896,7 @@ CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check
           "explore": check_explore,
           "demo": check_demo,
           "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys, "unit": check_unit,
-          "status": check_status, "profile": check_profile}
+          "status": check_status, "profile": check_profile, "pack": check_pack, "unpack": check_unpack}
 
 
 # ---- the one place an exception becomes the one-line form -------------------------------------------------------

@@ -115,3 +115,38 @@ def test_profile_times_every_shard_of_the_board_and_the_takeovers_it_would_do(tm
     assert main(["profile", str(bundle), "--device", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert not (bundle / "profile_9.json").exists()
+
+
+def test_a_pack_holds_what_its_board_reads_and_is_checked_when_unpacked(tmp_path, capsys):
+    import io
+    import json as json_
+    import shutil
+    import tarfile
+    from robustpart.cli.main import main
+    from robustpart.runtime.manifest import check_files
+    from fixture_bundles import ASSETS
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ASSETS / "mesh", bundle)
+    manifest = json_.loads((bundle / "manifest.json").read_text())
+    manifest["backups"] = [[1], [2], [3], [0]]                 # board 1 keeps board 0's shards only
+    (bundle / "manifest.json").write_text(json_.dumps(manifest))
+    assert main(["pack", str(bundle), "--device", "1", "--out", str(tmp_path / "p1")]) == 0
+    pack = tmp_path / "p1"
+    shards = sorted(p.name for p in (pack / "shards").iterdir())
+    assert shards and all(name.endswith(("_b0.onnx", "_b1.onnx")) for name in shards)
+    assert {p.name for p in pack.iterdir()} == {"manifest.json", "shards", "compensation.npz", "PACK.json"}
+    check_files(load_manifest(pack, boards=[1]), [0, 1])       # what serve and a takeover of board 0 check
+    assert main(["pack", str(bundle), "--device", "1", "--out", str(tmp_path / "p1.tar.gz")]) == 0
+    assert main(["unpack", str(tmp_path / "p1.tar.gz"), "--out", str(tmp_path / "u1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "u1" / "shards").iterdir()) == shards
+    # a file changed in transfer: refused, nothing left at --out
+    with tarfile.open(tmp_path / "p1.tar.gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as tar:
+        for member, data in members:
+            if member.name == "compensation.npz":
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    capsys.readouterr()
+    assert main(["unpack", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "u2")]) == 2
+    assert "does not match its SHA-256" in capsys.readouterr().err and not (tmp_path / "u2").exists()

@@ -8,6 +8,7 @@ JSON against it first, so a malformed file gets a message that names the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -409,20 +410,26 @@ def _check_structure(m: Manifest) -> None:
             raise BundleError(f"{where}: {len(stage.fill_values)} fill values for {channels} channels")
 
 
-def check_files(m: Manifest, boards: list[int] | None = None) -> None:
-    """Every file the manifest names for `boards` (default all) and the head and compensation data: inside
-    the bundle, present, and matching its SHA-256."""
+def bundle_files(m: Manifest, boards: Iterable[int] | None = None) -> list[tuple[str, str]]:
+    """(file, SHA-256) of every file the manifest names for `boards` (default all): their shards (a cut
+    stage's file, shared by a group, once), and the adapters, head and compensation data."""
     boards = range(m.boards) if boards is None else boards
-    files = [(stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages for b in boards
-             if stage.shards[b].has_work]
+    files = list(dict.fromkeys((stage.shards[b].file, stage.shards[b].sha256) for stage in m.stages
+                               for b in boards if stage.shards[b].has_work))
     if m.pipeline and m.pipeline.adapters:
         files.append((m.pipeline.adapters.file, m.pipeline.adapters.sha256))
     if m.head:
         files.append((m.head.file, m.head.sha256))
     if m.compensation:
         files.append((m.compensation.file, m.compensation.sha256))
+    return files
+
+
+def check_files(m: Manifest, boards: list[int] | None = None) -> None:
+    """Every file the manifest names for `boards` (default all) and the head and compensation data: inside
+    the bundle, present, and matching its SHA-256."""
     root = m.root.resolve()
-    for name, digest in files:
+    for name, digest in bundle_files(m, boards):
         path = m.root / name
         if not path.resolve().is_relative_to(root):
             raise BundleError(f"shard path {name!r} points outside the bundle directory; compile the bundle again")
