@@ -5,6 +5,7 @@ then restored.
 
 Needs root and `ip` with netns, veth and bridge support; skipped with the reason otherwise.
 """
+import itertools
 import os
 import shutil
 import subprocess
@@ -31,8 +32,12 @@ def ip(*args, check=True):
 class Namespaces:
     """Board k in namespace ns_k at SUBNET.(k+1); a bridge in this namespace at SUBNET.254 reaches them all."""
 
+    made = itertools.count()
+
     def __init__(self, boards):
-        tag = os.getpid() % 100000
+        # names never reused in a run: deleting a namespace removes its veth peer asynchronously, so an
+        # interface of the same name made right after can fail with "File exists" (seen in CI)
+        tag = f"{os.getpid() % 10000}{next(Namespaces.made) % 100}"
         self.ns = [f"rpm{tag}b{k}" for k in range(boards)]
         self.veth = [f"rpv{tag}b{k}" for k in range(boards)]
         self.bridge = f"rpbr{tag}"
