@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import BundleError, ConfigError, DataError, PlanError, RobustpartError
 
 BUNDLE_MARKER = "model.json"     # every bundle has it (bundle.REQUIRED); a directory without it is not one
+OUTPUT_MARKERS = (BUNDLE_MARKER, "PACK.json")   # what an --out folder may already hold: a bundle, or a board's pack
 
 
 def mesh_board_limit() -> int:
@@ -80,8 +81,9 @@ def _too_long(path: Path, option: str) -> None:
 
 def check_output_dir(path: Path | str, option: str = "--out", replaces: bool = True) -> Path:
     """`path` can be created (or, with `replaces`, replaced by a new bundle): it is not a file, nothing above
-    it is a file, its nearest existing parent is writable, and an existing directory there is empty or a
-    bundle (a compile replaces the whole directory, so it must not be someone's folder of other things)."""
+    it is a file, its nearest existing parent is writable, and an existing directory there is empty, a
+    bundle or a board's pack (a compile or pack replaces the whole directory, so it must not be someone's
+    folder of other things)."""
     path = Path(os.path.abspath(path))
     _too_long(path, option)
     if _exists(path, option):
@@ -92,7 +94,7 @@ def check_output_dir(path: Path | str, option: str = "--out", replaces: bool = T
                 entries = [p.name for p in path.iterdir()]
             except OSError as exc:
                 raise BundleError(f"{option} {path} cannot be read ({exc.strerror or exc})") from None
-            if entries and BUNDLE_MARKER not in entries:
+            if entries and not set(OUTPUT_MARKERS) & set(entries):
                 raise BundleError(f"{option} {path} is a directory that holds no bundle (no {BUNDLE_MARKER}) but "
                                   f"{len(entries)} other entries; a compile replaces the whole directory, so choose a "
                                   f"new or empty one")

@@ -4,11 +4,10 @@ accuracy as a dashed line). matplotlib (the compiler extra) draws off-screen; PN
 suffix, written atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import UsageError
+from .runtime.files import write_file_atomically
 
 FORMATS = (".png", ".svg")
 
@@ -84,14 +83,7 @@ def plot_front(result, path: str | Path) -> Path:
 
 
 def _save(plt, fig, path: Path) -> Path:
-    """Write the figure to a temporary file beside `path`, then rename it there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format=path.suffix[1:].lower())
-        os.replace(tmp, path)
+        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower()))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -136,6 +136,11 @@ def test_a_pack_holds_what_its_board_reads_and_is_checked_when_unpacked(tmp_path
     assert shards and all(name.endswith(("_b0.onnx", "_b1.onnx")) for name in shards)
     assert {p.name for p in pack.iterdir()} == {"manifest.json", "shards", "compensation.npz", "PACK.json"}
     check_files(load_manifest(pack, boards=[1]), [0, 1])       # what serve and a takeover of board 0 check
+    assert main(["pack", str(bundle), "--device", "1", "--out", str(pack)]) == 0     # an earlier pack is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(["pack", str(bundle), "--device", "1", "--out", str(tmp_path / "notes")]) == 2   # not a pack
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     assert main(["pack", str(bundle), "--device", "1", "--out", str(tmp_path / "p1.tar.gz")]) == 0
     assert main(["unpack", str(tmp_path / "p1.tar.gz"), "--out", str(tmp_path / "u1")]) == 0
     assert sorted(p.name for p in (tmp_path / "u1" / "shards").iterdir()) == shards

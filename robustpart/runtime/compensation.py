@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError
-from .hashing import sha256_file
+from .files import sha256_file
 
 FIELDS = ("scale", "shift", "lost", "fill", "recon", "recon_index")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError
-from .hashing import sha256_file
+from .files import sha256_file
 from .schema import MANIFEST_SCHEMA, SCHEMA_VERSION, schema_errors
 
 MANIFEST = "manifest.json"

@@ -3,21 +3,22 @@
 A pack holds the manifest, board K's shards, the shards of every board it backs up (it loads them when it
 takes that board over: runtime/takeover.py), the head, the adapters and the compensation data where the
 bundle has them, the inventory (boards.json) and, if given, the board's CURVE secret key; and PACK.json,
-the SHA-256 of every file in it. Written as a directory or, for a name ending in .tar.gz, an archive, each
-atomically; `unpack` extracts an archive (refusing any path that leaves the folder) and checks every file
-against PACK.json before the folder is put in place.
+the SHA-256 of every file in it. Written as a directory (atomically, as a bundle is: bundle.write_atomically)
+or, for a name ending in .tar.gz, an archive (a temporary file renamed into place); `unpack` extracts an
+archive (refusing anything but plain files inside the folder) and checks every file against PACK.json
+before the folder is put in place.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
+from ..bundle import write_atomically
 from ..errors import BundleError
-from .hashing import sha256_file
+from .files import sha256_file, write_file_atomically
 from .manifest import MANIFEST, bundle_files, load_manifest
 
 PACK_INDEX = "PACK.json"
@@ -41,28 +42,28 @@ def pack_board(bundle: Path | str, device: int, out: Path | str, peers: Path | s
         sources[INVENTORY] = inventory
     if key is not None:
         sources[f"board{device}.key_secret"] = Path(key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(folder: Path) -> None:
         index = {}
         for name, source in sources.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, tmp / name)
-            index[name] = sha256_file(tmp / name)
-        (tmp / PACK_INDEX).write_text(json.dumps({"board": device, "boards": manifest.boards, "files": index},
-                                                 indent=1))
-        if out.name.endswith(".tar.gz"):
-            archive = tmp.with_suffix(".tar.gz")
-            with tarfile.open(archive, "w:gz") as tar:
-                for name in sorted([*index, PACK_INDEX]):
-                    tar.add(tmp / name, arcname=name)
-            os.replace(archive, out)
-        else:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+            index[name] = sha256_file(folder / name)
+        (folder / PACK_INDEX).write_text(json.dumps({"board": device, "boards": manifest.boards, "files": index},
+                                                    indent=1))
+
+    if not out.name.endswith(".tar.gz"):
+        return write_atomically(out, fill)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
+        fill(Path(staging))
+
+        def archive(tmp: Path) -> None:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for name in sorted(p.relative_to(staging).as_posix() for p in Path(staging).rglob("*")
+                                   if p.is_file()):
+                    tar.add(Path(staging) / name, arcname=name)
+
+        return write_file_atomically(out, archive)
 
 
 def check_pack(folder: Path | str) -> dict:
@@ -83,10 +84,10 @@ def check_pack(folder: Path | str) -> dict:
 
 
 def unpack(archive: Path | str, out: Path | str) -> Path:
-    """Extract a .tar.gz pack to `out`, checked, then put in place (an earlier `out` is replaced)."""
-    archive, out = Path(archive), Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Extract a .tar.gz pack to `out`, checked, then put in place (an earlier pack there is replaced)."""
+    archive = Path(archive)
+
+    def extract(folder: Path) -> None:
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 members = tar.getmembers()
@@ -95,13 +96,9 @@ def unpack(archive: Path | str, out: Path | str) -> Path:
                         raise BundleError(f"{archive}: member {m.name!r} is not a file inside the pack; "
                                           f"pack the board again")
                 safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}   # Python >= 3.11.4
-                tar.extractall(tmp, members, **safe)
+                tar.extractall(folder, members, **safe)
         except (tarfile.TarError, OSError) as exc:
             raise BundleError(f"{archive} is not a readable pack ({exc}); pack the board again") from exc
-        check_pack(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        check_pack(folder)
+
+    return write_atomically(Path(out), extract)

@@ -9,15 +9,14 @@ failure set comes from it, downtime from the load times.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .executor import open_session, resolve_providers, session_options
+from .files import write_file_atomically
 from .manifest import check_files, load_manifest
 
 
@@ -73,12 +72,4 @@ def profile_board(bundle: Path | str, device: int, provider: str = "cpu", thread
 def write_profile(bundle: Path | str, profile: dict) -> Path:
     """`profile_K.json` next to the manifest, written to a temporary file first and renamed into place."""
     path = Path(bundle) / f"profile_{profile['board']}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(profile, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_file_atomically(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=1)))
