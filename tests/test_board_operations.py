@@ -10,7 +10,7 @@ import pytest
 from robustpart.runtime import load_manifest
 from robustpart.runtime.mesh import MeshSettings
 
-from mesh_helpers import References, start_mesh
+from mesh_helpers import DEADLINE_S, References, start_mesh
 
 pytestmark = pytest.mark.board
 
@@ -94,8 +94,12 @@ def test_status_shows_every_board_what_it_hears_and_what_it_answered(bundle, ima
     assert healthy["answering"] == [0, 1, 2, 3]
     assert all(r["up"] and r["hears"] == [0, 1, 2, 3] and r["incarnation"] for r in healthy["boards"])
     assert all(r["served"] >= 5 for r in healthy["boards"])      # every board answers its slice of each
+    assert all(0 < r["latency_ms"] < 1e3 * DEADLINE_S for r in healthy["boards"])   # its recent answers' median
+    assert healthy["technique"] == "full model"
     assert after["answering"] == [0, 1, 3] and not after["boards"][2]["up"]
     assert all(after["boards"][b]["hears"] == [0, 1, 3] for b in (0, 1, 3))
+    assert after["boards"][2]["latency_ms"] is None
+    assert after["technique"] == "compensated for boards 2"      # no takeover in these settings
 
 
 def test_profile_times_every_shard_of_the_board_and_the_takeovers_it_would_do(tmp_path, capsys):
@@ -155,3 +159,46 @@ def test_a_pack_holds_what_its_board_reads_and_is_checked_when_unpacked(tmp_path
     capsys.readouterr()
     assert main(["unpack", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "u2")]) == 2
     assert "does not match its SHA-256" in capsys.readouterr().err and not (tmp_path / "u2").exists()
+
+
+def test_serve_metrics_count_answers_traffic_and_a_detection(bundle, images, tmp_path):
+    """`serve --metrics HOST:PORT`: Prometheus text from a real board process, scraped over HTTP while the
+    mesh serves; a kill -9 of another board shows as a detection and one peer fewer."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    from robustpart.runtime.mesh import LocalCluster, MeshClient
+    from robustpart.runtime.mesh.cluster import free_ports
+    from mesh_helpers import SETTINGS
+    ports = free_ports(4)
+    cluster = LocalCluster(bundle, SETTINGS, workdir=tmp_path / "cluster",
+                           serve_options=lambda b: ["--metrics", f"127.0.0.1:{ports[b]}"])
+    client = None
+    try:
+        cluster.start().wait_started()
+        client = MeshClient(bundle, inventory=cluster.inventory, settings=SETTINGS, deadline=DEADLINE_S)
+        assert client.wait_ready(10) == (0, 1, 2, 3)
+        healthy = [client.infer(images[i:i + 1]) for i in range(6)]
+        cluster.kill(2)
+        time.sleep(SETTINGS.timeout + 3 * SETTINGS.heartbeat)
+        after = [client.infer(images[i:i + 1]) for i in range(4)]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5).read().decode()
+        ready = [e for e in cluster.events(0) if e["event"] == "ready"]
+    finally:
+        if client is not None:
+            client.close()
+        cluster.close()
+    assert all(a.consistent for a in healthy + after) and after[-1].failed == (2,)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    value = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0)   # noqa: E731
+    assert ready and ready[0]["metrics"] == f"127.0.0.1:{ports[0]}"
+    assert value("robustpart_requests_answered_total") == 10
+    assert value("robustpart_answer_seconds_count") == 10 and 0 < value("robustpart_answer_seconds_sum") < 10 * DEADLINE_S
+    assert value("robustpart_stage_wait_seconds_count") > 0
+    assert value("robustpart_events_total", event="dead") == 1 and value("robustpart_events_total", event="joined") == 3
+    assert value("robustpart_sent_bytes_total") > 0 and value("robustpart_received_bytes_total") > 0
+    assert value("robustpart_peers_alive") == 2
+    info = [k for k in samples if k[0] == "robustpart_board_info"]
+    assert info and dict(info[0][1])["board"] == "0"

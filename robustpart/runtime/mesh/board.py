@@ -30,6 +30,7 @@ from .board_logic import BoardMachine
 from .events import TICK, Leave, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .keys import load_secret_key, start_authenticator
 from .liveness import DEAD
+from .metrics import BoardMetrics
 from .peers import Inventory, load_inventory
 from .pipeline_logic import PipelineBoardMachine
 from .settings import MeshSettings
@@ -48,7 +49,8 @@ class DeviceServer:
 
     def __init__(self, bundle: Path | str, device: int, inventory: Inventory | None = None,
                  settings: MeshSettings | None = None, provider: str = "cpu", threads: int = 1,
-                 key_file: Path | str | None = None, bind: str | None = None, events: Path | str | None = None):
+                 key_file: Path | str | None = None, bind: str | None = None, events: Path | str | None = None,
+                 metrics: str | None = None):
         self.manifest = load_manifest(bundle, boards=[device])          # verifies this board's shard hashes
         self.me, self.n = int(device), self.manifest.boards
         self.settings = settings or MeshSettings()
@@ -79,8 +81,10 @@ class DeviceServer:
         self._events = open(events, "a", buffering=1) if events else None
 
         self.context = zmq.Context(io_threads=1)
-        self.auth = None
+        self.auth = self.metrics = None
         try:
+            if metrics is not None:
+                self.metrics = BoardMetrics(metrics, self.me, self.n, self.incarnation, bundle_id, self.machine)
             keys = None
             if self.inventory.curve:
                 keys = load_secret_key(key_file, f"board {self.me}")
@@ -103,6 +107,9 @@ class DeviceServer:
                 sock.close(LEAVE_LINGER_MS)        # long enough for the goodbyes to go out
         if self.auth is not None:
             self.auth.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self.context.term()
         if self._events:
             self._events.close()
@@ -112,7 +119,7 @@ class DeviceServer:
         """Serve until `stop()` (or SIGTERM/SIGINT via `serve`), or for `max_seconds`."""
         end = None if max_seconds is None else time.monotonic() + max_seconds
         self._emit("ready", endpoint=self.router.getsockopt(zmq.LAST_ENDPOINT).decode(), pid=os.getpid(),
-                   incarnation=self.incarnation)
+                   incarnation=self.incarnation, **({"metrics": self.metrics.address} if self.metrics else {}))
         try:
             while not self._stop.is_set() and (end is None or time.monotonic() < end):
                 now = time.monotonic()
@@ -126,6 +133,10 @@ class DeviceServer:
                     self.loads.pop(done.board).join()
                     self._execute(self.machine.handle(done, time.monotonic()))
                 self._execute(self.machine.handle(TICK, time.monotonic()))
+                if self.metrics is not None:
+                    self.metrics.observe(self.machine.timings)
+                else:
+                    self.machine.timings.clear()
             self._execute(self.machine.handle(Leave(), time.monotonic()))   # a clean stop: say goodbye
         finally:
             self._emit("stopped", stats=dict(self.stats))
@@ -196,6 +207,8 @@ class DeviceServer:
 
     def _emit(self, event: str, **fields) -> None:
         record = {"t": time.time(), "board": self.me, "event": event, **fields}
+        if self.metrics is not None:
+            self.metrics.event(event)
         level = logging.ERROR if event == "refused" else logging.WARNING if event == DEAD else logging.INFO
         log.log(level, "board %d: %s %s", self.me, event, {k: v for k, v in fields.items() if k != "stats"})
         if self._events:
@@ -216,11 +229,11 @@ def held_adapters(manifest, board: int):
 
 def serve(bundle: Path | str, device: int, peers: str | None = None, settings: MeshSettings | None = None,
           provider: str = "cpu", threads: int = 1, key_file: str | None = None, bind: str | None = None,
-          events: str | None = None, max_seconds: float | None = None) -> dict:
+          events: str | None = None, max_seconds: float | None = None, metrics: str | None = None) -> dict:
     """`robustpart serve`: run board `device` until SIGTERM/SIGINT; returns its counters."""
     manifest = load_manifest(bundle, boards=[device], verify=False)
     inventory = load_inventory(peers, bundle, manifest.boards)
-    server = DeviceServer(bundle, device, inventory, settings, provider, threads, key_file, bind, events)
+    server = DeviceServer(bundle, device, inventory, settings, provider, threads, key_file, bind, events, metrics)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())

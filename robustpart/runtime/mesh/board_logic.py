@@ -16,6 +16,7 @@ One shard runs at a time: a tick starts the next ready request's stage (RunShard
 """
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ from .protocol import CLIENT, FLAG_FP16, Header, Kind, ProtocolError
 from .settings import MeshSettings
 from .spec import Assemble, MeshSpec
 from .takeovers import Takeovers
+
+
+RECENT_ANSWERS = 64       # the answer latency a heartbeat reports is the median of these
+TIMINGS_KEPT = 10_000     # timings kept until the shell drains them (it does every loop turn)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Request:
     sent_bytes: int = 0
     proxied: tuple = ()        # dead boards whose shards this board runs for this request (a takeover)
     proxy_slices: dict = field(default_factory=dict)   # their slices of the current stage
+    arrived: float = 0.0       # when it reached this board (answer latency: serve --metrics, status)
+    waited_from: float = 0.0   # when the current stage's own slice was out (the stage wait)
 
 
 @dataclass
@@ -89,6 +96,9 @@ class BoardMachine(Machine):
         self.takeovers = Takeovers(me, spec, settings.takeover)
         self.fp16 = spec.wire == "fp16"        # stage slices at float16, the board's own copy included
         self.answered = 0                      # requests answered (reported in heartbeats: robustpart status)
+        self.recent = deque(maxlen=RECENT_ANSWERS)   # seconds from arrival to answer of the last answers
+        # (name, seconds) of answers and stage waits since the shell last drained them (serve --metrics)
+        self.timings: deque = deque(maxlen=TIMINGS_KEPT)
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due (`now`: a shard is ready to run)."""
@@ -194,7 +204,8 @@ class BoardMachine(Machine):
         if not payload or h.batch < 1:
             raise ProtocolError("INPUT without an input tensor")
         x = wire.read_array(payload[0], (h.batch, *self.spec.input_shape))
-        req = Request(h.session, h.request, h.mask, now + h.deadline_ms / 1e3, h.batch, {self.spec.input_name: x})
+        req = Request(h.session, h.request, h.mask, now + h.deadline_ms / 1e3, h.batch, {self.spec.input_name: x},
+                      arrived=now)
         req.proxied = tuple(d for d in sorted(self.takeovers.taken)
                             if h.mask >> d & 1 and not self.liveness.is_alive(d))
         self.started[h.session] = h.request
@@ -340,7 +351,7 @@ class BoardMachine(Machine):
                 for p in targets:
                     self._actions.append(SendPeer(p, frames, "slices"))
                 req.sent_bytes += wire.frames_bytes(frames) * len(targets)
-        req.waiting, req.wait_until = True, now + self.settings.wait
+        req.waiting, req.wait_until, req.waited_from = True, now + self.settings.wait, now
         if not self._missing(req):                 # the last board to finish a stage has every slice already
             self._assemble(req)
 
@@ -361,6 +372,8 @@ class BoardMachine(Machine):
         s = req.stage
         if self._missing(req):
             self.stats["stage_timeouts"] += 1
+        if req.waiting:
+            self.timings.append(("stage_wait", self.now - req.waited_from))
         got = req.slices.pop(s, {})
         slices = {self.me: req.own, **req.proxy_slices, **{p: a for p, (a, _) in got.items()}}
         req.proxy_slices = {}
@@ -397,7 +410,17 @@ class BoardMachine(Machine):
         self._to_client(req.session, frames, "results")
         if owner < 0:
             del self.requests[(req.session, req.rid)]
-            self.answered += 1
+            self._answered(req)
+
+    def _answered(self, req: Request) -> None:
+        seconds = self.now - req.arrived
+        self.answered += 1
+        self.recent.append(seconds)
+        self.timings.append(("answer", seconds))
+
+    def latency_us(self) -> int:
+        """The median answer latency of the last answers, in microseconds (0: none yet)."""
+        return round(statistics.median(self.recent) * 1e6) if self.recent else 0
 
     # ---- housekeeping ----------------------------------------------------------------------------------
 
@@ -415,7 +438,7 @@ class BoardMachine(Machine):
 
     def _beat(self, now: float) -> None:
         beat = wire.heartbeat(self.me, self.incarnation, self._view(), covers=self.takeovers.mask(),
-                              served=self.answered)
+                              served=self.answered, latency_us=self.latency_us())
         for p in self.peers:
             if self.liveness.is_alive(p):
                 self._actions.append(SendPeer(p, beat, "heartbeats"))

@@ -94,7 +94,8 @@ class MeshClient:
 
     def snapshot(self) -> list[dict]:
         """What this client sees of every board now: up or not, its incarnation, the boards it says it hears
-        and has taken over, the requests it says it has answered, seconds since it was last heard."""
+        and has taken over, the requests it says it has answered and the median latency of its last answers,
+        seconds since it was last heard."""
         now, m = time.monotonic(), self.machine
         rows = []
         for b in range(self.n):
@@ -105,6 +106,8 @@ class MeshClient:
                          "hears": list(wire.boards_of(state.view)) if state.alive else None,
                          "covers": list(wire.boards_of(m.covers.get(b, 0))) if state.alive else [],
                          "served": m.served.get(b) if heard else None,
+                         "latency_ms": round(m.latency_us[b] / 1e3, 3) if state.alive and m.latency_us.get(b)
+                         else None,
                          "last_heard_s": round(now - state.last_heard, 3) if heard else None})
         return rows
 

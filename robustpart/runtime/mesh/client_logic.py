@@ -91,6 +91,7 @@ class ClientMachine(Machine):
         self.next_beat = float("-inf")
         self.covers: dict[int, int] = {}           # board -> the dead boards it says it has taken over
         self.served: dict[int, int] = {}           # board -> requests it says it has answered
+        self.latency_us: dict[int, int] = {}       # board -> the median latency of its last answers (us)
 
     def wake_at(self, now: float) -> float:
         """When the next tick is due: a heartbeat, a possible liveness change or a request's deadline."""
@@ -170,6 +171,7 @@ class ClientMachine(Machine):
         if h.kind == Kind.HEARTBEAT:
             self.covers[b] = h.covers
             self.served[b] = h.request
+            self.latency_us[b] = h.batch
         elif h.kind == Kind.RESULT:
             self._on_result(h, payload, now)
 

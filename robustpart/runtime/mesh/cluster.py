@@ -46,12 +46,14 @@ class LocalCluster:
     """Start, kill, freeze, thaw and restart the boards of `bundle` as local processes.
 
     `wrap(board)` may return a command prefix (e.g. ["ip", "netns", "exec", "ns0"]) to run a board
-    elsewhere; `key_dir` holds boardK.key_secret files when the inventory has CURVE keys.
+    elsewhere; `key_dir` holds boardK.key_secret files when the inventory has CURVE keys; `serve_options(board)`
+    more `robustpart serve` options for a board (e.g. ["--metrics", "127.0.0.1:9100"]).
     """
 
     def __init__(self, bundle: Path | str, settings: MeshSettings | None = None, inventory: Inventory | None = None,
                  workdir: Path | str | None = None, provider: str = "cpu", key_dir: Path | str | None = None,
-                 wrap: Callable[[int], list[str]] | None = None, verbose: bool = True):
+                 wrap: Callable[[int], list[str]] | None = None, verbose: bool = True,
+                 serve_options: Callable[[int], list[str]] | None = None):
         self.bundle = Path(bundle)
         self.n = load_manifest(self.bundle, verify=False).boards
         self.settings = settings or MeshSettings()
@@ -64,6 +66,7 @@ class LocalCluster:
         self.inventory = inventory
         self.inventory_file = inventory.save(self.workdir / "boards.json")
         self.provider, self.key_dir, self.wrap, self.verbose = provider, key_dir, wrap, verbose
+        self.serve_options = serve_options
         self.procs: dict[int, subprocess.Popen] = {}
         self.frozen: set[int] = set()
 
@@ -81,6 +84,8 @@ class LocalCluster:
             key = Path(self.key_dir) / f"board{board}.key_secret"
         if key is not None:
             cmd += ["--key", str(key)]
+        if self.serve_options is not None:
+            cmd += self.serve_options(board)
         return (self.wrap(board) if self.wrap else []) + cmd
 
     def events_file(self, board: int) -> Path:

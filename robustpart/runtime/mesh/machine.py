@@ -21,8 +21,10 @@ class Machine:
         self.who = who                      # "board 2", "client": for log lines
         self.stats: Counter = Counter()
         self._actions: list = []
+        self.now = float("-inf")            # the time of the event being handled (for timings)
 
     def handle(self, event, now: float) -> list:
+        self.now = now
         if isinstance(event, Message):      # the most frequent first
             try:
                 self._message(event, now)

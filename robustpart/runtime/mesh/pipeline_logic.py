@@ -98,7 +98,7 @@ class PipelineBoardMachine(BoardMachine):
         failed = (self.everyone & ~h.mask) | (self._unheard() & self.from_block[self.block])
         req = PipelineRequest(h.session, h.request, self.group & ~failed, now + h.deadline_ms / 1e3, h.batch,
                               {self.pipe.cut_names[j]: x}, stage=self.first_stage, failed=failed,
-                              mixed=bool(h.flags & FLAG_MIXED))
+                              mixed=bool(h.flags & FLAG_MIXED), arrived=now)
         if len(payload) > 1:                     # what the blocks before sent, and the boards they used
             trail = wire.read_masks(payload[1])
             req.sent_bytes, req.used = int(trail[0]), [int(m) for m in trail[1:]]
@@ -215,7 +215,7 @@ class PipelineBoardMachine(BoardMachine):
         frames = [header.pack(), np.asarray(req.used, dtype="<u8").tobytes(), wire.array_frame(output)]
         self._to_client(req.session, frames, "results")
         self.requests.pop((req.session, req.rid), None)
-        self.answered += 1
+        self._answered(req)
 
     # ---- helpers -----------------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ What the kinds put in the header (besides kind, sender, incarnation, session, re
                                            accepted (0: none)
     HEARTBEAT  sender's view (boards)      watermark (*); covers: the boards    -
                                            whose shards a board took over
+                                           (request: answers so far, batch: median
+                                           answer latency in us; a board's)
     INPUT      boards asked to compute it  deadline_ms, watermark (*)           input (batch, C, H, W)
     SLICE      lineage boards (**)         owner (***)                          the slice
     RESULT     lineage boards (**)         mesh_bytes: what the board sent to   u64 boards used per stage,
@@ -156,10 +158,11 @@ def parse_hello(frames) -> dict:
 
 
 def heartbeat(sender: int, incarnation: int, view: int = 0, session: int = 0, watermark: int = 0,
-              covers: int = 0, served: int = 0) -> list:
-    """`served`: a board's count of requests answered so far (in the request field, unused otherwise)."""
-    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, request=served, mask=view,
-                   watermark=watermark, covers=covers).pack()]
+              covers: int = 0, served: int = 0, latency_us: int = 0) -> list:
+    """`served`: a board's count of requests answered so far, `latency_us` the median answer latency of its
+    last answers (in the request and batch fields, unused otherwise by a heartbeat)."""
+    return [Header(Kind.HEARTBEAT, sender, incarnation, session=session, request=served,
+                   batch=min(int(latency_us), 2**32 - 1), mask=view, watermark=watermark, covers=covers).pack()]
 
 
 def bye(sender: int, incarnation: int, session: int = 0) -> list:
