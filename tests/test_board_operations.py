@@ -183,6 +183,7 @@ def test_serve_metrics_count_answers_traffic_and_a_detection(bundle, images, tmp
         after = [client.infer(images[i:i + 1]) for i in range(4)]
         text = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5).read().decode()
         ready = [e for e in cluster.events(0) if e["event"] == "ready"]
+        log = cluster.log_file(0).read_text()
     finally:
         if client is not None:
             client.close()
@@ -194,6 +195,7 @@ def test_serve_metrics_count_answers_traffic_and_a_detection(bundle, images, tmp
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     value = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0)   # noqa: E731
     assert ready and ready[0]["metrics"] == f"127.0.0.1:{ports[0]}"
+    assert "board 0: provider cpu requested; stage0 cpu" in log and "FALLBACK" not in log   # serve's one line
     assert value("robustpart_requests_answered_total") == 10
     assert value("robustpart_answer_seconds_count") == 10 and 0 < value("robustpart_answer_seconds_sum") < 10 * DEADLINE_S
     assert value("robustpart_stage_wait_seconds_count") > 0
@@ -202,3 +204,36 @@ def test_serve_metrics_count_answers_traffic_and_a_detection(bundle, images, tmp
     assert value("robustpart_peers_alive") == 2
     info = [k for k in samples if k[0] == "robustpart_board_info"]
     assert info and dict(info[0][1])["board"] == "0"
+
+
+def test_a_board_says_which_provider_runs_each_shard_and_strict_refuses_a_fallback(tmp_path, capsys):
+    """One real inference per shard at start: on this CPU-only onnxruntime a board asked for CUDA runs on
+    the CPU and says so in one line; with --provider-strict it does not start (exit 2, nothing bound)."""
+    import onnxruntime as ort
+    from robustpart.cli.main import main
+    from robustpart.errors import MeshError
+    from robustpart.runtime.mesh.board import DeviceServer
+    from fixture_bundles import ASSETS
+    bundle = ASSETS / "mesh"
+    working = [f"stage{s.index}" for s in load_manifest(bundle).stages if s.shards[1].has_work]
+    server = DeviceServer(bundle, 1)
+    try:
+        assert server.provider_report == {name: {"provider": "cpu", "fallback": False, "error": None}
+                                          for name in working}
+        assert "FALLBACK" not in server.provider_line and server.provider_line.startswith("board 1: provider cpu")
+    finally:
+        server.close()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: no fallback to show")
+    server = DeviceServer(bundle, 1, provider="cuda")
+    try:
+        assert all(r["provider"] == "cpu" and r["fallback"] for r in server.provider_report.values())
+        assert "FALLBACK: cuda does not run every shard here" in server.provider_line
+    finally:
+        server.close()
+    with pytest.raises(MeshError, match="--provider-strict refuses to start"):
+        DeviceServer(bundle, 1, provider="cuda", provider_strict=True)
+    capsys.readouterr()
+    assert main(["serve", str(bundle), "--device", "1", "--provider", "cuda", "--provider-strict",
+                 "--peers", "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3,127.0.0.1:4"]) == 2
+    assert "--provider-strict refuses to start" in capsys.readouterr().err

@@ -51,13 +51,22 @@ def resolve_providers(provider: str | Iterable[str]) -> list[str]:
     return resolved
 
 
-def open_session(path: Path, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
+def open_session(path: Path, providers: list[str], options: ort.SessionOptions,
+                 trt_cache: Path | None = None) -> ort.InferenceSession:
+    """`trt_cache`: where TensorRT keeps the engines it builds (building one takes minutes on a Jetson; the
+    cache makes the next start take seconds)."""
     available = set(ort.get_available_providers())
     usable = [p for p in providers if p in available]
     missing = [p for p in providers if p not in available]
     if missing:
-        log.warning("execution providers %s are not available in this onnxruntime build; using %s", missing, usable)
-    return ort.InferenceSession(str(path), sess_options=options, providers=usable)
+        log.info("execution providers %s are not available in this onnxruntime build; using %s", missing, usable)
+    entries: list = list(usable)
+    if trt_cache is not None and "TensorrtExecutionProvider" in usable:
+        Path(trt_cache).mkdir(parents=True, exist_ok=True)
+        cache = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(trt_cache),
+                 "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(trt_cache)}
+        entries = [("TensorrtExecutionProvider", cache) if p == "TensorrtExecutionProvider" else p for p in usable]
+    return ort.InferenceSession(str(path), sess_options=options, providers=entries)
 
 
 def _checked_failure_set(failed: Iterable[int], n_boards: int) -> frozenset:

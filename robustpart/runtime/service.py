@@ -15,7 +15,8 @@ from pathlib import Path
 
 def serve_command(bundle: Path, device: int, peers: str | None = None, provider: str = "cpu",
                   threads: int = 1, key: Path | None = None, events: Path | None = None,
-                  executable: str | None = None) -> list[str]:
+                  executable: str | None = None, metrics: str | None = None,
+                  provider_strict: bool = False) -> list[str]:
     """The `robustpart serve` command line the unit runs."""
     exe = executable or shutil.which("robustpart") or str(Path(sys.executable).with_name("robustpart"))
     argv = [str(Path(exe).absolute()), "serve", str(Path(bundle).absolute()), "--device", str(device)]
@@ -29,6 +30,10 @@ def serve_command(bundle: Path, device: int, peers: str | None = None, provider:
         argv += ["--key", str(Path(key).absolute())]
     if events is not None:
         argv += ["--events", str(Path(events).absolute())]
+    if metrics is not None:
+        argv += ["--metrics", metrics]
+    if provider_strict:
+        argv.append("--provider-strict")
     return argv
 
 

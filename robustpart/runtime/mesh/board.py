@@ -14,17 +14,20 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import zmq
 
 from ..adapters import rebuild_cut
 from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, check_files, load_manifest
+from ..providers import check_providers, enforce, provider_line
 from . import protocol as wire
 from .board_logic import BoardMachine
 from .events import TICK, Leave, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
@@ -50,7 +53,7 @@ class DeviceServer:
     def __init__(self, bundle: Path | str, device: int, inventory: Inventory | None = None,
                  settings: MeshSettings | None = None, provider: str = "cpu", threads: int = 1,
                  key_file: Path | str | None = None, bind: str | None = None, events: Path | str | None = None,
-                 metrics: str | None = None):
+                 metrics: str | None = None, provider_strict: bool = False, trt_cache: Path | str | None = None):
         self.manifest = load_manifest(bundle, boards=[device])          # verifies this board's shard hashes
         self.me, self.n = int(device), self.manifest.boards
         self.settings = settings or MeshSettings()
@@ -58,12 +61,15 @@ class DeviceServer:
         stages = self.manifest.stages
         providers, options = resolve_providers(provider), session_options(threads)
         self.providers, self.options = providers, options
+        root = self.manifest.root.absolute()
+        self.trt_cache = Path(trt_cache) if trt_cache else root.parent / f"{root.name}.trt-cache"
         self.sessions = self._open(self.me)
         self.taken: dict[int, list] = {}       # board -> its sessions, while this board has taken it over
         self.loads: dict[int, threading.Thread] = {}
         self.loaded: list[ShardsLoaded] = []   # finished loads, for the loop to hand to the machine
         head = self.manifest.head
-        self.head = open_session(self.manifest.root / head.file, providers, options) if head else None
+        self.head = open_session(self.manifest.root / head.file, providers, options, self.trt_cache) if head else None
+        self.provider_report, self.provider_line = self._check_providers(provider.lower(), provider_strict)
         self.assemblers = [StageAssembler(s, self.n) for s in stages]
         self.compensation = self.manifest.compensation_tables(board=self.me)    # one set it survives at a time
         self.adapters = held_adapters(self.manifest, self.me)
@@ -119,7 +125,8 @@ class DeviceServer:
         """Serve until `stop()` (or SIGTERM/SIGINT via `serve`), or for `max_seconds`."""
         end = None if max_seconds is None else time.monotonic() + max_seconds
         self._emit("ready", endpoint=self.router.getsockopt(zmq.LAST_ENDPOINT).decode(), pid=os.getpid(),
-                   incarnation=self.incarnation, **({"metrics": self.metrics.address} if self.metrics else {}))
+                   incarnation=self.incarnation, providers={k: r["provider"] for k, r in self.provider_report.items()},
+                   **({"metrics": self.metrics.address} if self.metrics else {}))
         try:
             while not self._stop.is_set() and (end is None or time.monotonic() < end):
                 now = time.monotonic()
@@ -180,8 +187,18 @@ class DeviceServer:
 
     def _open(self, board: int) -> list:
         """ONNX Runtime sessions of board `board`'s shards, per stage (None where it has no work)."""
-        return [open_session(self.manifest.shard_path(s, board), self.providers, self.options)
+        return [open_session(self.manifest.shard_path(s, board), self.providers, self.options, self.trt_cache)
                 if s.shards[board].has_work else None for s in self.manifest.stages]
+
+    def _check_providers(self, requested: str, strict: bool) -> tuple[dict, str]:
+        """One real inference per session: which provider runs each shard (providers.py)."""
+        named = {f"stage{s.index}": sess for s, sess in zip(self.manifest.stages, self.sessions) if sess is not None}
+        if self.head is not None:
+            named["head"] = self.head
+        report = check_providers(named, requested)
+        line = provider_line(self.me, requested, report, ort.get_available_providers())
+        enforce(line, report, strict)
+        return report, line
 
     def _load(self, board: int) -> None:
         """Take board `board` over: check its shard files' hashes and open them, in a thread (the loop goes on
@@ -229,11 +246,14 @@ def held_adapters(manifest, board: int):
 
 def serve(bundle: Path | str, device: int, peers: str | None = None, settings: MeshSettings | None = None,
           provider: str = "cpu", threads: int = 1, key_file: str | None = None, bind: str | None = None,
-          events: str | None = None, max_seconds: float | None = None, metrics: str | None = None) -> dict:
+          events: str | None = None, max_seconds: float | None = None, metrics: str | None = None,
+          provider_strict: bool = False, trt_cache: str | None = None) -> dict:
     """`robustpart serve`: run board `device` until SIGTERM/SIGINT; returns its counters."""
     manifest = load_manifest(bundle, boards=[device], verify=False)
     inventory = load_inventory(peers, bundle, manifest.boards)
-    server = DeviceServer(bundle, device, inventory, settings, provider, threads, key_file, bind, events, metrics)
+    server = DeviceServer(bundle, device, inventory, settings, provider, threads, key_file, bind, events, metrics,
+                          provider_strict, trt_cache)
+    print(server.provider_line, file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
