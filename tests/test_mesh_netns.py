@@ -6,10 +6,6 @@ then restored.
 Needs root and `ip` with netns, veth and bridge support; skipped with the reason otherwise.
 """
 import contextlib
-import itertools
-import os
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -17,6 +13,7 @@ import pytest
 from robustpart.runtime.mesh import LocalCluster, MeshClient
 from robustpart.runtime.mesh.peers import BoardAddress, Inventory
 
+from netns import Namespaces, netns_unavailable
 from mesh_helpers import (BOARDS, DEADLINE_S, DETECTION_BOUND, SETTINGS, assert_latency_recovered, check_contract,
                           detections, drive, steady)
 
@@ -26,77 +23,12 @@ REJOIN_WITHIN = 15.0      # seconds: a few TCP retransmission backoffs after the
 LONG_OUTAGE_REJOIN = 3.0  # seconds after an 8 s outage
 
 
-def ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-class Namespaces:
-    """Board k in namespace ns_k at SUBNET.(k+1); a bridge in this namespace at SUBNET.254 reaches them all."""
-
-    made = itertools.count()
-
-    def __init__(self, boards):
-        # names never reused in a run: deleting a namespace removes its veth peer asynchronously, so an
-        # interface of the same name made right after can fail with "File exists" (seen in CI)
-        tag = f"{os.getpid() % 10000}{next(Namespaces.made) % 100}"
-        self.ns = [f"rpm{tag}b{k}" for k in range(boards)]
-        self.veth = [f"rpv{tag}b{k}" for k in range(boards)]
-        self.bridge = f"rpbr{tag}"
-
-    def address(self, k):
-        return f"{SUBNET}.{k + 1}"
-
-    def up(self):
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{SUBNET}.254/24", "dev", self.bridge)
-        ip("link", "set", self.bridge, "up")
-        for k, (ns, veth) in enumerate(zip(self.ns, self.veth)):
-            ip("netns", "add", ns)
-            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            ip("link", "set", veth, "master", self.bridge)
-            ip("link", "set", veth, "up")
-            ip("-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-
-    def cut(self, a, b, restore=False) -> float:
-        """Drop (or stop dropping) everything between boards a and b: a blackhole route to the other end in
-        each namespace (output-side routes take effect at once; an input-side rule was seen to let
-        established connections through for ~90 ms). Both `ip` calls run in parallel; returns the
-        wall-clock time at which both are in effect."""
-        verb = "del" if restore else "add"
-        calls = [subprocess.Popen(["ip", "-n", self.ns[x], "route", verb, "blackhole", f"{self.address(y)}/32"])
-                 for x, y in ((a, b), (b, a))]
-        assert all(c.wait() == 0 for c in calls), f"ip route {verb} blackhole failed"
-        return time.time()
-
-    def down(self):
-        for ns in self.ns:
-            ip("netns", "del", ns, check=False)
-        ip("link", "del", self.bridge, check=False)
-
-
-def netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the `ip` tool (iproute2) is not installed"
-    probe = Namespaces(1)
-    try:
-        probe.up()
-    except subprocess.CalledProcessError as exc:
-        return f"cannot create a namespace with a veth pair and a bridge here: {exc.stderr.strip()}"
-    finally:
-        probe.down()
-    return None
-
-
 @pytest.fixture
 def netns():
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    spaces = Namespaces(BOARDS)
+    spaces = Namespaces(BOARDS, SUBNET)
     try:
         spaces.up()
         yield spaces
