@@ -161,3 +161,39 @@ def test_deploy_says_which_board_it_cannot_reach_and_refuses_bad_options(bundle,
     assert "--inventory" in capsys.readouterr().err
     assert main(["deploy", str(bundle), "--inventory", str(inventory), "--boards", "7"]) == 2
     assert "board 7" in capsys.readouterr().err
+
+
+def test_the_systemd_service_script_installs_the_boards_own_unit_and_restarts_it(bundle, tmp_path):
+    """--service systemd cannot run here (no systemd in the namespaces): its script is run as the board's
+    shell would, with `systemctl` replaced by a recorder and the unit folder by a temporary one; the unit
+    is the one the board's `robustpart unit` writes, for the pack's files."""
+    import shlex
+    import shutil
+    import subprocess
+    from robustpart.runtime.deploy import Deployer, Target
+    if shutil.which("ssh") is None or shutil.which("rsync") is None:
+        pytest.skip("ssh and rsync are not installed")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'systemctl.log'}\n")
+    (fake / "systemctl").chmod(0o755)
+    board_dir = tmp_path / "board1"
+    board_dir.mkdir()
+    shutil.copytree(bundle, board_dir / "pack")
+    deployer = Deployer(bundle, tmp_path / "boards.json", [], service="systemd",
+                        serve_options=["--metrics", "0.0.0.0:9100", "--heartbeat-ms", "50"])
+    deployer.unit_dir = str(tmp_path / "units")
+    (tmp_path / "units").mkdir()
+    target = Target(1, "10.0.0.11", 22, "nvidia", str(board_dir), str(ROBUSTPART))
+    script = deployer.systemd_script(target)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    unit = (tmp_path / "units" / "robustpart-board1.service").read_text()
+    fields = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+    argv = shlex.split(fields["ExecStart"])
+    assert argv[:5] == [str(ROBUSTPART), "serve", str(board_dir / "pack"), "--device", "1"]
+    assert argv[argv.index("--peers") + 1] == f"{board_dir}/pack/boards.json"
+    assert argv[argv.index("--metrics") + 1] == "0.0.0.0:9100" and fields["Restart"] == "on-failure"
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        "daemon-reload", "enable --quiet robustpart-board1", "restart robustpart-board1"]

@@ -113,6 +113,8 @@ def targets(inventory_file: Path, bundle: Path, user: str | None = None, remote_
 class Deployer:
     """Deploy one bundle to the targets; `ssh_options`: more options for ssh (e.g. -i KEY, -o ...)."""
 
+    unit_dir = "/etc/systemd/system"      # where --service systemd installs the boards' units
+
     def __init__(self, bundle: Path, inventory_file: Path, targets: list[Target], ssh_options: list[str] = (),
                  key_dir: Path | None = None, service: str = "systemd", serve_options: list[str] = (),
                  dry_run: bool = False, log=print):
@@ -269,7 +271,7 @@ class Deployer:
                 "--events", t.path("events.jsonl"), "--executable", t.robustpart, *self.unit_options()]
         if self.key_dir is not None:
             unit += ["--key", f"{pack}/board{t.board}.key_secret"]
-        path = f"/etc/systemd/system/{t.unit_name}.service"
+        path = f"{self.unit_dir}/{t.unit_name}.service"
         return (f"{shlex.join(unit)} > {q(t.path('unit.service'))} && {_SUDO} install -m 644 "
                 f"{q(t.path('unit.service'))} {path} && {_SUDO} systemctl daemon-reload && "
                 f"{_SUDO} systemctl enable --quiet {t.unit_name} && {_SUDO} systemctl restart {t.unit_name}")
