@@ -27,7 +27,7 @@ from ..adapters import rebuild_cut
 from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, check_files, load_manifest
-from ..providers import check_providers, enforce, provider_line
+from ..providers import SHORT, check_providers, enforce, provider_line
 from . import protocol as wire
 from .board_logic import BoardMachine
 from .events import TICK, Leave, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
@@ -69,7 +69,8 @@ class DeviceServer:
         self.loaded: list[ShardsLoaded] = []   # finished loads, for the loop to hand to the machine
         head = self.manifest.head
         self.head = open_session(self.manifest.root / head.file, providers, options, self.trt_cache) if head else None
-        self.provider_report, self.provider_line = self._check_providers(provider.lower(), provider_strict)
+        requested = SHORT.get(providers[0], providers[0])             # 'cpu', 'cuda' or 'tensorrt'
+        self.provider_report, self.provider_line = self._check_providers(requested, provider_strict)
         self.assemblers = [StageAssembler(s, self.n) for s in stages]
         self.compensation = self.manifest.compensation_tables(board=self.me)    # one set it survives at a time
         self.adapters = held_adapters(self.manifest, self.me)
