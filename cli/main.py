@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu, cuda, tensorrt")
     s.add_argument("--threads", type=int, default=1, help="intra-op threads per shard session (default 1)")
     s.add_argument("--events", type=Path, help="append liveness events (ready, dead, rejoined...) as JSON lines")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP there (PORT alone: "
+                                                           "every interface)")
+    s.add_argument("--provider-strict", action="store_true",
+                   help="refuse to start when the provider cannot run every shard (default: fall back to the CPU "
+                        "and say so)")
+    s.add_argument("--trt-cache", type=Path, help="where TensorRT keeps its engines (default: BUNDLE.trt-cache "
+                                                  "next to the bundle)")
     _mesh_options(s)
 
     st = sub.add_parser("status", help="a live view of the mesh from this machine: every board up or down, what "
@@ -273,6 +280,39 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("archive", type=Path)
     up.add_argument("--out", "-o", type=Path, required=True)
 
+    vf = sub.add_parser("verify", help="check a board's pack (every file against PACK.json) or a bundle (every "
+                                       "file the manifest names, by SHA-256)")
+    vf.add_argument("folder", type=Path)
+
+    dp = sub.add_parser("deploy", help="copy each board's pack over SSH (rsync), check it on the board, and "
+                                       "(re)start its service; a second run copies nothing")
+    dp.add_argument("bundle", type=Path)
+    dp.add_argument("--inventory", "-i", type=Path, required=True,
+                    help="boards.json: each board's mesh address and, optionally, \"ssh\": \"user@host:port\", "
+                         "\"dir\", \"robustpart\"")
+    dp.add_argument("--user", help="SSH login for boards whose inventory entry names none")
+    dp.add_argument("--identity", type=Path, help="the SSH private key (ssh -i)")
+    dp.add_argument("--ssh-option", "-o", action="append", default=[], metavar="OPTION",
+                    help="an ssh -o option, e.g. StrictHostKeyChecking=accept-new (repeatable)")
+    dp.add_argument("--dir", help="the folder on each board (default: robustpart/BUNDLE_NAME in the home)")
+    dp.add_argument("--robustpart", default="robustpart",
+                    help="the robustpart program on the boards (default: robustpart, on the login PATH)")
+    dp.add_argument("--keys", type=Path, help="the folder `robustpart keys` wrote: board K gets boardK.key_secret")
+    dp.add_argument("--boards", type=_int_list, help="deploy these boards only (default: all)")
+    dp.add_argument("--start", action="store_true", help="start each board's service where it does not run, "
+                                                         "restart it where its files changed")
+    dp.add_argument("--restart", action="store_true", help="restart every board's service")
+    dp.add_argument("--stop", action="store_true", help="stop every board's service (SIGTERM: it leaves the "
+                                                        "mesh cleanly); copies nothing")
+    dp.add_argument("--service", choices=["systemd", "process"], default="systemd",
+                    help="systemd (a unit, restarted on failure; needs root or passwordless sudo) or process "
+                         "(a background process, for machines without systemd); default systemd")
+    dp.add_argument("--metrics-port", type=int, help="each board serves Prometheus metrics on this port")
+    dp.add_argument("--provider", default="cpu", help="the boards' ONNX Runtime provider: cpu, cuda, tensorrt")
+    dp.add_argument("--provider-strict", action="store_true", help="boards refuse to start on a provider fallback")
+    dp.add_argument("--dry-run", "-n", action="store_true",
+                    help="say what would be copied, started or stopped; change nothing")
+
     u = sub.add_parser("unit", help="print the systemd unit that runs board K of a bundle as a service")
     u.add_argument("bundle", type=Path)
     u.add_argument("--device", "-d", type=int, required=True, help="the board's id, 0..N-1")
@@ -284,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--key", type=Path, help="the board's CURVE secret key file")
     u.add_argument("--events", type=Path, help="where the board appends its liveness events")
     u.add_argument("--executable", help="the robustpart program the unit runs (default: this one)")
+    u.add_argument("--metrics", metavar="HOST:PORT", help="the board serves Prometheus metrics there")
+    u.add_argument("--provider-strict", action="store_true", help="the board refuses to start on a provider "
+                                                                  "fallback")
 
     r = sub.add_parser("run", help="stream images to the boards; print answers, latency and bytes per image")
     r.add_argument("bundle", type=Path)
@@ -489,7 +532,8 @@ def cmd_serve(args, progress) -> int:
         from robustpart.runtime.mesh.peers import load_inventory
         _key_is_used(load_inventory(args.peers, args.bundle, load_manifest(args.bundle, verify=False).boards))
     serve(args.bundle, args.device, args.peers, _mesh_settings(args), args.provider, args.threads, args.key,
-          args.bind, args.events)
+          args.bind, args.events, metrics=args.metrics, provider_strict=args.provider_strict,
+          trt_cache=args.trt_cache)
     return 0
 
 
@@ -549,23 +593,27 @@ def cmd_cluster(args, progress) -> int:
 def cmd_status(args, progress) -> int:
     from robustpart.runtime.mesh.client import MeshClient
     from robustpart.runtime.mesh.protocol import boards_of
+    from robustpart.runtime.mesh.technique import technique_in_use
     with MeshClient(args.bundle, args.peers, settings=_mesh_settings(args), key_file=args.key) as client:
         end = time.monotonic() + args.seconds      # listen the whole time: every board's heartbeats come in
         while (left := end - time.monotonic()) > 0:
             client.pump(left)
         rows, members = client.snapshot(), boards_of(client.members())
+        technique = technique_in_use(client.manifest, members, client.machine.covers)
     progress.done()
     if args.json:
-        print(json.dumps({"boards": rows, "answering": list(members)}))
+        print(json.dumps({"boards": rows, "answering": list(members), "technique": technique}))
     else:
         from robustpart.report import table
         fmt = lambda v: "-" if v is None or v == [] else ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
-        print(table(["board", "address", "state", "incarnation", "hears", "took over", "answered", "last heard"],
+        print(table(["board", "address", "state", "incarnation", "hears", "took over", "answered", "latency",
+                     "last heard"],
                     [[str(r["board"]), r["address"], "up" if r["up"] else ("down" if r["incarnation"] else "no answer"),
                       fmt(r["incarnation"]), fmt(r["hears"]), fmt(r["covers"]), fmt(r["served"]),
+                      "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f} ms",
                       "-" if r["last_heard_s"] is None else f"{1e3 * r['last_heard_s']:.0f} ms ago"] for r in rows]))
         print(f"requests go to boards {','.join(map(str, members)) or 'none'} "
-              f"({len(members)} of {len(rows)} agree they hear each other)")
+              f"({len(members)} of {len(rows)} agree they hear each other); answers use: {technique}")
     return 0 if members else 1
 
 
@@ -601,13 +649,51 @@ def cmd_unpack(args, progress) -> int:
     return 0
 
 
+def cmd_verify(args, progress) -> int:
+    from robustpart.runtime.pack import PACK_INDEX, check_pack
+    if (args.folder / PACK_INDEX).is_file():
+        index = check_pack(args.folder)
+        print(f"{args.folder}: board {index['board']}'s pack, {len(index['files'])} files match {PACK_INDEX}")
+        return 0
+    from robustpart.runtime.manifest import bundle_files, load_manifest
+    manifest = load_manifest(args.folder)
+    print(f"{args.folder}: bundle for {manifest.boards} boards, {len(bundle_files(manifest)) + 1} files, every "
+          f"SHA-256 matches its manifest")
+    return 0
+
+
+def cmd_deploy(args, progress) -> int:
+    from robustpart.runtime.deploy import Deployer, result_line, targets
+    chosen = targets(args.inventory, args.bundle, args.user, args.dir, args.robustpart)
+    if args.boards is not None:
+        unknown = sorted(set(args.boards) - {t.board for t in chosen})
+        if unknown:
+            raise UsageError(f"--boards: board {unknown[0]} is not in the bundle (boards 0..{len(chosen) - 1})")
+        chosen = [t for t in chosen if t.board in args.boards]
+    ssh = [*(["-i", str(args.identity)] if args.identity else []), *(x for o in args.ssh_option for x in ("-o", o))]
+    serve = [*(["--provider", args.provider] if args.provider != "cpu" else []),
+             *(["--provider-strict"] if args.provider_strict else []),
+             *(["--metrics", f"0.0.0.0:{args.metrics_port}"] if args.metrics_port else [])]
+    deployer = Deployer(args.bundle, args.inventory, chosen, ssh, args.keys, args.service, serve, args.dry_run)
+    results = deployer.stop() if args.stop else deployer.deploy(args.start, args.restart)
+    progress.done()
+    for r in results:
+        print(result_line(r, args.dry_run), flush=True)
+    failed = [r.board for r in results if r.error]
+    if failed:
+        print(f"{len(failed)} of {len(results)} boards failed ({','.join(map(str, failed))}); the others are done; "
+              f"run deploy again once fixed (it copies only what is missing)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_unit(args, progress) -> int:
     from robustpart.runtime.manifest import load_manifest
     from robustpart.runtime.service import systemd_unit
     manifest = load_manifest(args.bundle, boards=[args.device], verify=False)
     print(systemd_unit(args.bundle, args.device, manifest.boards, args.user, peers=args.peers,
                        provider=args.provider, threads=args.threads, key=args.key, events=args.events,
-                       executable=args.executable), end="")
+                       executable=args.executable, metrics=args.metrics, provider_strict=args.provider_strict),
+          end="")
     return 0
 
 
@@ -633,7 +719,8 @@ COMMANDS = {"compile": cmd_compile, "evaluate": cmd_evaluate, "inspect": cmd_ins
             "explore": cmd_explore,
             "demo": cmd_demo,
             "serve": cmd_serve, "run": cmd_run, "cluster": cmd_cluster, "keys": cmd_keys, "unit": cmd_unit,
-            "status": cmd_status, "profile": cmd_profile, "pack": cmd_pack, "unpack": cmd_unpack}
+            "status": cmd_status, "profile": cmd_profile, "pack": cmd_pack, "unpack": cmd_unpack,
+            "verify": cmd_verify, "deploy": cmd_deploy}
 
 
 # ---- the boundary: every argument checked before the command runs (and before torch is imported) -------------
@@ -813,6 +900,9 @@ def check_serve(args) -> None:
         checks.check_output_file(args.events, "--events")
     if args.bind is not None and not re.fullmatch(r"tcp://(\*|\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}", args.bind):
         raise UsageError(f"--bind {args.bind!r} is not a listen endpoint like tcp://0.0.0.0:5550")
+    if args.metrics is not None:
+        from robustpart.runtime.mesh.metrics import parse_metrics_address
+        parse_metrics_address(args.metrics)
     _check_mesh(args)
 
 
@@ -829,6 +919,37 @@ def check_pack(args) -> None:
 def check_unpack(args) -> None:
     checks.check_existing(args.archive, "archive", "file", error=UsageError)
     checks.check_output_dir(args.out, "--out")
+
+
+def check_verify(args) -> None:
+    checks.check_existing(args.folder, "folder", "dir", error=UsageError)
+
+
+def check_deploy(args) -> None:
+    checks.check_bundle_dir(args.bundle)
+    checks.check_existing(args.inventory, "--inventory", "file", error=UsageError)
+    for option, path, kind in (("--identity", args.identity, "file"), ("--keys", args.keys, "dir")):
+        if path is not None:
+            checks.check_existing(path, option, kind, error=UsageError)
+    if sum([args.start, args.restart, args.stop]) > 1:
+        raise UsageError("give one of --start, --restart and --stop")
+    if args.user is not None and not re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", args.user):
+        raise UsageError(f"--user {args.user!r} is not an account name")
+    if args.metrics_port is not None:
+        checks.check_int(args.metrics_port, "--metrics-port", 1, 65535, error=UsageError)
+    if args.stop:
+        _refuse_unused(_given(args, "metrics_port", "provider_strict"), "--stop copies and starts nothing")
+    _check_provider(args.provider)
+    if args.keys is not None:
+        missing = [b for b in range(_bundle_boards(args.bundle)) if not (args.keys / f"board{b}.key_secret").is_file()]
+        if missing:
+            raise UsageError(f"--keys {args.keys} has no board{missing[0]}.key_secret; give the folder `robustpart "
+                             f"keys` wrote for this bundle's boards")
+
+
+def _bundle_boards(bundle: Path) -> int:
+    from robustpart.runtime.manifest import load_manifest
+    return load_manifest(bundle, verify=False).boards
 
 
 def check_profile(args) -> None:
@@ -850,6 +971,9 @@ def check_unit(args) -> None:
         checks.check_existing(args.key, "--key", "file", error=UsageError)
     if args.user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", args.user):
         raise UsageError(f"--user {args.user!r} is not an account name")
+    if args.metrics is not None:
+        from robustpart.runtime.mesh.metrics import parse_metrics_address
+        parse_metrics_address(args.metrics)
 
 
 def check_run(args) -> None:
@@ -896,7 +1020,8 @@ CHECKS = {"compile": check_compile, "evaluate": check_evaluate, "inspect": check
           "explore": check_explore,
           "demo": check_demo,
           "serve": check_serve, "run": check_run, "cluster": check_cluster, "keys": check_keys, "unit": check_unit,
-          "status": check_status, "profile": check_profile, "pack": check_pack, "unpack": check_unpack}
+          "status": check_status, "profile": check_profile, "pack": check_pack, "unpack": check_unpack,
+          "verify": check_verify, "deploy": check_deploy}
 
 
 # ---- the one place an exception becomes the one-line form -------------------------------------------------------
