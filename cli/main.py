@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the torch backend runs: auto (CUDA when available), cpu or cuda (default auto)")
     e.add_argument("--plot", type=Path, help="also draw accuracy against failed boards per method (mean, min..max "
                                              "bars, the no-failure line) to FILE.png or FILE.svg")
+    e.add_argument("--policy", type=Path, help="a JSON policy (min_accuracy, max_latency_ms, max_downtime_ms, "
+                                               "max_memory_bytes, weights): choose compensation or takeover per "
+                                               "failure set and write the choices to BUNDLE/techniques.json")
 
     x = sub.add_parser("explore", help="measure plans and compensation forms that fit a per-board memory budget "
                                        "(compensation counted) on a validation split; write the best as a bundle")
@@ -451,7 +454,31 @@ def cmd_evaluate(args, progress) -> int:
         from robustpart.plots import plot_failures
         written = plot_failures(result.reports, result.ks, args.plot, f"{result.model} on {result.data}")
         print(f"figure written to {written}", file=sys.stderr if args.json else sys.stdout)
+    if args.policy:
+        _select_techniques(args, result, sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _select_techniques(args, result, out) -> None:
+    """evaluate --policy: the candidates per failure set and the choice, written to techniques.json."""
+    from robustpart.report import table
+    from robustpart.runtime.manifest import load_manifest
+    from robustpart.runtime.techniques import Policy, load_profiles, select, write_techniques
+    policy, manifest = Policy.load(args.policy), load_manifest(args.bundle)
+    own = [r for r in result.reports[:2] if r.plan is result.reports[0].plan]
+    report = own[-1]                              # the bundle's plan, with its compensation where it has one
+    profiles = load_profiles(args.bundle, manifest.boards)
+    rows = select(manifest, report.per_set, result.ks, policy, profiles)
+    fmt = lambda v, unit="": "-" if v is None else f"{v:.1f}{unit}"   # noqa: E731
+    print(f"technique per failure set ({report.label}; latency and downtime from "
+          f"{len(profiles)} of {manifest.boards} board profiles):", file=out)
+    print(table(["failed", "technique", "accuracy", "latency", "downtime", "memory", "score", ""],
+                [[",".join(map(str, failed)), c.technique, f"{100 * c.accuracy:.2f}%", fmt(c.latency_ms, " ms"),
+                  fmt(c.downtime_ms, " ms"), f"{c.memory_bytes / 1e6:.2f} MB", f"{c.score:.3f}",
+                  "CHOSEN" + ("" if c.meets else " (no candidate meets the policy)") if c is chosen else c.why]
+                 for failed, options, chosen in rows for c in options]), file=out)
+    path = write_techniques(args.bundle, policy, {failed: chosen.technique for failed, _, chosen in rows})
+    print(f"choices written to {path}: the boards apply them (no takeover where it says compensate)", file=out)
 
 
 def cmd_explore(args, progress) -> int:
@@ -831,6 +858,8 @@ def check_evaluate(args) -> None:
     if args.plot is not None:
         from robustpart.plots import check_plot_path
         check_plot_path(args.plot)
+    if args.policy is not None:
+        _check_policy(args)
     if args.backend == "onnx":
         _refuse_unused(_given(args, "torch_device"), "--backend onnx runs the shards with ONNX Runtime (--provider)")
         if args.compare:
@@ -838,6 +867,21 @@ def check_evaluate(args) -> None:
     else:
         _refuse_unused(_given(args, "provider"), "--backend torch runs the simulator (--torch-device); --provider "
                        "is for --backend onnx")
+
+
+def _check_policy(args) -> None:
+    from robustpart.runtime.manifest import MANIFEST, load_manifest
+    from robustpart.runtime.techniques import Policy
+    checks.check_existing(args.policy, "--policy", "file", error=UsageError)
+    Policy.load(args.policy)
+    if not (args.bundle / MANIFEST).is_file():
+        raise UsageError(f"--policy: bundle {args.bundle} has no shards (compiled with --no-shards), so no board "
+                         f"would apply the choices")
+    if load_manifest(args.bundle, verify=False).pipeline is not None:
+        raise UsageError("--policy chooses between compensation and takeover, which horizontal bundles have; a "
+                         "pipeline / hybrid bundle's skip-or-exit choice is made when it is compiled")
+    if args.compensation == "without":
+        raise UsageError("--policy compares the compensated answer with a takeover; drop --compensation without")
 
 
 def check_inspect(args) -> None:

@@ -59,6 +59,7 @@ class MethodReport:
     expected: dict[str, float] = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
     replication: float = 1.0
+    per_set: dict = field(default_factory=dict)    # failure set -> accuracy (evaluate_bundle's rows)
 
     def to_json(self) -> dict:
         return {"method": self.label, "plan_method": self.plan.method, "options": self.plan.options,
@@ -358,6 +359,8 @@ def evaluate_bundle(path, ks: list[int] | None = None, data=None, limit: int | N
     reports = [evaluate_plan(graph, v.plan, None, None, ks, v.label, fail_probs, None, _Lookup(acc, evaluator.runs(i)),
                              v.held_bytes(), v.compensation)
                for i, (v, acc) in enumerate(zip(variants, evaluator.accuracies()))]
+    for report, acc in zip(reports, evaluator.accuracies()):
+        report.per_set = acc
     return BundleEvaluation(model=graph.name, data=stream.source, ks=ks, reports=reports, images=evaluator.images,
                             passes_per_batch=evaluator.passes_per_batch, batch_size=batch_size, seconds=seconds)
 

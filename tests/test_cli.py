@@ -125,6 +125,23 @@ def test_compile_inspect_evaluate_on_an_image_folder(capsys, tmp_path):
     assert code == 0 and f"figure written to {tmp_path / 'f.svg'}" in out and svg.startswith("<?xml")
     assert all(label in svg for label in ("robust t=0.3", "lop", "no failure", "failed boards"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.svg")] == []     # no temporary left
+    # technique per failure set: the boards' profiles, then a policy that weighs latency alone, so the
+    # answer without the dead board (no extra work) wins every set over a takeover (its work on a backup)
+    for board in range(3):
+        assert run(capsys, "profile", str(bundle), "--device", str(board), "--repeats", "3")[0] == 0
+    (tmp_path / "fast.json").write_text(json.dumps({"weights": {"accuracy": 0, "latency": 1, "downtime": 0}}))
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--policy", str(tmp_path / "fast.json"))
+    chosen = json.loads((bundle / "techniques.json").read_text())
+    assert code == 0 and "technique per failure set" in out and "from 3 of 3 board profiles" in out
+    assert chosen["sets"] == {k: "compensate" for k in ("0", "1", "2", "0,1", "0,2", "1,2")}
+    assert out.count("CHOSEN") == 6 and out.count("takeover") == 6 + 1    # a takeover row per set + the last line
+    (tmp_path / "strict.json").write_text(json.dumps({"max_latency_ms": 0.0}))      # nothing meets it
+    code, out, _ = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--failures", "1", "--policy",
+                       str(tmp_path / "strict.json"))
+    assert code == 0 and out.count("(no candidate meets the policy)") == 3
+    (tmp_path / "bad.json").write_text(json.dumps({"min_accuracy": 85}))
+    code, _, err = run(capsys, "evaluate", str(bundle), "--data", str(folder), "--policy", str(tmp_path / "bad.json"))
+    assert code == 2 and "min_accuracy must be a number >= 0 and <= 1" in error_line(err)
 
 
 def test_failed_compile_leaves_no_bundle_and_keeps_the_old_one(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 A pack holds the manifest, board K's shards, the shards of every board it backs up (it loads them when it
 takes that board over: runtime/takeover.py), the head, the adapters and the compensation data where the
-bundle has them, the inventory (boards.json) and, if given, the board's CURVE secret key; and PACK.json,
+bundle has them, the inventory (boards.json), the technique choices (techniques.json) where the bundle has
+them and, if given, the board's CURVE secret key; and PACK.json,
 the SHA-256 of every file in it. Written as a directory (atomically, as a bundle is: bundle.write_atomically)
 or, for a name ending in .tar.gz, an archive (a temporary file renamed into place); `unpack` extracts an
 archive (refusing anything but plain files inside the folder) and checks every file against PACK.json
@@ -20,6 +21,7 @@ from ..bundle import write_atomically
 from ..errors import BundleError
 from .files import sha256_file, write_file_atomically
 from .manifest import MANIFEST, bundle_files, load_manifest
+from .techniques import TECHNIQUES_FILE
 
 PACK_INDEX = "PACK.json"
 INVENTORY = "boards.json"
@@ -40,6 +42,8 @@ def pack_board(bundle: Path | str, device: int, out: Path | str, peers: Path | s
     inventory = Path(peers) if peers is not None else bundle / INVENTORY
     if inventory.is_file():
         sources[INVENTORY] = inventory
+    if (bundle / TECHNIQUES_FILE).is_file():                 # the technique chosen per failure set
+        sources[TECHNIQUES_FILE] = bundle / TECHNIQUES_FILE
     if key is not None:
         sources[f"board{device}.key_secret"] = Path(key)
 

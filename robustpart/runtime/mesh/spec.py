@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..techniques import load_techniques
+
 # How a shell has the machines assemble a stage: assemble(stage, {board: slice}, batch, failed) -> the full
 # tensor, the channels no given board holds filled (compensated for failure set `failed` when the bundle can)
 Assemble = Callable[[int, dict, int, frozenset], np.ndarray]
@@ -78,6 +80,8 @@ class MeshSpec:
     param_bytes: tuple[int, ...] = ()        # per board, its shards' parameter bytes (balances takeovers)
     memory_budget: int | None = None         # parameter bytes a board may hold after a takeover
     wire: str = "fp32"                       # fp16: every stage slice is rounded to float16, sent as such
+    techniques: dict = field(default_factory=dict)   # failure set -> "compensate" | "takeover" (techniques.json;
+                                                     # empty: take over wherever a backup can)
 
 
 def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
@@ -89,7 +93,7 @@ def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
     return MeshSpec(manifest.boards, manifest.input.name, manifest.input.shape, manifest.output.shape, stages,
                     None if head is None else head.inputs, _pipeline_spec(manifest, exit_for),
                     manifest.backup_lists(), tuple(manifest.param_bytes(b) for b in range(manifest.boards)),
-                    manifest.memory_budget, manifest.wire)
+                    manifest.memory_budget, manifest.wire, load_techniques(manifest.root))
 
 
 def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:

@@ -5,11 +5,13 @@ load and unload (events.LoadShards / UnloadShards) and feeds it what loaded (eve
 Which dead board goes to which live backup is takeover.assign_takeovers, on the boards this board has seen
 die (heard once, silent now); every board computes it from its own view. A board serves a dead board's
 channels from the moment its shards are loaded and it has said so in a heartbeat (`covers`), until the
-dead board is back or someone else is assigned it, and no request in flight here still uses them.
+dead board is back or someone else is assigned it, and no request in flight here still uses them. Where
+the bundle's techniques.json chose compensation for the failure set, nobody takes over.
 """
 from __future__ import annotations
 
 from ..takeover import assign_takeovers
+from ..techniques import COMPENSATE
 from . import protocol as wire
 from .events import LoadShards, UnloadShards
 
@@ -23,6 +25,7 @@ class Takeovers:
         self.failed: dict[int, str] = {}      # board -> why its shards could not be loaded here
         self.covers: dict[int, int] = {}      # peer -> the boards it says it serves (bit mask)
         self._last: tuple | None = None
+        self.choice = spec.techniques         # failure sets answered by compensation, not a takeover
 
     def mask(self) -> int:
         return wire.mask_of(self.taken)
@@ -39,7 +42,8 @@ class Takeovers:
         self._last = (frozenset(dead), frozenset(busy))
         for board in [b for b in self.failed if b not in dead]:
             del self.failed[board]            # back: a later death tries again
-        assigned = assign_takeovers(self.backups, dead, self.param_bytes, self.budget)
+        assigned = {} if self.choice.get(frozenset(dead)) == COMPENSATE else \
+            assign_takeovers(self.backups, dead, self.param_bytes, self.budget)
         mine = {d for d, taker in assigned.items() if taker == self.me}
         actions = [LoadShards(d) for d in sorted(mine - self.taken - self.loading - set(self.failed))]
         self.loading.update(a.board for a in actions)
