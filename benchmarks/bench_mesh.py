@@ -199,11 +199,13 @@ def kill_run(bundle: Path, settings: MeshSettings, images: np.ndarray, local: Lo
             if taken:
                 result["takeover"] = [{"board": e["board"], "took_over": e["peer"], "load_ms": e["load_ms"],
                                        "ready_after_kill_ms": round((e["t"] - t_kill) * 1e3, 1)} for e in taken]
+            ready = max([e["t"] - t_kill for e in taken], default=0.0)
+            until = max(2.0, ready + 1.5)            # past the takeover, however long a slow model's images take
             result["timeline"] = [{"t_ms": round((a.submitted_at - t_kill) * 1e3, 1),
                                    "latency_ms": round(a.latency * 1e3, 2),
                                    "answer": f"ok, failed={list(a.failed)}" if a.consistent else a.status,
                                    **({"technique": a.technique} if a.technique else {})}
-                                  for a in answers if -0.2 < a.submitted_at - t_kill < 2.0]
+                                  for a in answers if -0.2 < a.submitted_at - t_kill < until]
             result["detection_window"] = {
                 "requests": len(window_answers),
                 "latency_ms": [round(a.latency * 1e3, 1) for a in window_answers],
