@@ -478,7 +478,8 @@ def _select_techniques(args, result, out) -> None:
                   "CHOSEN" + ("" if c.meets else " (no candidate meets the policy)") if c is chosen else c.why]
                  for failed, options, chosen in rows for c in options]), file=out)
     path = write_techniques(args.bundle, policy, {failed: chosen.technique for failed, _, chosen in rows})
-    print(f"choices written to {path}: the boards apply them (no takeover where it says compensate)", file=out)
+    print(f"choices written to {path}: the boards apply them (no takeover where it says compensate; a failure "
+          f"set it does not list: takeover where a backup can)", file=out)
 
 
 def cmd_explore(args, progress) -> int:

@@ -14,8 +14,8 @@ downtime the load times the profiles measured. A policy file says what the user 
      "weights": {"accuracy": 0.6, "latency": 0.2, "downtime": 0.2, "memory": 0}}
 
 Candidates outside a limit are dropped; among the rest, CONTINUER's normalised weighted sum picks one
-(each metric scaled to [0, 1] over the candidates, 1 the best; a metric equal for all counts fully for
-all). When none meets the limits, the most accurate is chosen and the choice says so. The choices go to
+(each metric scaled to [0, 1] over the remaining candidates, 1 the best; a metric equal for all counts
+fully for all; the dropped ones score 0). When none meets the limits, the most accurate is chosen and the choice says so. The choices go to
 `techniques.json` in the bundle; a board reads it and does not take over where it says `compensate`.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def candidates(manifest, failed, compensated_accuracy: float, healthy_accuracy: 
 
 def choose(options: list[Candidate], policy: Policy) -> Candidate:
     """Drop what breaks a limit; CONTINUER's normalised weighted sum over the rest (the most accurate when
-    nothing meets the limits). Scores are set on every candidate."""
+    nothing meets the limits: then every candidate is scored). Scores are set on every candidate."""
     for c in options:
         for key, metric in LIMITS.items():
             value, limit = c.metric(metric), policy.limits.get(key)
@@ -153,11 +153,14 @@ def choose(options: list[Candidate], policy: Policy) -> Candidate:
             if (value < limit) if metric == "accuracy" else (value > limit):
                 c.meets, c.why = False, f"{metric} {value:g} vs {key} {limit:g}"
                 break
+    meeting = [c for c in options if c.meets]
+    scored = meeting or options               # normalised over the candidates in the running
     for c in options:
         c.score = 0.0
+    for c in scored:
         for metric in METRICS:
             weight = policy.weights.get(metric, 0.0)
-            values = [o.metric(metric) for o in options]
+            values = [o.metric(metric) for o in scored]
             if not weight or None in values:
                 continue
             lo, hi = min(values), max(values)
@@ -168,7 +171,6 @@ def choose(options: list[Candidate], policy: Policy) -> Candidate:
                 good = frac if metric == "accuracy" else 1.0 - frac
             c.score += weight * good
         c.score = round(c.score, 4)
-    meeting = [c for c in options if c.meets]
     if meeting:
         return max(meeting, key=lambda c: (c.score, c.accuracy))
     return max(options, key=lambda c: (c.accuracy, c.score))
