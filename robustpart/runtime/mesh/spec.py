@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..techniques import load_techniques
-
 # How a shell has the machines assemble a stage: assemble(stage, {board: slice}, batch, failed) -> the full
 # tensor, the channels no given board holds filled (compensated for failure set `failed` when the bundle can)
 Assemble = Callable[[int, dict, int, frozenset], np.ndarray]
@@ -80,20 +78,21 @@ class MeshSpec:
     param_bytes: tuple[int, ...] = ()        # per board, its shards' parameter bytes (balances takeovers)
     memory_budget: int | None = None         # parameter bytes a board may hold after a takeover
     wire: str = "fp32"                       # fp16: every stage slice is rounded to float16, sent as such
-    techniques: dict = field(default_factory=dict)   # failure set -> "compensate" | "takeover" (techniques.json;
-                                                     # empty: take over wherever a backup can)
+    compensate_sets: frozenset = frozenset()  # failure sets answered by compensation, not a takeover (the
+                                              # bundle's techniques.json; the board shell reads it)
 
 
-def mesh_spec(manifest, exit_for: dict | None = None) -> MeshSpec:
+def mesh_spec(manifest, exit_for: dict | None = None, compensate_sets=()) -> MeshSpec:
     """`exit_for`: a pipeline bundle's AdapterSet.exit_for (the boards load the adapters; the client needs
-    none: the answering board says which technique answered)."""
+    none: the answering board says which technique answered). `compensate_sets`: the failure sets
+    (frozensets) the bundle's techniques.json answers by compensation (runtime/techniques.py)."""
     stages = tuple(StageSpec(s.inputs, s.tensor, tuple(e.name for e in s.extras), s.axis, s.shape,
                              tuple(shard.channels for shard in s.shards), s.unit is None) for s in manifest.stages)
     head = manifest.head
     return MeshSpec(manifest.boards, manifest.input.name, manifest.input.shape, manifest.output.shape, stages,
                     None if head is None else head.inputs, _pipeline_spec(manifest, exit_for),
                     manifest.backup_lists(), tuple(manifest.param_bytes(b) for b in range(manifest.boards)),
-                    manifest.memory_budget, manifest.wire, load_techniques(manifest.root))
+                    manifest.memory_budget, manifest.wire, frozenset(compensate_sets))
 
 
 def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:

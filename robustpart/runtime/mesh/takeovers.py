@@ -11,7 +11,6 @@ the bundle's techniques.json chose compensation for the failure set, nobody take
 from __future__ import annotations
 
 from ..takeover import assign_takeovers
-from ..techniques import COMPENSATE
 from . import protocol as wire
 from .events import LoadShards, UnloadShards
 
@@ -25,7 +24,7 @@ class Takeovers:
         self.failed: dict[int, str] = {}      # board -> why its shards could not be loaded here
         self.covers: dict[int, int] = {}      # peer -> the boards it says it serves (bit mask)
         self._last: tuple | None = None
-        self.choice = spec.techniques         # failure sets answered by compensation, not a takeover
+        self.compensate_sets = spec.compensate_sets   # failure sets answered by compensation, not a takeover
 
     def mask(self) -> int:
         return wire.mask_of(self.taken)
@@ -42,7 +41,7 @@ class Takeovers:
         self._last = (frozenset(dead), frozenset(busy))
         for board in [b for b in self.failed if b not in dead]:
             del self.failed[board]            # back: a later death tries again
-        assigned = {} if self.choice.get(frozenset(dead)) == COMPENSATE else \
+        assigned = {} if frozenset(dead) in self.compensate_sets else \
             assign_takeovers(self.backups, dead, self.param_bytes, self.budget)
         mine = {d for d, taker in assigned.items() if taker == self.me}
         actions = [LoadShards(d) for d in sorted(mine - self.taken - self.loading - set(self.failed))]
