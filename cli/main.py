@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  f"{','.join(DEFAULT_CRITERIA)})")
     x.add_argument("--weights", help="as for compile")
     x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--per-unit", type=int, default=0, metavar="ROUNDS",
+                   help="then refine the chosen robust plan's threshold per unit, greedily by objective gain per "
+                        "byte, for up to ROUNDS moves (default 0: one threshold for every unit)")
     x.add_argument("--out", "-o", type=Path, help="bundle directory (default artifacts/<model>-<N>d-explored)")
     x.add_argument("--plot", type=Path, help="draw memory against the objective, the front and the choice "
                                              "(FILE.png or FILE.svg)")
@@ -491,7 +494,7 @@ def cmd_explore(args, progress) -> int:
                              criteria=tuple(args.scores) if args.scores else None,
                              torch_device=str(resolve_device(args.torch_device)))
     result, graph, source = explore(args.model, options, args.memory, args.objective, args.val_data, args.val_limit,
-                                    args.steps, args.weights, progress)
+                                    args.steps, args.weights, progress, per_unit=args.per_unit)
     out = args.out or Path("artifacts") / f"{graph.name}-{args.devices}d-explored"
     chosen = result.chosen
     bundle = emit_bundle(out, graph, source, chosen.plan, result.scores, True, progress, chosen.compensation,
@@ -895,7 +898,7 @@ def check_explore(args) -> None:
     if not 0 < args.memory <= 1:
         raise UsageError(f"--memory must be in (0, 1] (a fraction of the model's parameter bytes), got {args.memory}")
     check_objective(args.objective, args.devices)
-    for name, low in (("val_limit", 1), ("steps", 1)):
+    for name, low in (("val_limit", 1), ("steps", 1), ("per_unit", 0)):
         checks.check_int(getattr(args, name), "--" + name.replace("_", "-"), low, error=UsageError)
     if args.val_data is not None:
         checks.check_existing(args.val_data, "--val-data", "dir", error=UsageError)

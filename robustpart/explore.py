@@ -137,10 +137,12 @@ def validation_data(spec: InputSpec, path: Path | str | None, limit: int) -> tup
 
 def explore(name: str, options: CompileOptions, budget: float, objective: str = "k1",
             val_data: Path | str | None = None, val_limit: int = DEFAULT_VAL_LIMIT, steps: int = 4,
-            weights: str | None = None, progress: Progress | None = None) -> tuple[Exploration, object, object]:
+            weights: str | None = None, progress: Progress | None = None,
+            per_unit: int = 0) -> tuple[Exploration, object, object]:
     """Measure the candidates for `name` on `options.devices` boards; returns the exploration, the graph and
     its source (to write the chosen bundle). `budget`: the most a board may hold, as a fraction of the
-    model's parameter bytes, counting compensation."""
+    model's parameter bytes, counting compensation. `per_unit`: rounds of per-unit threshold refinement of
+    the chosen robust plan (explore_units.py; 0: none)."""
     from .compiler import _scores_for, check_compile_options
     progress = progress or (lambda msg: log.info(msg))
     if not 0 < budget <= 1:
@@ -156,10 +158,9 @@ def explore(name: str, options: CompileOptions, budget: float, objective: str = 
     scores = _scores_for(graph, dataclasses.replace(options, method="robust"), None, progress, calibration)
     ks = list(range(1, options.devices))
     candidates = []
-    for plan_label, plan in _plans(graph, options, scores, budget, steps):
-        if plan_cost(graph, plan).memory_ratio_full > budget:
-            continue
-        for form, dtype, regressors in FORMS:
+
+    def measure(plan_label: str, plan: Plan, forms=FORMS) -> None:
+        for form, dtype, regressors in forms:
             prepared = None
             if dtype is not None:
                 progress(f"{plan_label}: compensation {form}")
@@ -176,12 +177,27 @@ def explore(name: str, options: CompileOptions, budget: float, objective: str = 
             candidates.append(Candidate(plan_label, form, plan, prepared, report))
             progress(f"{plan_label}, {form}: memory {report.cost['memory_ratio_full']:.3f}, "
                      f"1 failed {100 * report.by_k[1].mean:.2f}")
+
+    for plan_label, plan in _plans(graph, options, scores, budget, steps):
+        if plan_cost(graph, plan).memory_ratio_full <= budget:
+            measure(plan_label, plan)
     if not candidates:
         lop = plan_for(graph, dataclasses.replace(options, method="lop"), None)
         raise ConfigError(f"no plan fits {budget} x the model per board: even LOP without compensation needs "
                           f"{plan_cost(graph, lop).memory_ratio_full:.3f}; raise --memory or use more boards")
-    front = pareto_front(candidates, objective)
     chosen = max(candidates, key=lambda c: (*score(c, objective), -c.memory))
+    if per_unit and chosen.plan.method == "robust":
+        from .explore_units import refine_thresholds
+        held = chosen.memory - chosen.report.cost["param_ratio_full"]      # the compensation it holds
+        refined = refine_thresholds(graph, scores, chosen.plan, budget - held, images, labels, objective, per_unit,
+                                    progress)
+        if refined.rounds:
+            measure(f"robust per-unit ({len(refined.rounds)} moves from {chosen.plan_label})", refined.plan,
+                    [f for f in FORMS if f[0] == chosen.form])
+        chosen = max(candidates, key=lambda c: (*score(c, objective), -c.memory))
+    elif per_unit:
+        progress(f"--per-unit: the choice is {chosen.label}, not a robust plan; nothing to refine")
+    front = pareto_front(candidates, objective)
     return Exploration(candidates, front, chosen, budget, objective, ks, validation, scores), graph, source
 
 

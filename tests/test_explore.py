@@ -61,3 +61,40 @@ def test_a_budget_nothing_fits_says_what_is_needed(capsys, tmp_path):
                        "--val-limit", "50", "--out", str(tmp_path / "b"))
     assert code != 0 and "no plan fits 0.2 x the model per board" in error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+@needs_fmnist
+def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
+    """One greedy round from a robust plan: the move taken changes one unit's threshold by x0.5 or x2, keeps
+    the largest board's parameters within the budget, and its measured objective is no worse (and better,
+    or the memory lower) than the starting plan's, measured again here."""
+    from robustpart.evaluation import PlanEvaluator, evaluate_plan
+    from robustpart.explore import validation_data
+    from robustpart.explore_units import objective_value, refine_thresholds
+    from robustpart.cost import plan_cost
+    from robustpart.models import load_graph
+    from robustpart.partition import plan_for
+    from robustpart.calibration import CalibrationSource
+    from robustpart.compiler import _scores_for
+    options = CompileOptions(devices=3, criteria=("l1",), threshold=0.3)
+    graph, _ = load_graph(MODEL, None)
+    images, labels, _ = validation_data(graph.input_spec, None, 200)
+    scores = _scores_for(graph, options, None, lambda m: None, CalibrationSource(graph, options, lambda m: None))
+    base = plan_for(graph, options, scores)
+    budget = plan_cost(graph, base).param_ratio_full + 0.05
+    refined = refine_thresholds(graph, scores, base, budget, images, labels, "k1", 1, lambda m: None)
+
+    def k1(plan):
+        report = evaluate_plan(graph, plan, images, labels, [1], None, {}, evaluator=PlanEvaluator(graph, plan, images,
+                                                                                                  labels))
+        return objective_value(report, "k1")
+
+    assert refined.trials == 1 + 2 * len(refined.thresholds)        # every unit tried both ways
+    changed = {u: t for u, t in refined.thresholds.items() if t != 0.3}
+    if not refined.rounds:                                           # no move helped: the plan is the base
+        assert not changed
+        return
+    assert len(refined.rounds) == 1 and len(changed) == 1 and list(changed.values())[0] in (0.15, 0.6)
+    before, after = k1(base), k1(refined.plan)
+    memory_before, memory_after = plan_cost(graph, base).param_ratio_full, plan_cost(graph, refined.plan).param_ratio_full
+    assert memory_after <= budget and after >= before and (after > before or memory_after < memory_before)

@@ -1,0 +1,101 @@
+"""`explore --per-unit R`: per-unit thresholds by greedy allocation, starting from explore's choice.
+
+The threshold is one number for every unit, though units differ widely in what losing their channels costs.
+Starting from the robust plan explore chose, each round tries, for every partitioned unit, halving its
+threshold (more replicas of it) and doubling it (fewer), measures each trial plan's objective on the
+validation images with the simulator (without compensation, so that a trial costs one pass per failure set
+of the objective, not a least-squares fit), and takes the move with the best gain per extra byte of the
+largest board's parameters: a move that frees memory without losing accuracy first, then the largest
+positive gain per byte. It stops after R rounds or when no move helps within the parameter budget (the
+budget less the compensation the chosen candidate holds). The result is compensated like the chosen
+candidate and measured in full, as one more candidate of the front.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .cost import plan_cost
+from .evaluation import FAILURE_SETTINGS, PlanEvaluator, evaluate_plan
+from .partition import make_plan
+
+log = logging.getLogger(__name__)
+
+FACTORS = (0.5, 2.0)        # a unit's threshold halved (more replicas) or doubled (fewer)
+
+
+@dataclass
+class Refinement:
+    thresholds: dict[str, float]
+    plan: object
+    rounds: list[str]       # the move taken each round, in words
+    trials: int
+
+
+def objective_ks(objective: str, n_boards: int) -> list[int]:
+    """The failure sizes the objective reads (expected: every size)."""
+    if objective.startswith("expected:"):
+        return list(range(1, n_boards))
+    return [int(objective.rsplit("k", 1)[1])]
+
+
+def objective_value(report, objective: str) -> float:
+    if objective.startswith("expected:"):
+        return report.expected[objective.split(":", 1)[1]]
+    stats = report.by_k[int(objective.rsplit("k", 1)[1])]
+    return stats.min if objective.startswith("worst:") else stats.mean
+
+
+def refine_thresholds(graph, scores, base_plan, param_budget: float, images, labels, objective: str,
+                      rounds: int, progress: Callable[[str], None]) -> Refinement:
+    """Greedy per-unit thresholds from `base_plan` (a robust plan) within `param_budget` (the largest board's
+    parameters over the model's)."""
+    channels = {u.name: u.channels for u in graph.units}
+    replicate = list(base_plan.options.get("replicate") or [])
+    base = float(base_plan.options["threshold"])
+    thresholds = {name: base for name in channels if name not in replicate}
+    ks = objective_ks(objective, base_plan.n_boards)
+    settings = {k: [p] * base_plan.n_boards for k, p in FAILURE_SETTINGS.items()}
+
+    def measure(per_unit: dict[str, float]):
+        plan = make_plan(channels, base_plan.n_boards, "robust", scores, base, per_unit_thresholds=per_unit,
+                         seed=base_plan.options.get("seed", 0), replicate=replicate, model=base_plan.model,
+                         fill=base_plan.fill)
+        memory = plan_cost(graph, plan).param_ratio_full
+        if memory > param_budget:
+            return plan, memory, None
+        report = evaluate_plan(graph, plan, images, labels, ks, None, settings,
+                               evaluator=PlanEvaluator(graph, plan, images, labels))
+        return plan, memory, objective_value(report, objective)
+
+    plan, memory, value = measure(thresholds)
+    taken, trials = [], 1
+    for r in range(rounds):
+        best = None
+        for name in thresholds:
+            for factor in FACTORS:
+                trial = {**thresholds, name: thresholds[name] * factor}
+                trial_plan, trial_memory, trial_value = measure(trial)
+                trials += 1
+                if trial_value is None:
+                    continue
+                gain, extra = trial_value - value, trial_memory - memory
+                if extra <= 0 and gain >= 0 and (gain > 0 or extra < 0):
+                    rank = (1, gain, -extra)                  # better and no dearer: first
+                elif gain > 0 and extra > 0:
+                    rank = (0, gain / extra, 0.0)
+                else:
+                    continue
+                if best is None or rank > best[0]:
+                    best = (rank, name, factor, trial, trial_plan, trial_memory, trial_value)
+        if best is None:
+            progress(f"per-unit round {r + 1}: no move helps; stopping")
+            break
+        _, name, factor, thresholds, plan, new_memory, new_value = best
+        move = (f"{name} threshold x{factor:g}: objective {100 * value:.2f} -> {100 * new_value:.2f} %, "
+                f"params {memory:.3f} -> {new_memory:.3f}")
+        taken.append(move)
+        progress(f"per-unit round {r + 1}: {move}")
+        memory, value = new_memory, new_value
+    return Refinement({k: round(v, 6) for k, v in thresholds.items()}, plan, taken, trials)
