@@ -702,10 +702,9 @@ def cmd_deploy(args, progress) -> int:
             raise UsageError(f"--boards: board {unknown[0]} is not in the bundle (boards 0..{len(chosen) - 1})")
         chosen = [t for t in chosen if t.board in args.boards]
     ssh = [*(["-i", str(args.identity)] if args.identity else []), *(x for o in args.ssh_option for x in ("-o", o))]
-    serve = [*(["--provider", args.provider] if args.provider != "cpu" else []),
-             *(["--provider-strict"] if args.provider_strict else []),
-             *(["--metrics", f"0.0.0.0:{args.metrics_port}"] if args.metrics_port else [])]
-    deployer = Deployer(args.bundle, args.inventory, chosen, ssh, args.keys, args.service, serve, args.dry_run)
+    metrics = f"0.0.0.0:{args.metrics_port}" if args.metrics_port else None
+    deployer = Deployer(args.bundle, args.inventory, chosen, ssh, args.keys, args.service, args.provider,
+                        args.provider_strict, metrics, args.dry_run)
     results = deployer.stop() if args.stop else deployer.deploy(args.start, args.restart)
     progress.done()
     for r in results:

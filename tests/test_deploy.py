@@ -180,8 +180,7 @@ def test_the_systemd_service_script_installs_the_boards_own_unit_and_restarts_it
     board_dir = tmp_path / "board1"
     board_dir.mkdir()
     shutil.copytree(bundle, board_dir / "pack")
-    deployer = Deployer(bundle, tmp_path / "boards.json", [], service="systemd",
-                        serve_options=["--metrics", "0.0.0.0:9100", "--heartbeat-ms", "50"])
+    deployer = Deployer(bundle, tmp_path / "boards.json", [], service="systemd", metrics="0.0.0.0:9100")
     deployer.unit_dir = str(tmp_path / "units")
     (tmp_path / "units").mkdir()
     target = Target(1, "10.0.0.11", 22, "nvidia", str(board_dir), str(ROBUSTPART))
@@ -197,3 +196,37 @@ def test_the_systemd_service_script_installs_the_boards_own_unit_and_restarts_it
     assert argv[argv.index("--metrics") + 1] == "0.0.0.0:9100" and fields["Restart"] == "on-failure"
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
         "daemon-reload", "enable --quiet robustpart-board1", "restart robustpart-board1"]
+
+
+def test_the_board_commands_resolve_home_relative_folders_and_a_robustpart_on_path(bundle, tmp_path, monkeypatch):
+    """deploy's default folder is relative to the login's home, where an SSH command starts, and its default
+    program is `robustpart` on the board's PATH: the process script (run as the board's shell would, with
+    a recording `robustpart` on PATH, from a stand-in home) hands serve the pack under the home, and the
+    unit names the program found on PATH, not a path under the current folder."""
+    import shlex
+    import shutil
+    import subprocess
+    from robustpart.runtime.deploy import Deployer, Target
+    from robustpart.runtime.service import serve_command
+    if shutil.which("ssh") is None or shutil.which("rsync") is None:
+        pytest.skip("ssh and rsync are not installed")
+    home, fake = tmp_path / "home", tmp_path / "bin"
+    (home / "robustpart" / "b" / "pack").mkdir(parents=True)
+    fake.mkdir()
+    (fake / "robustpart").write_text(f"#!/bin/sh\necho \"$(pwd) $@\" > {tmp_path / 'argv'}\n")
+    (fake / "robustpart").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    target = Target(2, "10.0.0.12", 22, None, "robustpart/b", "robustpart")
+    script = Deployer(bundle, tmp_path / "boards.json", [], service="process").process_start_script(target)
+    done = subprocess.run(["sh", "-c", script], cwd=home, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr
+    for _ in range(50):                                    # the detached process writes its argv
+        if (tmp_path / "argv").is_file() and (tmp_path / "argv").read_text():
+            break
+        time.sleep(0.1)
+    cwd, *argv = (tmp_path / "argv").read_text().split()
+    assert cwd == str(home) and argv[:4] == ["serve", "robustpart/b/pack", "--device", "2"]   # the pack: under home
+    assert (home / "robustpart" / "b" / "pack").is_dir() and (home / "robustpart" / "b" / "serve.pid").is_file()
+    monkeypatch.setenv("PATH", env["PATH"])
+    unit_argv = serve_command(bundle, 2, executable="robustpart")
+    assert unit_argv[0] == str(fake / "robustpart"), shlex.join(unit_argv)

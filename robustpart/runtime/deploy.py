@@ -111,13 +111,14 @@ def targets(inventory_file: Path, bundle: Path, user: str | None = None, remote_
 
 
 class Deployer:
-    """Deploy one bundle to the targets; `ssh_options`: more options for ssh (e.g. -i KEY, -o ...)."""
+    """Deploy one bundle to the targets; `ssh_options`: more options for ssh (e.g. -i KEY, -o ...); `provider`,
+    `provider_strict`, `metrics` (HOST:PORT): how the boards serve (`robustpart serve` / `unit` options)."""
 
     unit_dir = "/etc/systemd/system"      # where --service systemd installs the boards' units
 
     def __init__(self, bundle: Path, inventory_file: Path, targets: list[Target], ssh_options: list[str] = (),
-                 key_dir: Path | None = None, service: str = "systemd", serve_options: list[str] = (),
-                 dry_run: bool = False, log=print):
+                 key_dir: Path | None = None, service: str = "systemd", provider: str = "cpu",
+                 provider_strict: bool = False, metrics: str | None = None, dry_run: bool = False):
         if shutil.which("ssh") is None or shutil.which("rsync") is None:
             raise MeshError("deploy needs OpenSSH's ssh and rsync here (apt-get install openssh-client rsync); "
                             "the boards need rsync too")
@@ -125,8 +126,11 @@ class Deployer:
             raise MeshError(f"unknown --service {service!r}; choose one of {', '.join(SERVICES)}")
         self.bundle, self.inventory_file, self.targets = Path(bundle), Path(inventory_file), targets
         self.ssh_options = [*SSH_DEFAULTS, *ssh_options]
-        self.key_dir, self.service, self.serve_options = key_dir, service, list(serve_options)
-        self.dry_run, self.log = dry_run, log
+        self.key_dir, self.service, self.dry_run = key_dir, service, dry_run
+        # what `serve` and `unit` both take
+        self.board_options = [*(["--provider", provider] if provider != "cpu" else []),
+                              *(["--provider-strict"] if provider_strict else []),
+                              *(["--metrics", metrics] if metrics else [])]
 
     # ---- what runs over SSH --------------------------------------------------------------------------------
 
@@ -242,10 +246,12 @@ class Deployer:
 
     # ---- the services ----------------------------------------------------------------------------------
 
-    def serve_argv(self, t: Target) -> list[str]:
+    def board_argv(self, t: Target, command: str) -> list[str]:
+        """`robustpart serve` (or `unit`, which writes that command into the unit) for the board's pack;
+        paths as on the board (relative ones from the login's home, where SSH commands start)."""
         pack = t.path("pack")
-        argv = [t.robustpart, "serve", pack, "--device", str(t.board), "--peers", f"{pack}/boards.json",
-                "--events", t.path("events.jsonl"), *self.serve_options]
+        argv = [t.robustpart, command, pack, "--device", str(t.board), "--peers", f"{pack}/boards.json",
+                "--events", t.path("events.jsonl"), *self.board_options]
         if self.key_dir is not None:
             argv += ["--key", f"{pack}/board{t.board}.key_secret"]
         return argv
@@ -253,8 +259,9 @@ class Deployer:
     def process_start_script(self, t: Target) -> str:
         """`serve` detached from the SSH session (setsid, every descriptor redirected); prints its pid."""
         q = shlex.quote
-        return (f"cd {q(t.dir)} && {{ setsid nohup {shlex.join(self.serve_argv(t))} >> serve.log 2>&1 "
-                f"< /dev/null & }} ; echo $! > serve.pid && cat serve.pid")
+        log, pid_file = q(t.path("serve.log")), q(t.path("serve.pid"))
+        return (f"{{ setsid nohup {shlex.join(self.board_argv(t, 'serve'))} >> {log} 2>&1 < /dev/null & }} ; "
+                f"echo $! > {pid_file} && cat {pid_file}")
 
     def process_stop_script(self, t: Target) -> str:
         """SIGTERM (the board says goodbye to its peers), up to 10 s to exit, then SIGKILL."""
@@ -266,39 +273,25 @@ class Deployer:
     def systemd_script(self, t: Target) -> str:
         """The unit written by the board's own `robustpart unit`, installed, enabled and (re)started."""
         q = shlex.quote
-        pack = t.path("pack")
-        unit = [t.robustpart, "unit", pack, "--device", str(t.board), "--peers", f"{pack}/boards.json",
-                "--events", t.path("events.jsonl"), "--executable", t.robustpart, *self.unit_options()]
-        if self.key_dir is not None:
-            unit += ["--key", f"{pack}/board{t.board}.key_secret"]
+        unit = [*self.board_argv(t, "unit"), "--executable", t.robustpart]
         path = f"{self.unit_dir}/{t.unit_name}.service"
         return (f"{shlex.join(unit)} > {q(t.path('unit.service'))} && {_SUDO} install -m 644 "
                 f"{q(t.path('unit.service'))} {path} && {_SUDO} systemctl daemon-reload && "
                 f"{_SUDO} systemctl enable --quiet {t.unit_name} && {_SUDO} systemctl restart {t.unit_name}")
 
-    def unit_options(self) -> list[str]:
-        """The serve options `robustpart unit` takes (it writes the others' defaults)."""
-        keep, out, options = {"--provider", "--threads", "--metrics", "--provider-strict"}, [], self.serve_options
-        i = 0
-        while i < len(options):
-            if options[i] in keep:
-                takes_value = options[i] != "--provider-strict"
-                out += options[i:i + 1 + takes_value]
-                i += 1 + takes_value
-            else:
-                i += 1
-        return out
-
     # ---- every board -----------------------------------------------------------------------------------
 
     def deploy(self, start: bool = False, restart: bool = False) -> list[BoardResult]:
         with tempfile.TemporaryDirectory(prefix="robustpart-deploy-") as staging:
-            with ThreadPoolExecutor(max_workers=min(8, len(self.targets)) or 1) as pool:
-                return list(pool.map(lambda t: self.deploy_board(t, Path(staging), start, restart), self.targets))
+            return self._each(lambda t: self.deploy_board(t, Path(staging), start, restart))
 
     def stop(self) -> list[BoardResult]:
+        return self._each(self.stop_board)
+
+    def _each(self, work) -> list[BoardResult]:
+        """`work(target)` for every target, up to 8 at once, results in the targets' order."""
         with ThreadPoolExecutor(max_workers=min(8, len(self.targets)) or 1) as pool:
-            return list(pool.map(self.stop_board, self.targets))
+            return list(pool.map(work, self.targets))
 
 
 # run as root: plain; else through sudo without a password prompt (fails at once rather than waiting)

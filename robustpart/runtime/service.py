@@ -18,7 +18,10 @@ def serve_command(bundle: Path, device: int, peers: str | None = None, provider:
                   executable: str | None = None, metrics: str | None = None,
                   provider_strict: bool = False) -> list[str]:
     """The `robustpart serve` command line the unit runs."""
-    exe = executable or shutil.which("robustpart") or str(Path(sys.executable).with_name("robustpart"))
+    if executable is not None:            # a bare name is looked up on PATH, as the shell would
+        exe = shutil.which(executable) or executable
+    else:
+        exe = shutil.which("robustpart") or str(Path(sys.executable).with_name("robustpart"))
     argv = [str(Path(exe).absolute()), "serve", str(Path(bundle).absolute()), "--device", str(device)]
     if peers is not None:
         argv += ["--peers", str(Path(peers).absolute()) if Path(peers).exists() else peers]
