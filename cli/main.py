@@ -624,7 +624,7 @@ def cmd_cluster(args, progress) -> int:
 def cmd_status(args, progress) -> int:
     from robustpart.runtime.mesh.client import MeshClient
     from robustpart.runtime.mesh.protocol import boards_of
-    from robustpart.runtime.mesh.technique import technique_in_use
+    from robustpart.runtime.techniques import technique_in_use
     with MeshClient(args.bundle, args.peers, settings=_mesh_settings(args), key_file=args.key) as client:
         end = time.monotonic() + args.seconds      # listen the whole time: every board's heartbeats come in
         while (left := end - time.monotonic()) > 0:

@@ -18,15 +18,7 @@ import numpy as np
 from .executor import open_session, resolve_providers, session_options
 from .files import write_file_atomically
 from .manifest import check_files, load_manifest
-
-
-def _feeds(session, batch: int, rng: np.random.Generator) -> dict:
-    """Random float32 inputs of the session's shapes, the batch axis (symbolic in the shards) = `batch`."""
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) else batch for d in arg.shape]
-        feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+from .providers import input_feeds
 
 
 def _open_all(manifest, board: int, providers, options) -> list:
@@ -45,7 +37,7 @@ def profile_board(bundle: Path | str, device: int, provider: str = "cpu", thread
     load_ms = (time.perf_counter() - start) * 1e3
     stages = []
     for index, session in sessions.items():
-        feeds = _feeds(session, batch, rng)
+        feeds = input_feeds(session, batch, rng)
         for _ in range(warmup):
             session.run(None, feeds)
         times = []

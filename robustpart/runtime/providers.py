@@ -17,12 +17,14 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(d
            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
-def zero_feeds(session, batch: int = 1) -> dict:
-    """Zeros for every input of `session` (symbolic dimensions: `batch` for the first, 1 elsewhere)."""
+def input_feeds(session, batch: int = 1, rng: np.random.Generator | None = None) -> dict:
+    """An input for every input of `session`: zeros, or standard normal values from `rng` (symbolic
+    dimensions: `batch` for the first, the shards' batch axis, 1 elsewhere)."""
     feeds = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 1) for k, d in enumerate(i.shape)]
-        feeds[i.name] = np.zeros(shape, dtype=_DTYPES.get(i.type, np.float32))
+        dtype = _DTYPES.get(i.type, np.float32)
+        feeds[i.name] = np.zeros(shape, dtype=dtype) if rng is None else rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
@@ -33,7 +35,7 @@ def check_providers(sessions: dict[str, object], requested: str) -> dict[str, di
     for name, session in sessions.items():
         error = None
         try:
-            session.run(None, zero_feeds(session))
+            session.run(None, input_feeds(session))
         except Exception as exc:                  # noqa: BLE001 - reported in the line, fatal only when strict
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         active = SHORT.get(session.get_providers()[0], session.get_providers()[0])

@@ -17,6 +17,7 @@ Candidates outside a limit are dropped; among the rest, CONTINUER's normalised w
 (each metric scaled to [0, 1] over the remaining candidates, 1 the best; a metric equal for all counts
 fully for all; the dropped ones score 0). When none meets the limits, the most accurate is chosen and the choice says so. The choices go to
 `techniques.json` in the bundle; a board reads it and does not take over where it says `compensate`.
+`technique_in_use` says which technique the mesh answers with now (`robustpart status`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..routes import answered_by, describe
 from .files import write_file_atomically
+from .mesh.protocol import boards_of
 from .takeover import assign_takeovers
 
 TECHNIQUES_FILE = "techniques.json"
@@ -208,3 +211,31 @@ def select(manifest, per_set: dict, ks, policy: Policy, profiles: dict[int, dict
             options = candidates(manifest, failed, per_set[failed], per_set[()], profiles)
             rows.append((failed, options, choose(options, policy)))
     return rows
+
+
+def technique_in_use(manifest, answering, covers: dict[int, int]) -> str:
+    """What the answers use for the boards that answer now: the full model, a takeover (a backup computes a
+    dead board's channels), compensation for the failure set, a fill (no compensation data for it) or, for
+    a pipeline / hybrid bundle, the skips and exits of routes.describe. `answering`: the boards requests go
+    to; `covers`: board -> the boards it says it has taken over (mask)."""
+    answering = set(answering)
+    dead = sorted(set(range(manifest.boards)) - answering)
+    if not answering:
+        return "none: no board answers"
+    if not dead:
+        return "full model"
+    if manifest.pipeline is not None:
+        adapters = manifest.load_adapters()
+        exit_for = adapters.exit_for if adapters is not None else None
+        return describe(manifest.pipeline, dead, answered_by(manifest.pipeline, dead, exit_for))
+    taken = {d: t for t in sorted(answering) for d in boards_of(covers.get(t, 0)) if d in dead}
+    parts = [f"board {d} taken over by {t}" for d, t in sorted(taken.items())]
+    lost = tuple(d for d in dead if d not in taken)
+    if lost:
+        names = ",".join(map(str, lost))
+        comp = manifest.compensation
+        if comp is not None and lost in {tuple(s) for s in comp.sets}:
+            parts.append(f"compensated for boards {names}")
+        else:
+            parts.append(f"channels of boards {names} filled (no compensation for this failure set)")
+    return "; ".join(parts)
