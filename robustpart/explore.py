@@ -92,12 +92,22 @@ def check_objective(objective: str, n_boards: int) -> None:
 
 def score(candidate: Candidate, objective: str) -> tuple[float, float]:
     """What the objective maximises, then the tie-break (higher is better)."""
+    return report_score(candidate.report, objective)
+
+
+def report_score(r: MethodReport, objective: str) -> tuple[float, float]:
+    """`score` of a measured report."""
     match = OBJECTIVE.fullmatch(objective)
-    r = candidate.report
     if match.group(3):
         return r.expected[match.group(3)], r.by_k[1].mean
     stats = r.by_k[int(match.group(2))]
     return (stats.min, stats.mean) if match.group(1) else (stats.mean, stats.min)
+
+
+def objective_sizes(objective: str, n_boards: int) -> list[int]:
+    """The failure sizes the objective reads (expected: every size)."""
+    match = OBJECTIVE.fullmatch(objective)
+    return list(range(1, n_boards)) if match.group(3) else [int(match.group(2))]
 
 
 def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .cost import plan_cost
 from .evaluation import FAILURE_SETTINGS, PlanEvaluator, evaluate_plan
+from .explore import objective_sizes, report_score
 from .partition import make_plan
 
 log = logging.getLogger(__name__)
@@ -33,20 +34,6 @@ class Refinement:
     trials: int
 
 
-def objective_ks(objective: str, n_boards: int) -> list[int]:
-    """The failure sizes the objective reads (expected: every size)."""
-    if objective.startswith("expected:"):
-        return list(range(1, n_boards))
-    return [int(objective.rsplit("k", 1)[1])]
-
-
-def objective_value(report, objective: str) -> float:
-    if objective.startswith("expected:"):
-        return report.expected[objective.split(":", 1)[1]]
-    stats = report.by_k[int(objective.rsplit("k", 1)[1])]
-    return stats.min if objective.startswith("worst:") else stats.mean
-
-
 def refine_thresholds(graph, scores, base_plan, param_budget: float, images, labels, objective: str,
                       rounds: int, progress: Callable[[str], None]) -> Refinement:
     """Greedy per-unit thresholds from `base_plan` (a robust plan) within `param_budget` (the largest board's
@@ -55,7 +42,7 @@ def refine_thresholds(graph, scores, base_plan, param_budget: float, images, lab
     replicate = list(base_plan.options.get("replicate") or [])
     base = float(base_plan.options["threshold"])
     thresholds = {name: base for name in channels if name not in replicate}
-    ks = objective_ks(objective, base_plan.n_boards)
+    ks = objective_sizes(objective, base_plan.n_boards)
     settings = {k: [p] * base_plan.n_boards for k, p in FAILURE_SETTINGS.items()}
 
     def measure(per_unit: dict[str, float]):
@@ -67,7 +54,7 @@ def refine_thresholds(graph, scores, base_plan, param_budget: float, images, lab
             return plan, memory, None
         report = evaluate_plan(graph, plan, images, labels, ks, None, settings,
                                evaluator=PlanEvaluator(graph, plan, images, labels))
-        return plan, memory, objective_value(report, objective)
+        return plan, memory, report_score(report, objective)[0]
 
     plan, memory, value = measure(thresholds)
     taken, trials = [], 1

@@ -70,7 +70,8 @@ def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
     or the memory lower) than the starting plan's, measured again here."""
     from robustpart.evaluation import PlanEvaluator, evaluate_plan
     from robustpart.explore import validation_data
-    from robustpart.explore_units import objective_value, refine_thresholds
+    from robustpart.explore import report_score
+    from robustpart.explore_units import refine_thresholds
     from robustpart.cost import plan_cost
     from robustpart.models import load_graph
     from robustpart.partition import plan_for
@@ -87,7 +88,7 @@ def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
     def k1(plan):
         report = evaluate_plan(graph, plan, images, labels, [1], None, {}, evaluator=PlanEvaluator(graph, plan, images,
                                                                                                   labels))
-        return objective_value(report, "k1")
+        return report_score(report, "k1")[0]
 
     assert refined.trials == 1 + 2 * len(refined.thresholds)        # every unit tried both ways
     changed = {u: t for u, t in refined.thresholds.items() if t != 0.3}
