@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from .cost import plan_cost, threshold_for_memory
 from .errors import ConfigError, DataError
 from .evaluation import FAILURE_SETTINGS, MethodReport, PlanEvaluator, evaluate_plan
 from .models import load_graph
+from .objectives import OBJECTIVE, report_score
 from .options import CompileOptions
 from .partition import plan_for
 from .plan import Plan
@@ -44,7 +44,6 @@ Progress = Callable[[str], None]
 
 FORMS = (("none", None, 0), ("ls fp16", "float16", 0), ("ls fp16, 32 regressors", "float16", 32),
          ("ls fp16, 8 regressors", "float16", 8))
-OBJECTIVE = re.compile(r"(worst:)?k([1-9]\d*)|expected:(\w+)")
 DEFAULT_VAL_LIMIT = 2000
 
 
@@ -93,21 +92,6 @@ def check_objective(objective: str, n_boards: int) -> None:
 def score(candidate: Candidate, objective: str) -> tuple[float, float]:
     """What the objective maximises, then the tie-break (higher is better)."""
     return report_score(candidate.report, objective)
-
-
-def report_score(r: MethodReport, objective: str) -> tuple[float, float]:
-    """`score` of a measured report."""
-    match = OBJECTIVE.fullmatch(objective)
-    if match.group(3):
-        return r.expected[match.group(3)], r.by_k[1].mean
-    stats = r.by_k[int(match.group(2))]
-    return (stats.min, stats.mean) if match.group(1) else (stats.mean, stats.min)
-
-
-def objective_sizes(objective: str, n_boards: int) -> list[int]:
-    """The failure sizes the objective reads (expected: every size)."""
-    match = OBJECTIVE.fullmatch(objective)
-    return list(range(1, n_boards)) if match.group(3) else [int(match.group(2))]
 
 
 def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]:

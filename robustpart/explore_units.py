@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .cost import plan_cost
 from .evaluation import FAILURE_SETTINGS, PlanEvaluator, evaluate_plan
-from .explore import objective_sizes, report_score
+from .objectives import objective_sizes, report_score
 from .partition import make_plan
 
 log = logging.getLogger(__name__)

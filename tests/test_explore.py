@@ -70,7 +70,7 @@ def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
     or the memory lower) than the starting plan's, measured again here."""
     from robustpart.evaluation import PlanEvaluator, evaluate_plan
     from robustpart.explore import validation_data
-    from robustpart.explore import report_score
+    from robustpart.objectives import report_score
     from robustpart.explore_units import refine_thresholds
     from robustpart.cost import plan_cost
     from robustpart.models import load_graph
