@@ -3,8 +3,8 @@ veth pair whose two ends are shaped by a `tc` token bucket (tbf; `netem` is not 
 on the bridge. Per bundle: p50 / p99 latency with 1 request in flight and images/s with 4, healthy and
 after one board is killed (and taken over, unless the bundle has no backups), against
 
-  wire bound:     the busiest link's bytes per image (the all-to-all slices this protocol sends, both
-                  directions, plus the input from the client) / the link rate;
+  wire bound:     the busiest link's bytes per image (the channels this protocol sends, each once, the
+                  busier direction, with the input from the client) / the link rate;
   compute bound:  the busiest board's shard time per image (`robustpart profile`, idle, same run);
   machine bound:  all boards' shard time / the cores here (the boards share this machine's CPUs, which
                   real boards do not).
@@ -38,6 +38,7 @@ from robustpart.runtime.mesh import LocalCluster, MeshClient, MeshSettings     #
 from robustpart.runtime.mesh.inputs import load_inputs                        # noqa: E402
 from robustpart.runtime.mesh.peers import BoardAddress, Inventory             # noqa: E402
 from robustpart.runtime.profile import profile_board                          # noqa: E402
+from robustpart.traffic import traffic_per_image                              # noqa: E402
 
 PORT = 5550
 
@@ -52,21 +53,18 @@ def shape(spaces: Namespaces, rate: str, burst: str) -> None:
 
 
 def link_bytes(manifest, live: list[int]) -> dict[int, int]:
-    """Per live board, the bytes per image its link carries the busier way (float32 payloads, all-to-all as
-    this protocol sends them; headers aside): max(sent, received), the input counted as received."""
-    exchanged = manifest.stages if manifest.head else manifest.stages[:-1]
-    sent = {b: 0 for b in live}
-    received = {b: int(np.prod(manifest.input.shape)) * 4 for b in live}
-    for stage in exchanged:
-        per_channel = int(np.prod(stage.shape)) // stage.channels * 4
-        for b in live:
-            mine = len(stage.shards[b].channels) * per_channel
-            sent[b] += mine * (len(live) - 1)
-            received[b] += sum(len(stage.shards[p].channels) * per_channel for p in live if p != b)
-    last = manifest.stages[-1]
-    for b in live:                                 # the final slice (or output) to the client
-        sent[b] += len(last.shards[b].channels) * int(np.prod(last.shape)) // last.channels * 4
-    return {b: max(sent[b], received[b]) for b in live}
+    """Per live board, the bytes per image its link carries the busier way (payloads as this protocol sends
+    them, robustpart.traffic; headers aside): max(sent, received), the input counted as received and the
+    final slice as sent."""
+    rows = traffic_per_image(manifest, live)
+    last, value = manifest.stages[-1], 2 if manifest.wire == "fp16" else 4
+    out = {}
+    for b in live:
+        received = rows[b]["received"] + int(np.prod(manifest.input.shape)) * 4
+        final = int(np.prod(manifest.output.shape)) * 4 if manifest.head else \
+            len(last.shards[b].channels) * int(np.prod(last.shape)) // last.channels * value
+        out[b] = max(rows[b]["sent"] + final, received)
+    return out
 
 
 def latency(client: MeshClient, images: np.ndarray, count: int) -> dict:

@@ -9,8 +9,8 @@ Runs the bundle's N boards as local `robustpart serve` processes (loopback TCP) 
      `--no-takeover`): latency and images/s again; the timeline around the kill (each request's latency
      and what answered) and the takeover's load time;
   4. bytes per image on the wire (client and board-to-board, headers included) against the analytic
-     figures: what all-to-all exchange of slices sends, and the minimum (each board receives every channel
-     it does not compute, once);
+     figures: what the protocol sends by design and the minimum (each board receives every channel it does
+     not compute, once: the two are equal), and what sending whole slices would send;
   5. `--sweep`: paper 003 Fig. 3, latency per image against the liveness timeout, one board killed early
      in each stream, plus spurious detections in a failure-free stream of the same length.
 
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from robustpart.runtime import LocalExecutor
+from robustpart.traffic import traffic_per_image
 from robustpart.runtime.mesh import LocalCluster, MeshClient, MeshSettings
 from robustpart.runtime.mesh.inputs import load_inputs
 
@@ -119,26 +120,25 @@ def pipeline_analytic_bytes(manifest, live: list[int]) -> dict:
 
 
 def analytic_bytes(manifest, live: list[int]) -> dict:
-    """Payload bytes per image for live boards `live`, from the manifest alone (float32, no headers).
+    """Payload bytes per image for live boards `live`, from the manifest alone (no headers).
 
     The boards exchange every stage but the last (whose slices go to the client), or every stage when the
-    bundle has a head. all_to_all: what this protocol sends (each board's whole slice to each live peer);
-    minimum: each live board receives every channel a live peer holds and it does not, once.
+    bundle has a head. sent: what this protocol sends (each channel a board lacks once, by its lowest live
+    holder: robustpart.traffic); minimum: each live board receives every channel a live peer holds and it
+    does not, once; whole_slices: what sending each board's whole slice to each live peer would send.
     """
     if manifest.pipeline is not None:
         return pipeline_analytic_bytes(manifest, live)
     exchanged = manifest.stages if manifest.head else manifest.stages[:-1]
-    all_to_all = minimum = 0
-    for stage in exchanged:
-        per_channel = int(np.prod(stage.shape)) // stage.channels * 4
-        held = {b: set(stage.shards[b].channels) for b in live}
-        available = set().union(*held.values())
-        all_to_all += sum(len(held[b]) for b in live) * (len(live) - 1) * per_channel
-        minimum += sum(len(available - held[b]) for b in live) * per_channel
+    value = 2 if manifest.wire == "fp16" else 4
+    whole = sum(sum(len(stage.shards[b].channels) for b in live) * (len(live) - 1)
+                * (int(np.prod(stage.shape)) // stage.channels * value) for stage in exchanged)
+    rows = traffic_per_image(manifest, live)
     last = manifest.stages[-1]
     final = int(np.prod(manifest.output.shape)) * 4 if manifest.head else \
-        len(set().union(*(last.shards[b].channels for b in live))) * int(np.prod(last.shape)) // last.channels * 4
-    return {"board_to_board_all_to_all": all_to_all, "board_to_board_minimum": minimum,
+        len(set().union(*(last.shards[b].channels for b in live))) * int(np.prod(last.shape)) // last.channels * value
+    return {"board_to_board_sent": sum(r["sent"] for r in rows),
+            "board_to_board_minimum": sum(r["min_received"] for r in rows), "board_to_board_whole_slices": whole,
             "client_minimum": {"sent": int(np.prod(manifest.input.shape)) * 4 * len(live), "received": final},
             "messages_between_boards": len(exchanged) * len(live) * (len(live) - 1)}
 

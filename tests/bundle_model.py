@@ -35,6 +35,9 @@ class BundleModel:
     def assemble(self, stage: int, slices: dict, batch: int, failed: frozenset) -> np.ndarray:
         return self.assemblers[stage].assemble(slices, batch, self.tables.exit_data(stage, failed))
 
+    def assemble_parts(self, stage: int, parts: list, batch: int, failed: frozenset) -> np.ndarray:
+        return self.assemblers[stage].assemble_parts(parts, batch, self.tables.exit_data(stage, failed))
+
     def replacer(self, board: int):
         def replace(source: int, target: int, x: np.ndarray) -> np.ndarray:
             return rebuild_cut(self.adapters[board], source, target, x, self.spec.pipeline.cut_shapes[target])
@@ -42,8 +45,9 @@ class BundleModel:
 
     def board(self, b: int, settings, incarnation: int):
         if self.spec.pipeline is None:
-            return BoardMachine(b, self.spec, settings, incarnation, BUNDLE_ID, self.assemble)
-        return PipelineBoardMachine(b, self.spec, settings, incarnation, BUNDLE_ID, self.assemble, self.replacer(b))
+            return BoardMachine(b, self.spec, settings, incarnation, BUNDLE_ID, self.assemble_parts)
+        return PipelineBoardMachine(b, self.spec, settings, incarnation, BUNDLE_ID, self.assemble_parts,
+                                    self.replacer(b))
 
     def client(self, settings, session: int, bundle: str, deadline: float):
         machine = ClientMachine if self.spec.pipeline is None else PipelineClientMachine

@@ -48,7 +48,7 @@ class Model:
         return y if s == 2 else np.maximum(y, 0)
 
     def board(self, b: int, settings, incarnation: int) -> BoardMachine:
-        return BoardMachine(b, self.spec, settings, incarnation, BUNDLE, self.assemble)
+        return BoardMachine(b, self.spec, settings, incarnation, BUNDLE, self.assemble_parts)
 
     def client(self, settings, session: int, bundle: str, deadline: float) -> ClientMachine:
         return ClientMachine(self.spec, settings, session, bundle, deadline, self.assemble)
@@ -62,6 +62,12 @@ class Model:
         full = np.zeros((batch, SIZES[stage + 1]), np.float32)      # fill value 0
         for board, part in slices.items():
             full[:, list(CHANNELS[stage][board])] = part
+        return full
+
+    def assemble_parts(self, stage: int, parts: list, batch: int, failed: frozenset) -> np.ndarray:
+        full = np.zeros((batch, SIZES[stage + 1]), np.float32)      # fill value 0
+        for channels, part in parts:
+            full[:, channels] = part
         return full
 
     def reference(self, x: np.ndarray, failed=()) -> np.ndarray:

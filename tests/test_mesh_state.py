@@ -15,7 +15,7 @@ from robustpart.runtime.mesh.protocol import CLIENT as CLIENT_ID
 from robustpart.runtime.mesh.protocol import Header, Kind
 from robustpart.runtime.mesh.settings import MeshSettings
 
-from fake_mesh import BUNDLE, CHANNELS, CLIENT, FakeMesh
+from fake_mesh import BUNDLE, CHANNELS, CLIENT, SIZES, FakeMesh
 
 SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.25)
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
@@ -75,9 +75,11 @@ def test_a_healthy_request_equals_the_direct_computation():
     assert (answer.status, answer.boards, answer.failed) == (OK, (0, 1, 2), ())
     assert_close(answer.output, mesh.model.reference(X))
     assert answer.per_stage == [(0, 1, 2), (0, 1, 2)]
-    # each board sent its slice of the two exchanged stages to both peers, once
-    slices = sum(wire.HEADER_BYTES + 4 * len(X) * len(CHANNELS[s][b]) for s in (0, 1) for b in range(3))
-    assert answer.mesh_bytes == 2 * slices
+    # each board received each channel of the two exchanged stages it lacks once (channel 5 of stage 0 from
+    # board 0 only, channel 0 of stage 1 from board 0 only), in one message per peer and stage
+    lacked = sum(SIZES[s + 1] - len(CHANNELS[s][b]) for s in (0, 1) for b in range(3))
+    assert lacked == 22
+    assert answer.mesh_bytes == 2 * 3 * 2 * wire.HEADER_BYTES + 4 * len(X) * lacked
     # no step waits for more than it needs: input, 3 x (compute a stage, send its slices / the final slice)
     assert answer.latency == pytest.approx(mesh.latency + 3 * (mesh.default_compute + mesh.latency))
     assert all(not board.stats for board in mesh.boards.values())      # nothing dropped, late or timed out
@@ -149,6 +151,25 @@ def test_a_cut_link_gives_a_mixed_answer_never_a_clean_one_then_the_larger_id_si
     after = mesh.answer(mesh.submit(X))
     assert (after.status, after.failed) == (OK, (2,))
     assert_close(after.output, mesh.model.reference(X, (2,)))
+
+
+def test_a_board_that_knows_a_peer_dead_asks_the_next_holder_for_its_replicated_channels():
+    # channel 5 of stage 0 is on boards 0 and 2; board 0 is its designated sender while it lives
+    mesh = ready_mesh(MeshSettings(heartbeat=0.05, timeout=0.25), deadline=2.0)
+    mesh.delay[0, 2] = mesh.delay[0, CLIENT] = 0.2     # board 2 and the client hear of board 0 late
+    mesh.run(0.3)
+    mesh.cut(0)
+    mesh.run_until(lambda: mesh.events(1, "dead"), within=1.0)
+    assert not mesh.events(2, "dead")                  # board 2 still counts on board 0: it sends board 1 only
+    since = len(mesh.delivered)                        # channel 4, and board 1 asks it for channel 5
+    answer = mesh.answer(mesh.submit(X))
+    needs = [(to, h.sender, h.stage, h.owner) for _, to, h in mesh.delivered[since:] if h.kind == Kind.NEED]
+    assert needs == [(2, 1, 0, 2)]
+    listed = [h for _, to, h in mesh.delivered[since:] if h.kind == Kind.SLICE and h.flags & wire.FLAG_LISTED]
+    assert [(h.sender, h.stage) for h in listed] == [(2, 0)]
+    assert (answer.status, answer.failed) == (OK, (0,))     # both boards assembled from boards 1 and 2 alone
+    assert_close(answer.output, mesh.model.reference(X, (0,)))
+    assert all(b.stats["gaps_filled"] == 0 for b in mesh.boards.values())
 
 
 def test_a_silent_board_is_no_longer_waited_for_and_rejoins():
@@ -268,7 +289,7 @@ def test_with_a_head_each_board_sends_the_output_and_a_consistent_one_is_taken()
 # ---- what the machines depend on --------------------------------------------------------------------------
 
 PURE = {"board_logic", "client_logic", "events", "handshake", "spec", "protocol", "lineage", "liveness",
-        "membership", "settings", "machine", "pipeline_logic", "pipeline_client_logic", "takeovers"}
+        "membership", "settings", "machine", "pipeline_logic", "pipeline_client_logic", "takeovers", "senders"}
 
 
 def test_the_state_machines_import_only_numpy_and_the_standard_library():

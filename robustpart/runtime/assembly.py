@@ -39,11 +39,7 @@ class StageAssembler:
                  ) -> np.ndarray:
         """`prepared`: compensation for the channels no slice brings, used only when it was prepared for exactly
         the channels missing here (otherwise the plain fill values stand)."""
-        full = np.zeros((batch, *self.shape), dtype=np.float32)
-        if self.fill is not None:
-            shape = [1] * full.ndim
-            shape[self.axis] = self.channels
-            full += self.fill.reshape(shape)
+        full = self._filled(batch)
         contributions, lost = self._plan(frozenset(slices))
         for board, positions, channels in contributions:
             index = [slice(None)] * full.ndim
@@ -51,6 +47,31 @@ class StageAssembler:
             src = [slice(None)] * full.ndim
             src[self.axis] = positions
             full[tuple(index)] = slices[board][tuple(src)]
+        return self._compensated(full, lost, prepared)
+
+    def assemble_parts(self, parts: list[tuple[np.ndarray, np.ndarray]], batch: int,
+                       prepared: UnitCompensation | None = None) -> np.ndarray:
+        """The same from (channels, array) parts: a mesh board's own slice and what its peers sent it
+        (runtime/mesh/senders.py), the channels along the axis in the given order."""
+        full = self._filled(batch)
+        covered = np.zeros(self.channels, dtype=bool)
+        index = [slice(None)] * full.ndim
+        for channels, array in parts:
+            if len(channels):
+                index[self.axis] = channels
+                full[tuple(index)] = array
+                covered[channels] = True
+        return self._compensated(full, np.flatnonzero(~covered), prepared)
+
+    def _filled(self, batch: int) -> np.ndarray:
+        full = np.zeros((batch, *self.shape), dtype=np.float32)
+        if self.fill is not None:
+            shape = [1] * full.ndim
+            shape[self.axis] = self.channels
+            full += self.fill.reshape(shape)
+        return full
+
+    def _compensated(self, full: np.ndarray, lost: np.ndarray, prepared: UnitCompensation | None) -> np.ndarray:
         if prepared is not None and np.array_equal(prepared.lost, lost):
             reconstruct_lost(full, self.axis, prepared.lost, prepared.fill,
                              prepared.dense_recon(self.channels - len(prepared.lost)))

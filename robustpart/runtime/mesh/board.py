@@ -81,10 +81,11 @@ class DeviceServer:
                          {failed for failed, technique in choices.items() if technique == COMPENSATE})
         bundle_id = wire.bundle_id(self.manifest.root / MANIFEST)
         if spec.pipeline is None:
-            self.machine = BoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id, self._assemble)
+            self.machine = BoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id,
+                                        self._assemble_parts)
         else:
             self.machine = PipelineBoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id,
-                                                self._assemble, self._replace)
+                                                self._assemble_parts, self._replace)
         self.stats = self.machine.stats        # the machine's counters and the sender's, together
         self.sender = Sender(self.stats)
         self._stop = threading.Event()
@@ -219,8 +220,8 @@ class DeviceServer:
         self.loads[board] = threading.Thread(target=load, name=f"takeover-{board}", daemon=True)
         self.loads[board].start()
 
-    def _assemble(self, stage: int, slices: dict, batch: int, failed: frozenset) -> np.ndarray:
-        return self.assemblers[stage].assemble(slices, batch, self.compensation.exit_data(stage, failed))
+    def _assemble_parts(self, stage: int, parts: list, batch: int, failed: frozenset) -> np.ndarray:
+        return self.assemblers[stage].assemble_parts(parts, batch, self.compensation.exit_data(stage, failed))
 
     def _replace(self, source: int, target: int, x: np.ndarray) -> np.ndarray:
         """Cut `target` rebuilt from cut `source` by the adapter this board holds, or zeros without one."""

@@ -4,8 +4,11 @@ No sockets, no ONNX Runtime, no clock: the shell (board.py) feeds it what arrive
 outputs, and carries out what it returns (events.py). Tests drive it with a fake clock and numpy shards.
 
 Per request (client session, request id) and stage s:
-  compute own slice of s -> send it to the request's other boards that are alive ->
-  wait until every such board's slice is in, or the board is declared dead, or the stage timeout ->
+  compute own slice of s -> send each of the request's other boards that are alive the channels of it
+  that board lacks and this one is designated to send (senders.py: each channel once, by its lowest live
+  holder) -> wait until every such board's part is in, or the board is declared dead, or the stage timeout
+  (a part whose sender counted a board this one knows dead lacks that board's replicated channels: they
+  are asked for with a NEED from their next holder, which keeps its last two stages' slices for that) ->
   assemble (missing channels per the fill policy), recording which boards were used and the lineage ->
   next stage. After the last stage the board's final slice goes to the client (or, when the bundle has a
   head, the boards also exchange the last stage, run the head and send the output).
@@ -17,7 +20,7 @@ One shard runs at a time: a tick starts the next ready request's stage (RunShard
 from __future__ import annotations
 
 import statistics
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,18 +28,29 @@ import numpy as np
 from . import protocol as wire
 from .events import Leave, Message, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
 from .handshake import ACCEPTED, REFUSED, STALE, Handshake
-from .lineage import ANY, Lineage, after_assembly
+from .lineage import ANY, MIXED, Lineage, after_assembly
 from .liveness import DEAD, JOINED, REJOINED, RESTARTED, Liveness
 from .machine import Machine
 from ..precision import to_wire_precision
-from .protocol import CLIENT, FLAG_FP16, Header, Kind, ProtocolError
+from .protocol import CLIENT, FLAG_FP16, FLAG_LISTED, Header, Kind, ProtocolError
+from .senders import StageSenders, take
 from .settings import MeshSettings
-from .spec import Assemble, MeshSpec
+from .spec import AssembleParts, MeshSpec
 from .takeovers import Takeovers
 
 
 RECENT_ANSWERS = 64       # the answer latency a heartbeat reports is the median of these
 TIMINGS_KEPT = 10_000     # timings kept until the shell drains them (it does every loop turn)
+DONE_KEPT = 8             # finished requests whose last slices are kept for a late NEED
+
+
+@dataclass
+class Delivered:
+    """What a stage's slot (a board, or a dead one its coverer computes) brought this board."""
+    sender: int
+    sources: int               # the boards the sender counted on: which channels the first part holds
+    lineage: Lineage
+    parts: list                # (channels, array) pairs: the first part, then NEED answers
 
 
 @dataclass
@@ -52,7 +66,9 @@ class Request:
     wait_until: float = 0.0
     own: np.ndarray | None = None
     lineage: Lineage = ANY     # lineage of the env the current stage is computed from
-    slices: dict = field(default_factory=dict)   # stage -> {board: (array, Lineage)}
+    slices: dict = field(default_factory=dict)   # stage -> {slot: Delivered}
+    asked: dict = field(default_factory=dict)    # stage -> {slot: channel mask asked for with a NEED}
+    own_slices: dict = field(default_factory=dict)   # stage -> (Lineage, {slot: slice}): this board's, for NEEDs
     excluded: int = 0          # boards whose slice was missing at some stage: not waited for again
     used: list = field(default_factory=list)     # boards used at each assembly (bit masks)
     sent_bytes: int = 0
@@ -73,12 +89,14 @@ class BoardMachine(Machine):
     final_slices_to_client = True          # without a head, the client assembles the last stage's slices
 
     def __init__(self, me: int, spec: MeshSpec, settings: MeshSettings, incarnation: int, bundle: str,
-                 assemble: Assemble):
+                 assemble: AssembleParts):
         super().__init__(f"board {me}")
         self.me, self.spec, self.settings, self.incarnation = me, spec, settings, incarnation
         self.assemble = assemble
         self.n, self.last = spec.boards, len(spec.stages) - 1
         self.slice_shapes = [[s.slice_shape(b) for b in range(self.n)] for s in spec.stages]
+        self.senders = [StageSenders(s.channels, s.shape[s.axis - 1]) for s in spec.stages]
+        self.done_slices: OrderedDict = OrderedDict()      # (session, rid) -> a finished request's own_slices
         self.peers = [b for b in range(self.n) if b != me]
         self.liveness = Liveness(self.peers, settings.timeout, settings.heartbeat)
         self.boards = Handshake(me, incarnation, bundle, "board", "board")      # peers, by board id
@@ -146,6 +164,8 @@ class BoardMachine(Machine):
             self.takeovers.covers[p] = h.covers
         elif h.kind == Kind.SLICE:
             self._on_slice(h, payload, now)
+        elif h.kind == Kind.NEED:
+            self._on_need(h, payload)
         elif h.kind == Kind.CUT:
             self._on_cut(h, payload, now)
         else:
@@ -159,6 +179,7 @@ class BoardMachine(Machine):
             for req in self.requests.values():
                 req.excluded |= 1 << p
             self._view_changed(p, event, now)
+            self._recheck_gaps()
 
     def _from_client(self, routing: bytes, h: Header, payload, now: float) -> None:
         session = h.session
@@ -210,10 +231,7 @@ class BoardMachine(Machine):
                             if h.mask >> d & 1 and not self.liveness.is_alive(d))
         self.started[h.session] = h.request
         self.requests[key] = req
-        early = self.pending.pop(key, None)
-        if early:
-            for (stage, p), (array, lineage) in early[1].items():
-                self._store(req, stage, p, array, lineage)
+        self._take_pending(req)
         self.ready.append(req)
 
     def _on_cut(self, h: Header, payload, now: float) -> None:
@@ -228,28 +246,121 @@ class BoardMachine(Machine):
         if not 0 <= h.stage <= self.last or not payload:
             raise ProtocolError(f"SLICE for stage {h.stage}; the bundle has stages 0..{self.last}")
         board = h.board                            # the sender's, or a board it took over
-        if not 0 <= board < self.n:
-            raise ProtocolError(f"SLICE of board {board}; the bundle has boards 0..{self.n - 1}")
-        array = wire.read_array(payload[0], (h.batch, *self.slice_shapes[h.stage][board]), bool(h.flags & FLAG_FP16))
-        lineage = Lineage.from_wire(h.mask, h.flags)
+        if not 0 <= board < self.n or h.sources >> self.n:
+            raise ProtocolError(f"SLICE of board {board} counting on boards {wire.boards_of(h.sources)}; the "
+                                f"bundle has boards 0..{self.n - 1}")
+        senders = self.senders[h.stage]
+        if h.flags & FLAG_LISTED:                  # an answer to a NEED: the channels are listed
+            if len(payload) != 2:
+                raise ProtocolError("a listed SLICE needs a channel list and an array")
+            channels, frame = wire.read_channels(payload[0], senders.n), payload[1]
+        else:
+            channels, frame = senders.pick(board, self.me, h.sources)[1], payload[0]
+        array = wire.read_array(frame, (h.batch, *self._part_shape(h.stage, len(channels))),
+                                bool(h.flags & FLAG_FP16))
+        part = (h.sender, h.sources, Lineage.from_wire(h.mask, h.flags), channels, array)
         req = self.requests.get(key)
         if req is not None:
-            self._store(req, h.stage, board, array, lineage)
+            self._store(req, h.stage, board, *part)
         elif self._started_or_done(h.session, h.request):
             self.stats["late_slices"] += 1
         else:                                      # its INPUT is still on the way to this board
             if key not in self.pending and len(self.pending) >= self.settings.max_pending:
                 self.pending.pop(next(iter(self.pending)))
                 self.stats["dropped_pending"] += 1
-            self.pending.setdefault(key, (now, {}))[1][(h.stage, board)] = (array, lineage)
+            self.pending.setdefault(key, (now, []))[1].append((h.stage, board, part))
 
-    def _store(self, req: Request, stage: int, p: int, array: np.ndarray, lineage: Lineage) -> None:
-        if not req.members >> p & 1 or req.excluded >> p & 1 or stage < req.stage:
+    def _part_shape(self, stage: int, count: int) -> tuple[int, ...]:
+        spec = self.spec.stages[stage]
+        shape = list(spec.shape)
+        shape[spec.axis - 1] = count
+        return tuple(shape)
+
+    def _take_pending(self, req: Request) -> None:
+        """The parts that arrived before the request's INPUT."""
+        early = self.pending.pop((req.session, req.rid), None)
+        for stage, slot, part in early[1] if early else ():
+            self._store(req, stage, slot, *part)
+
+    def _store(self, req: Request, stage: int, slot: int, sender: int, sources: int, lineage: Lineage,
+               channels: np.ndarray, array: np.ndarray) -> None:
+        if not req.members >> slot & 1 or req.excluded >> slot & 1 or stage < req.stage:
             self.stats["late_slices"] += 1
             return
         if array.shape[0] != req.batch:
-            raise ProtocolError(f"slice from board {p} has batch {array.shape[0]}, the request has {req.batch}")
-        req.slices.setdefault(stage, {})[p] = (array, lineage)
+            raise ProtocolError(f"slice from board {slot} has batch {array.shape[0]}, the request has {req.batch}")
+        got = req.slices.setdefault(stage, {})
+        if slot in got:                            # a NEED's answer
+            got[slot].parts.append((channels, array))
+            return
+        got[slot] = Delivered(sender, sources, lineage, [(channels, array)])
+        if stage == req.stage and req.waiting and sources != self._sources(req):
+            self._ask_for_gaps(req)
+
+    # ---- asking for what a sender left out ---------------------------------------------------------------
+
+    def _covered(self, req: Request, stage: int) -> np.ndarray:
+        """Channel mask: what this board has of `stage` (its own and proxied slices, the parts received)."""
+        senders = self.senders[stage]
+        covered = senders.holds[self.me].copy()
+        for d in req.proxied:
+            covered |= senders.holds[d]
+        for entry in req.slices.get(stage, {}).values():
+            for channels, _ in entry.parts:
+                covered[channels] = True
+        return covered
+
+    def _ask_for_gaps(self, req: Request) -> None:
+        """Ask each slot that delivered the current stage for the channels it is designated for in this
+        board's view but left out (its sender counted a board this one no longer counts on)."""
+        s, sources = req.stage, self._sources(req)
+        got = req.slices.get(s, {})
+        if not got:
+            return
+        covered = self._covered(req, s)
+        asked = req.asked.setdefault(s, {})
+        for slot, entry in got.items():
+            if not sources >> slot & 1:
+                continue
+            gaps = self.senders[s].designated(slot, self.me, sources) & ~covered & ~asked.get(slot, False)
+            if not gaps.any():
+                continue
+            asked[slot] = asked.get(slot, False) | gaps
+            need = Header(Kind.NEED, self.me, self.incarnation, req.session, req.rid, s, req.batch, owner=slot)
+            frames = [need.pack(), wire.channel_frame(np.flatnonzero(gaps))]
+            self._actions.append(SendPeer(entry.sender, frames, "needs"))
+            self.stats["needs_sent"] += 1
+            req.sent_bytes += wire.frames_bytes(frames)
+            req.wait_until = max(req.wait_until, self.now + self.settings.wait)
+
+    def _recheck_gaps(self) -> None:
+        """The view changed: the waiting requests may now lack channels their senders left out."""
+        for req in self.requests.values():
+            if req.waiting:
+                self._ask_for_gaps(req)
+
+    def _on_need(self, h: Header, payload) -> None:
+        """A peer asks for channels of one of this board's slots (its own, or a board it took over)."""
+        key, slot = (h.session, h.request), h.owner
+        if not 0 <= h.stage <= self.last or not 0 <= slot < self.n or len(payload) != 1:
+            raise ProtocolError(f"NEED for stage {h.stage} of board {slot} with {len(payload)} frames")
+        req = self.requests.get(key)
+        lineage, held = (req.own_slices if req is not None else self.done_slices.get(key, {})).get(h.stage, (None, {}))
+        array = held.get(slot)
+        if array is None:                          # no longer (or never) computed here: the asker fills it
+            self.stats["unanswered_needs"] += 1
+            return
+        senders = self.senders[h.stage]
+        channels = wire.read_channels(payload[0], senders.n)
+        channels = channels[senders.holds[slot, channels]]
+        part = take(array, self.spec.stages[h.stage].axis, senders.positions_of(slot, channels), -1)
+        header = Header(Kind.SLICE, self.me, self.incarnation, h.session, h.request, h.stage, h.batch,
+                        lineage.boards, flags=lineage.flags | FLAG_LISTED | self.fp16 * FLAG_FP16,
+                        owner=-1 if slot == self.me else slot)
+        frames = [header.pack(), wire.channel_frame(channels), wire.array_frame(part, self.fp16)]
+        self._actions.append(SendPeer(h.sender, frames, "slices"))
+        if req is not None:
+            req.sent_bytes += wire.frames_bytes(frames)
 
     # ---- ticking, computing ----------------------------------------------------------------------------
 
@@ -273,6 +384,7 @@ class BoardMachine(Machine):
         silent = round((now - self.liveness.peers[peer].last_heard) * 1e3, 1)
         self._emit(DEAD, peer=peer, silent_ms=silent, **({"left": True} if left else {}))
         self._view_changed(peer, DEAD, now)
+        self._recheck_gaps()
 
     def _leave(self) -> None:
         """Goodbye to the peers and clients this board talks to (the shell sends it before it closes)."""
@@ -343,30 +455,56 @@ class BoardMachine(Machine):
             return
         targets = self._targets(req)
         if targets:
-            for owner, part in [(-1, req.own), *req.proxy_slices.items()]:
-                frames = [Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
-                                 req.lineage.boards, flags=req.lineage.flags | self.fp16 * FLAG_FP16,
-                                 owner=owner).pack(),
-                          wire.array_frame(part, self.fp16)]
-                for p in targets:
-                    self._actions.append(SendPeer(p, frames, "slices"))
-                req.sent_bytes += wire.frames_bytes(frames) * len(targets)
+            self._send_parts(req, s, targets)
         req.waiting, req.wait_until, req.waited_from = True, now + self.settings.wait, now
+        sources = self._sources(req)
+        if any(e.sources != sources for e in req.slices.get(s, {}).values()):
+            self._ask_for_gaps(req)                # parts that came first, from senders with another view
         if not self._missing(req):                 # the last board to finish a stage has every slice already
             self._assemble(req)
+
+    def _send_parts(self, req: Request, s: int, targets: list[int]) -> None:
+        """Each target gets the channels of this board's slots it lacks and they are designated for; the
+        slices are kept (this stage and the one before) for a peer that asks again (NEED)."""
+        sources, senders, axis = self._sources(req), self.senders[s], self.spec.stages[s].axis
+        slots = [(-1, self.me, req.own), *((d, d, part) for d, part in req.proxy_slices.items())]
+        for owner, slot, part in slots:
+            header = Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
+                            req.lineage.boards, flags=req.lineage.flags | self.fp16 * FLAG_FP16, owner=owner,
+                            sources=sources).pack()
+            total = len(senders.held[slot])
+            for p in targets:
+                frames = [header, wire.array_frame(take(part, axis, senders.pick(slot, p, sources)[0], total),
+                                                   self.fp16)]
+                self._actions.append(SendPeer(p, frames, "slices"))
+                req.sent_bytes += wire.frames_bytes(frames)
+        req.own_slices[s] = (req.lineage, {slot: part for _, slot, part in slots})
+        req.own_slices.pop(s - 2, None)
 
     def _targets(self, req: Request) -> list[int]:
         return [p for p in self.peers if req.members >> p & 1 and not req.excluded >> p & 1
                 and self.liveness.is_alive(p)]
 
-    def _missing(self, req: Request) -> list[int]:
-        got = req.slices.get(req.stage, {})
+    def _sources(self, req: Request) -> int:
+        """The slots this board counts on for the request's current stage (bit mask): itself and the boards
+        it computes for, the live members not excluded, and the dead ones such a member computes for."""
         expected = self._targets(req)
-        for d in wire.boards_of(req.members & ~req.excluded):   # dead boards a live peer computes for
-            if d != self.me and d not in req.proxied and not self.liveness.is_alive(d) \
-                    and self.takeovers.coverer(d, self.liveness.is_alive) in expected:
-                expected.append(d)
-        return [p for p in expected if p not in got]
+        mask = wire.mask_of(expected) | 1 << self.me | wire.mask_of(req.proxied)
+        for d in wire.boards_of(req.members & ~req.excluded & ~mask):   # dead boards a live peer computes for
+            if self.takeovers.coverer(d, self.liveness.is_alive) in expected:
+                mask |= 1 << d
+        return mask
+
+    def _missing(self, req: Request) -> list[int]:
+        """The slots whose part of the current stage (or a NEED's answer) has not come yet."""
+        got = req.slices.get(req.stage, {})
+        mine = 1 << self.me | wire.mask_of(req.proxied)
+        missing = [p for p in wire.boards_of(self._sources(req) & ~mine) if p not in got]
+        asked = req.asked.get(req.stage)
+        if asked:
+            covered = self._covered(req, req.stage)
+            missing += [slot for slot, mask in asked.items() if (mask & ~covered).any() and slot not in missing]
+        return missing
 
     def _assemble(self, req: Request) -> None:
         s = req.stage
@@ -374,13 +512,23 @@ class BoardMachine(Machine):
             self.stats["stage_timeouts"] += 1
         if req.waiting:
             self.timings.append(("stage_wait", self.now - req.waited_from))
+        covered = self._covered(req, s)
         got = req.slices.pop(s, {})
-        slices = {self.me: req.own, **req.proxy_slices, **{p: a for p, (a, _) in got.items()}}
+        req.asked.pop(s, None)
+        held = self.senders[s].held
+        parts = [(held[self.me], req.own), *((held[d], a) for d, a in req.proxy_slices.items()),
+                 *(part for entry in got.values() for part in entry.parts)]
+        used = 1 << self.me | wire.mask_of(req.proxy_slices) | wire.mask_of(got)
         req.proxy_slices = {}
-        used = wire.mask_of(slices)
         req.excluded |= req.members & ~used           # missing now: not waited for again in this request
-        req.lineage = after_assembly(used, [req.lineage, *(lin for _, lin in got.values())])
-        req.env[self.spec.stages[s].tensor] = self.assemble(s, slices, req.batch, self._failed_for(req, used))
+        # the answer for failure set "all but `used`" only when every channel the used boards hold is here
+        # (a NEED that was not answered leaves a gap)
+        whole = covered.all() or not (self.senders[s].holds[list(wire.boards_of(used))].any(axis=0) & ~covered).any()
+        lineages = [req.lineage, *(entry.lineage for entry in got.values())]
+        req.lineage = after_assembly(used, lineages) if whole else MIXED
+        if not whole:
+            self.stats["gaps_filled"] += 1
+        req.env[self.spec.stages[s].tensor] = self.assemble(s, parts, req.batch, self._failed_for(req, used))
         req.used.append(used)
         req.own, req.waiting, req.stage = None, False, s + 1
         self._advance(req)
@@ -413,6 +561,10 @@ class BoardMachine(Machine):
             self._answered(req)
 
     def _answered(self, req: Request) -> None:
+        if req.own_slices:                               # a peer may still ask for a part of the last stages
+            self.done_slices[(req.session, req.rid)] = req.own_slices
+            while len(self.done_slices) > DONE_KEPT:
+                self.done_slices.popitem(last=False)
         seconds = self.now - req.arrived
         self.answered += 1
         self.recent.append(seconds)

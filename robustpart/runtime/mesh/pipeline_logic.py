@@ -104,10 +104,7 @@ class PipelineBoardMachine(BoardMachine):
             req.sent_bytes, req.used = int(trail[0]), [int(m) for m in trail[1:]]
         self.seen.setdefault(h.session, set()).add(h.request)
         self.requests[(h.session, h.request)] = req
-        early = self.pending.pop((h.session, h.request), None)
-        if early:
-            for (stage, p), (array, lineage) in early[1].items():
-                self._store(req, stage, p, array, lineage)
+        self._take_pending(req)
         actions = self._route(req.failed)
         kind, source = actions.get(self.n_blocks, ("", None))
         if kind == "exit" and source == j and self.me in holder(self.pipe, (j, self.n_blocks)):

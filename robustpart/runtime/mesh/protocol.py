@@ -16,7 +16,13 @@ What the kinds put in the header (besides kind, sender, incarnation, session, re
                                            (request: answers so far, batch: median
                                            answer latency in us; a board's)
     INPUT      boards asked to compute it  deadline_ms, watermark (*)           input (batch, C, H, W)
-    SLICE      lineage boards (**)         owner (***)                          the slice
+    SLICE      lineage boards (**)         sources: the boards the sender       the channels the receiver
+                                           counts on (senders.py); owner (***)  lacks and the sender is
+                                                                                designated for (senders.py);
+                                                                                with FLAG_LISTED: u32
+                                                                                channel ids, those channels
+    NEED       -                           owner (***): whose channels          u32 channel ids: a receiver
+                                                                                asks for these (senders.py)
     RESULT     lineage boards (**)         mesh_bytes: what the board sent to   u64 boards used per stage,
                                            its peers for this request; owner    final slice or output
     CUT        boards counted alive        deadline_ms (left)                   a pipeline block's input (****)
@@ -27,7 +33,7 @@ What the kinds put in the header (besides kind, sender, incarnation, session, re
     (****) pipeline bundles (pipeline_logic.py): `stage` is the cut's index (0: the model input); a
     pipeline RESULT's `stage` says what answered (an exit's cut, the number of blocks, or -1 for zeros).
 
-knows_you, deadline_ms, mesh_bytes and covers share one 64-bit word on the wire (each kind carries at most
+knows_you, deadline_ms, mesh_bytes, covers and sources share one 64-bit word on the wire (each kind carries at most
 one of them; the others arrive as 0), so the header stays 64 bytes.
 """
 from __future__ import annotations
@@ -41,13 +47,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-MAGIC = b"RPM1"
+MAGIC = b"RPM2"          # RPM1: every SLICE carried its sender's whole slice (before senders.py)
 CLIENT = 0xFFFF          # the sender id of a client (boards are 0..N-1)
 MAX_BOARDS = 64          # board sets travel as u64 bit masks
 
 FLAG_MIXED = 1           # lineage: assembled from different board sets along the way
 FLAG_ANY = 2             # lineage: computed from the model input alone (stage 0)
 FLAG_FP16 = 4            # the array frame is float16 (a bundle compiled with --wire fp16), else float32
+FLAG_LISTED = 8          # SLICE: the channels travel as a list (an answer to a NEED), not by the sources mask
 
 _HEADER = struct.Struct("<4sBBHQQQiIQQQ")
 HEADER_BYTES = _HEADER.size
@@ -61,6 +68,7 @@ class Kind(IntEnum):
     RESULT = 5
     CUT = 6
     BYE = 7           # a board stops cleanly (SIGTERM): its peers and clients count it dead at once
+    NEED = 8          # a board asks a peer for channels of a stage it lacks (its sender counted a dead board)
 
 
 class ProtocolError(ValueError):
@@ -85,8 +93,9 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
     watermark: int = 0
     flags: int = 0
     covers: int = 0              # HEARTBEAT from a board: the boards whose shards it has taken over (mask)
-    owner: int = -1              # SLICE, RESULT: the board whose channels these are, when not the sender's
-                                 # (a takeover); -1: the sender's own
+    owner: int = -1              # SLICE, RESULT, NEED: the board whose channels these are, when not the
+                                 # sender's (a takeover); -1: the sender's own
+    sources: int = 0             # SLICE: the boards the sender counts on for the request (bit mask)
 
     def pack(self) -> bytes:
         shared = _SHARED.get(self.kind)
@@ -106,7 +115,7 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
         kind = _KINDS[kind]
         owned = kind in _OWNED
         values = [kind, sender, inc, session, request, stage, batch, mask, 0, 0, 0, 0 if owned else watermark,
-                  flags, 0, watermark - 1 if owned else -1]
+                  flags, 0, watermark - 1 if owned else -1, 0]
         shared = _SHARED.get(kind)
         if shared is not None:
             values[shared] = word
@@ -121,9 +130,9 @@ class Header(NamedTuple):         # a NamedTuple: built and read for every messa
 # which field of Header the kind's shared word holds (its index in the tuple)
 _SHARED = {Kind.HELLO: Header._fields.index("knows_you"), Kind.INPUT: Header._fields.index("deadline_ms"),
            Kind.RESULT: Header._fields.index("mesh_bytes"), Kind.CUT: Header._fields.index("deadline_ms"),
-           Kind.HEARTBEAT: Header._fields.index("covers")}
+           Kind.HEARTBEAT: Header._fields.index("covers"), Kind.SLICE: Header._fields.index("sources")}
 # the kinds whose last word holds `owner` (+ 1) instead of the client's watermark
-_OWNED = {Kind.SLICE, Kind.RESULT}
+_OWNED = {Kind.SLICE, Kind.RESULT, Kind.NEED}
 
 
 def bundle_id(manifest_path) -> str:
@@ -172,7 +181,7 @@ def bye(sender: int, incarnation: int, session: int = 0) -> list:
 def array_frame(array: np.ndarray, fp16: bool = False):
     """A C-contiguous float32 (or, `fp16`, float16) array as a frame; pyzmq sends large ones without copying."""
     array = np.ascontiguousarray(array, dtype=np.float16 if fp16 else np.float32)
-    return memoryview(array).cast("B")
+    return memoryview(array).cast("B") if array.size else memoryview(b"")
 
 
 def read_array(frame, shape: tuple[int, ...], fp16: bool = False) -> np.ndarray:
@@ -184,6 +193,21 @@ def read_array(frame, shape: tuple[int, ...], fp16: bool = False) -> np.ndarray:
     if fp16:
         return np.frombuffer(buffer, dtype=np.float16).reshape(shape).astype(np.float32)
     return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+
+
+def channel_frame(channels: np.ndarray) -> bytes:
+    return np.asarray(channels, dtype="<u4").tobytes()
+
+
+def read_channels(frame, n_channels: int) -> np.ndarray:
+    """A frame of u32 channel ids, each checked to be < `n_channels`."""
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if buffer.nbytes % 4 or buffer.nbytes // 4 > n_channels:
+        raise ProtocolError(f"channel list frame has {buffer.nbytes} bytes, for a stage of {n_channels} channels")
+    channels = np.frombuffer(buffer, dtype="<u4").astype(np.int64)
+    if len(channels) and channels.max() >= n_channels:
+        raise ProtocolError(f"channel {channels.max()} listed; the stage has channels 0..{n_channels - 1}")
+    return channels
 
 
 def read_masks(frame, count_limit: int = 4096) -> np.ndarray:

@@ -13,6 +13,9 @@ import numpy as np
 # How a shell has the machines assemble a stage: assemble(stage, {board: slice}, batch, failed) -> the full
 # tensor, the channels no given board holds filled (compensated for failure set `failed` when the bundle can)
 Assemble = Callable[[int, dict, int, frozenset], np.ndarray]
+# How a board's machine assembles one: the same from (channels, array) parts (its own slice, what its peers
+# sent it: senders.py), the channels no part brings filled
+AssembleParts = Callable[[int, list, int, frozenset], np.ndarray]
 
 
 @dataclass(frozen=True)
