@@ -50,6 +50,11 @@ def test_fp16_slices_halve_the_bytes_and_the_mesh_equals_the_executor(bundle, im
     assert bytes_["fp16"] - messages * wire.HEADER_BYTES == slices32 // 2
     analytic = [traffic_per_image(load_manifest(p)) for p in (bundle, half)]       # what inspect shows
     assert [r["sent"] // 2 for r in analytic[0]] == [r["sent"] for r in analytic[1]]
+    # each channel a board lacks crossed the wire once: the analytic minimum, not the boards' whole slices
+    assert slices32 == sum(r["min_received"] for r in analytic[0]) == sum(r["received"] for r in analytic[0])
+    whole = sum(len(st.shards[b].channels) * 3 * int(np.prod(st.shape)) // st.channels * 4
+                for st in manifest.stages[:-1] for b in range(4))
+    assert slices32 < whole
 
 
 def test_fp16_is_refused_for_a_pipeline_bundle(pipeline_bundle, tmp_path):
