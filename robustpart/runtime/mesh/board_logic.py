@@ -482,16 +482,17 @@ class BoardMachine(Machine):
         req.own_slices.pop(s - 2, None)
 
     def _targets(self, req: Request) -> list[int]:
-        return [p for p in self.peers if req.members >> p & 1 and not req.excluded >> p & 1
-                and self.liveness.is_alive(p)]
+        return list(wire.boards_of(req.members & ~req.excluded & self.liveness.alive_mask))
 
     def _sources(self, req: Request) -> int:
         """The slots this board counts on for the request's current stage (bit mask): itself and the boards
         it computes for, the live members not excluded, and the dead ones such a member computes for."""
-        expected = self._targets(req)
-        mask = wire.mask_of(expected) | 1 << self.me | wire.mask_of(req.proxied)
-        for d in wire.boards_of(req.members & ~req.excluded & ~mask):   # dead boards a live peer computes for
-            if self.takeovers.coverer(d, self.liveness.is_alive) in expected:
+        live = req.members & ~req.excluded
+        expected = live & self.liveness.alive_mask
+        mask = expected | 1 << self.me | (wire.mask_of(req.proxied) if req.proxied else 0)
+        for d in wire.boards_of(live & ~mask):     # dead boards a live peer computes for
+            coverer = self.takeovers.coverer(d, self.liveness.is_alive)
+            if coverer is not None and expected >> coverer & 1:
                 mask |= 1 << d
         return mask
 

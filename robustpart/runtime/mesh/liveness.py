@@ -45,6 +45,7 @@ class Liveness:
         self.last_check = float("-inf")
         self.listen_until = float("-inf")     # after a stall: no judgement before this
         self.listening = False                # in that window, or its first check after it not yet done
+        self.alive_mask = 0                   # the alive peers as a bit mask (kept with PeerState.alive)
 
     def heard(self, peer: int, incarnation: int, now: float, view: int | None = None) -> str | None:
         """Record a message from `peer`; returns the transition it caused (JOINED, REJOINED, RESTARTED),
@@ -60,6 +61,7 @@ class Liveness:
         elif not state.alive:
             event = REJOINED
         state.alive = True
+        self.alive_mask |= 1 << peer
         state.last_heard = now
         if view is not None:
             state.view = view
@@ -78,6 +80,7 @@ class Liveness:
         dead = [p for p, s in self.peers.items() if s.alive and now - s.last_heard > self.timeout]
         for p in dead:
             self.peers[p].alive = False
+            self.alive_mask &= ~(1 << p)
         return dead
 
     def left(self, peer: int) -> bool:
@@ -86,6 +89,7 @@ class Liveness:
         state = self.peers[peer]
         was = state.alive
         state.alive = False
+        self.alive_mask &= ~(1 << peer)
         return was
 
     def next_check(self, now: float) -> float:

@@ -149,7 +149,8 @@ def mask_of(boards) -> int:
 
 
 def boards_of(mask: int) -> tuple[int, ...]:
-    return tuple(b for b in range(MAX_BOARDS) if mask >> b & 1)
+    mask = int(mask)
+    return tuple(b for b in range(mask.bit_length()) if mask >> b & 1)
 
 
 def hello(sender: int, incarnation: int, view: int, knows_you: int, bundle: str, role: str,
