@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild each lost channel from its K most correlated surviving channels only (sparse, "
                         "smaller data); default: from all of them")
     c.add_argument("--wire", choices=("fp32", "fp16"), default="fp32",
-                   help="precision of the stage slices the boards exchange: fp16 halves the bytes; every slice is "
-                        "rounded where it is computed, so evaluate --backend onnx measures it (default fp32)")
+                   help="precision of the stage slices and cut tensors the boards exchange: fp16 halves the "
+                        "bytes; each is rounded where it is computed, so evaluate --backend onnx measures it "
+                        "(default fp32)")
     c.add_argument("--batch-size", type=int, help="images per batch in scoring and compensation (default: from the "
                                                   "model's activation size)")
     c.add_argument("--mode", choices=MODES, default=defaults.DEFAULT_MODE,

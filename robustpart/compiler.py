@@ -127,9 +127,6 @@ def _check_block_options(options: CompileOptions) -> None:
     from .runtime.precision import WIRE_FORMATS
     if options.wire not in WIRE_FORMATS:
         raise PlanError(f"unknown --wire '{options.wire}'; choose one of {', '.join(WIRE_FORMATS)}")
-    if options.wire != "fp32" and options.mode != "horizontal":
-        raise PlanError(f"--wire {options.wire} is for horizontal bundles so far (pipeline and hybrid cut tensors "
-                        f"travel at float32); drop it or use --mode horizontal")
     if options.balance not in BALANCES:
         raise PlanError(f"unknown --balance '{options.balance}'; choose one of {', '.join(BALANCES)}")
     if options.skip not in (*SKIPS, "auto"):

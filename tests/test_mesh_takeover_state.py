@@ -139,3 +139,16 @@ def test_a_request_sent_only_to_dying_boards_is_not_kept_waiting_for_their_cover
     assert (answer.status, answer.output) == (DEADLINE, None)
     assert answer.latency < SETTINGS.timeout
     assert mesh.answer(mesh.submit(x)).failed == ()        # the next one goes to board 0, which answers
+
+
+def test_a_client_back_from_idle_uses_the_takeover_before_it_judges_the_dead_board_itself(bundle, refs, x):
+    mesh = ready_mesh(bundle)
+    mesh.freeze(CLIENT)                       # the application does not call it meanwhile
+    mesh.cut(2)
+    mesh.run(DETECTED + mesh.load_time + 2 * SETTINGS.heartbeat)
+    assert mesh.events(3, "takeover")
+    mesh.thaw(CLIENT)
+    mesh.run(0.002)                           # it reads what came while it was idle: heartbeats, covers
+    assert mesh.client.liveness.is_alive(2)   # listening again for half a timeout before it judges anyone
+    answer = mesh.answer(mesh.submit(x))
+    assert_answer(answer, refs, (), "2 taken over by 3")

@@ -1,12 +1,11 @@
-"""--wire fp16: the boards exchange float16 slices (half the bytes) and the mesh answers what the
-LocalExecutor computes for the same bundle, which rounds every slice alike (real processes, no torch)."""
+"""--wire fp16: the boards exchange float16 slices and cut tensors (half the bytes) and the mesh answers what
+the LocalExecutor computes for the same bundle, which rounds every slice alike (real processes, no torch)."""
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from robustpart.errors import BundleError
 from robustpart.runtime import LocalExecutor, load_manifest
 from robustpart.runtime.mesh import protocol as wire
 from robustpart.traffic import traffic_per_image
@@ -57,6 +56,30 @@ def test_fp16_slices_halve_the_bytes_and_the_mesh_equals_the_executor(bundle, im
     assert slices32 < whole
 
 
-def test_fp16_is_refused_for_a_pipeline_bundle(pipeline_bundle, tmp_path):
-    with pytest.raises(BundleError, match="wire fp16 is for horizontal bundles"):
-        load_manifest(with_wire(pipeline_bundle, tmp_path / "p16", "fp16"))
+@pytest.mark.parametrize("name", ["pipeline", "hybrid"])
+def test_fp16_pipeline_and_hybrid_cuts_travel_at_half_and_the_mesh_equals_the_executor(
+        name, pipeline_bundle, hybrid_bundle, images, tmp_path):
+    bundle = pipeline_bundle if name == "pipeline" else hybrid_bundle
+    half = with_wire(bundle, tmp_path / "fp16", "fp16")
+    x = images[:2]
+    exact, rounded = LocalExecutor(bundle).run(x), LocalExecutor(half).run(x)
+    scale = np.abs(exact).max()
+    assert 1e-6 * scale < np.abs(rounded - exact).max() <= 1e-2 * scale     # the cut tensors were rounded
+    last = load_manifest(bundle).boards - 1                                 # the last block dead: an exit
+    assert np.abs(LocalExecutor(half, (last,)).run(x) - LocalExecutor(bundle, (last,)).run(x)).max() <= 1e-2 * scale
+    bytes_ = {}
+    for fmt, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded)):
+        cluster, client = start_mesh(path, tmp_path / f"cluster-{fmt}")
+        try:
+            answers = [client.infer(images[i:i + 1]) for i in range(2)]
+        finally:
+            client.close()
+            cluster.close()
+        for i, a in enumerate(answers):
+            assert a.consistent and a.failed == ()
+            assert np.abs(a.output - ref[i:i + 1]).max() <= 1e-5 * scale, (fmt, i)
+        bytes_[fmt] = answers[0].mesh_bytes
+    analytic = [sum(r["sent"] for r in traffic_per_image(load_manifest(p))) for p in (bundle, half)]
+    assert analytic[1] * 2 == analytic[0]
+    if name == "pipeline":           # a chain: the answer counts every cut on the way (a group's slices it does not)
+        assert bytes_["fp32"] - analytic[0] == bytes_["fp16"] - analytic[1] > 0     # the same headers

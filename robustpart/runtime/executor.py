@@ -145,6 +145,8 @@ class LocalExecutor:
                     env[cuts[k + 1]] = self._replacement(actions[k + 1], k + 1, env, cuts, block, len(x))
                 else:
                     self._run_stages(block.stages, env, failed, tables, len(x))
+                    if self.manifest.wire == "fp16" and k < last - 1:    # handed on as float16
+                        env[cuts[k + 1]] = to_wire_precision(env[cuts[k + 1]])
             if exit_source is not None:
                 return self._replacement(actions[last], last, env, cuts, pipeline.blocks[-1], len(x))
             if pipeline.blocks[-1].failed(failed):

@@ -380,8 +380,6 @@ def load_manifest(bundle: Path | str, boards: list[int] | None = None, verify: b
 
 def _check_structure(m: Manifest) -> None:
     n = m.boards
-    if m.wire != "fp32" and m.pipeline is not None:
-        raise BundleError(f"wire {m.wire} is for horizontal bundles; this one is {m.pipeline.mode}: compile it again")
     if m.backups is not None:
         if len(m.backups) != n:
             raise BundleError(f"the manifest lists backups for {len(m.backups)} boards; the bundle has {n}")

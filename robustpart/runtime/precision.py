@@ -2,8 +2,9 @@
 
 With fp16 every stage slice is rounded to float16 where it is computed, the computing board's own copy
 included, so every board assembles the same tensor from its own and its peers' slices, and the
-LocalExecutor, rounding alike, computes exactly what the mesh does. Inputs, cut tensors of a pipeline and a
-head's output stay float32.
+LocalExecutor, rounding alike, computes exactly what the mesh does. The same holds for the cut tensor a
+pipeline / hybrid block hands to the next block (its producer's copy, which an early exit reads, rounded
+too). The input, the model output and a head's output stay float32.
 """
 from __future__ import annotations
 

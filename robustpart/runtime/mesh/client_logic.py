@@ -101,15 +101,24 @@ class ClientMachine(Machine):
     def members(self) -> int:
         """Bit mask of the boards the next request is computed for: those that all hear each other, and the
         dead boards one of them has taken over (it computes their channels too)."""
+        return self._chosen_and_members()[1]
+
+    def _chosen_and_members(self) -> tuple[int, int]:
+        """(the boards that all hear each other, they and the boards they compute for)."""
         chosen = agreed_members(self.liveness.alive(), self.liveness.views())
-        return chosen | self._covered(chosen)
+        return chosen, chosen | self._covered(chosen)
 
     def _covered(self, by: int) -> int:
-        """The boards not alive here that a board of `by` (a bit mask) says it has taken over."""
-        covered = 0
+        """The boards a board of `by` (a bit mask) says it has taken over and no board of `by` hears, so each
+        of them waits for the coverer's slices, not the board's own. Judged by the boards' views, not by
+        whether this client still counts the board alive: a client that was not called for a while listens
+        for half a timeout before it declares anyone dead, and the takeover answers meanwhile."""
+        covered = heard = 0
+        views = self.liveness.views()
         for b in wire.boards_of(by):
             covered |= self.covers.get(b, 0)
-        return covered & ~wire.mask_of(self.liveness.alive())
+            heard |= views.get(b, 0)
+        return covered & ~heard
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -119,12 +128,12 @@ class ClientMachine(Machine):
     def _submit(self, submit: Submit, now: float) -> None:
         rid, watermark = self.next_rid, self._watermark()
         self.next_rid += 1
-        members = self.members()
+        chosen, members = self._chosen_and_members()
         x = submit.x
         header = Header(Kind.INPUT, CLIENT, self.session, self.session, rid, -1, len(x), members,
                         deadline_ms=int(self.deadline * 1e3), watermark=watermark)
         frames = [header.pack(), wire.array_frame(x)]
-        boards = [b for b in wire.boards_of(members) if self.liveness.is_alive(b)]   # not the taken-over ones
+        boards = wire.boards_of(chosen)                  # not the taken-over ones
         for b in boards:
             self._send(b, frames, "inputs", now)
         p = _Pending(submit.index, rid, members, now, now + self.deadline, len(x),

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...routes import holder, route
+from ..precision import to_wire_precision
 from . import protocol as wire
 from .board_logic import BoardMachine, Request
 from .events import SendPeer
 from .liveness import RESTARTED
-from .protocol import FLAG_MIXED, Header, Kind, ProtocolError
+from .protocol import FLAG_FP16, FLAG_MIXED, Header, Kind, ProtocolError
 
 ANSWERED_BY_ZEROS = -1       # RESULT.stage: every block from some cut on is dead and there is no exit
 
@@ -94,7 +95,7 @@ class PipelineBoardMachine(BoardMachine):
         if self._started_or_done(h.session, h.request):
             self.stats["duplicate_or_stale_inputs"] += 1
             return
-        x = wire.read_array(payload[0], (h.batch, *self.pipe.cut_shapes[j]))
+        x = wire.read_array(payload[0], (h.batch, *self.pipe.cut_shapes[j]), bool(h.flags & FLAG_FP16))
         failed = (self.everyone & ~h.mask) | (self._unheard() & self.from_block[self.block])
         req = PipelineRequest(h.session, h.request, self.group & ~failed, now + h.deadline_ms / 1e3, h.batch,
                               {self.pipe.cut_names[j]: x}, stage=self.first_stage, failed=failed,
@@ -154,6 +155,8 @@ class PipelineBoardMachine(BoardMachine):
         if self.block == self.n_blocks - 1:
             self._answer(req, output, self.n_blocks)
             return
+        if self.fp16:                            # handed on as float16: this board's copy (an exit reads it) too
+            output = to_wire_precision(output)
         req.env, req.kept = {self.pipe.cut_names[self.block + 1]: output}, True
         self._hand_off(req)
 
@@ -183,9 +186,9 @@ class PipelineBoardMachine(BoardMachine):
         req.failed, req.handed_to = failed, target
         header = Header(Kind.CUT, self.me, self.incarnation, req.session, req.rid, c, req.batch,
                         self.everyone & ~failed, deadline_ms=max(0, int((req.deadline - self.now) * 1e3)),
-                        flags=FLAG_MIXED if req.mixed else 0)
+                        flags=(FLAG_MIXED if req.mixed else 0) | self.fp16 * FLAG_FP16)
         to = [b for b in receivers if not failed >> b & 1]
-        frames = [header.pack(), wire.array_frame(tensor), b""]
+        frames = [header.pack(), wire.array_frame(tensor, self.fp16), b""]
         cut_bytes = wire.frames_bytes(frames[:2]) * len(to)
         frames[2] = np.asarray([req.sent_bytes + cut_bytes, *req.used], dtype="<u8").tobytes()
         for b in to:
