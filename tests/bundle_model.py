@@ -40,7 +40,11 @@ class BundleModel:
 
     def replacer(self, board: int):
         def replace(source: int, target: int, x: np.ndarray) -> np.ndarray:
-            return rebuild_cut(self.adapters[board], source, target, x, self.spec.pipeline.cut_shapes[target])
+            adapters = self.adapters[board]
+            if adapters is None or (source, target) not in adapters.weights:
+                # a board that took another over holds that board's adapters too (board.py loads them)
+                adapters = next((a for a in self.adapters.values() if a and (source, target) in a.weights), None)
+            return rebuild_cut(adapters, source, target, x, self.spec.pipeline.cut_shapes[target])
         return replace
 
     def board(self, b: int, settings, incarnation: int):

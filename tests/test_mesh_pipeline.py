@@ -99,3 +99,40 @@ def test_a_board_killed_mid_stream_every_request_is_answered(name, victim, pipel
     # requests in flight at the kill were answered too, and took the detection time at most
     window = [a for a in answers if a not in before and a not in after]
     assert window and max(a.latency for a in window) < DETECTION_BOUND + 0.5
+
+
+def test_a_killed_pipeline_board_is_taken_over_and_given_back(pipeline_bundle, images, tmp_path):
+    """kill -9 of the middle board 1: board 2 (its first backup) loads its block and computes it before its
+    own; every request is answered; the answers in the bypass window equal the LocalExecutor's for {1},
+    those after the takeover the no-failure output; after board 1's restart the chain is as before."""
+    from mesh_helpers import TAKEOVER, drive
+    cluster, client = start_mesh(pipeline_bundle, tmp_path / "cluster", TAKEOVER)
+    try:
+        refs = References(pipeline_bundle, images)
+        answers, t, _ = drive(client, images, 3.0, [(1.0, "kill", lambda: cluster.kill(1))])
+        check_contract(answers, refs, len(images))
+        assert all(a.status in (OK, MIXED) for a in answers), {a.status for a in answers}
+        [event] = [e for e in cluster.events(2) if e["event"] == "takeover" and e["t"] >= t["kill"]]
+        assert event["peer"] == 1
+        assert not any(e["event"] == "takeover" for b in (0, 3) for e in cluster.events(b))
+        after = [a for a in answers if a.submitted_at > event["t"] + 2 * TAKEOVER.heartbeat]
+        assert len(after) >= 10
+        assert all((a.status, a.failed, a.technique) == (OK, (), "blocks, 1 taken over by 2") for a in after)
+        window = [a for a in answers if t["kill"] + DETECTION_BOUND + TAKEOVER.heartbeat < a.submitted_at
+                  < event["t"]]
+        assert all(a.failed == (1,) for a in window if a.consistent)     # bypassed by the skip until then
+        restarted = cluster.restart(1)
+        cluster.wait_started([1])
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(e["event"] == "released" and e["t"] >= restarted
+                                                 for e in cluster.events(2)):
+            client.pump(0.05)
+        assert client.wait_ready(10) == (0, 1, 2, 3)
+        back, _, _ = drive(client, images, 1.0)
+        end = time.time()
+        check_contract(back, refs, len(images))
+        late = [a for a in back if a.submitted_at > end - 0.5]
+        assert late and all((a.status, a.failed, a.technique) == (OK, (), "blocks") for a in late)
+    finally:
+        client.close()
+        cluster.close()

@@ -16,7 +16,7 @@ from mesh_helpers import References, technique
 
 pytestmark = pytest.mark.board
 
-SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.25)
+SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.25, takeover=False)   # the skip / exit techniques (takeover below)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,52 @@ def test_an_exit_chosen_for_a_failure_set_answers_where_the_cut_is(bundles, x, f
     assert np.abs(answer.output - ref).max() <= 1e-5 * np.abs(ref).max()
     results = [h.sender for _, to, h in mesh.delivered if to == CLIENT and h.kind == Kind.RESULT]
     assert results == [answering]
+
+
+# ---- takeover -------------------------------------------------------------------------------------------
+
+TAKEOVER = MeshSettings(heartbeat=0.05, timeout=0.25)
+
+
+def taken_over_mesh(bundle, victim, load_time=0.05) -> FakeMesh:
+    mesh = FakeMesh(TAKEOVER, model=BundleModel(bundle))
+    mesh.load_time = load_time
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    mesh.freeze(victim)
+    mesh.run(TAKEOVER.timeout + 2 * TAKEOVER.heartbeat)
+    return mesh
+
+
+@pytest.mark.parametrize("victim, taker", [(1, 2), (3, 0)])
+def test_a_pipeline_block_taken_over_answers_as_the_healthy_chain(bundles, x, victim, taker):
+    """Board 1's block goes to board 2 (its first backup), which computes it and then its own block; the
+    last board's to board 0, which computes the first block and, later in the request, the last one."""
+    bundle = bundles["pipeline"]
+    mesh = taken_over_mesh(bundle, victim, load_time=0.2)
+    assert_equals_local(mesh.answer(mesh.submit(x)), bundle, x, (victim,))     # loading: bypassed meanwhile
+    mesh.run(0.2)
+    assert [f["peer"] for _, f in mesh.events(taker, "takeover")] == [victim]
+    since = len(mesh.delivered)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundle, x, ())
+    assert answer.technique == f"blocks, {victim} taken over by {taker}"
+    assert not [h for _, to, h in mesh.delivered[since:] if to == victim]           # nothing went to the dead board
+    if victim == 1:                      # board 2 computed blocks 1 and 2 in turn: no cut between them
+        assert [(h.sender, h.stage) for _, to, h in mesh.delivered[since:] if h.kind == Kind.CUT] == [(0, 1), (2, 3)]
+    mesh.thaw(victim)                    # back: the taker gives the block back, the chain is as before
+    mesh.run_until(lambda: mesh.events(taker, "released"), within=2.0)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundle, x, ())
+    assert answer.technique == "blocks"
+
+
+def test_a_hybrid_member_is_taken_over_inside_its_group(bundles, x):
+    """Board 1 of group {0, 1}: only board 0 may take it over (its backups outside the group do not); board
+    0 then computes both slices of the block and the answer is the healthy one."""
+    bundle = bundles["hybrid"]
+    mesh = taken_over_mesh(bundle, 1)
+    assert [f["peer"] for _, f in mesh.events(0, "takeover")] == [1]
+    assert not any(mesh.events(b, "takeover") for b in (2, 3))
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundle, x, ())
+    assert answer.technique == "blocks, 1 taken over by 0"

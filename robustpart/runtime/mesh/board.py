@@ -66,6 +66,7 @@ class DeviceServer:
         self.trt_cache = Path(trt_cache) if trt_cache else root.parent / f"{root.name}.trt-cache"
         self.sessions = self._open(self.me)
         self.taken: dict[int, list] = {}       # board -> its sessions, while this board has taken it over
+        self.taken_adapters: dict = {}         # board -> the skip / exit adapters it holds (pipeline bundles)
         self.loads: dict[int, threading.Thread] = {}
         self.loaded: list[ShardsLoaded] = []   # finished loads, for the loop to hand to the machine
         head = self.manifest.head
@@ -213,6 +214,7 @@ class DeviceServer:
             try:
                 check_files(self.manifest, [board])
                 self.taken[board] = self._open(board)
+                self.taken_adapters[board] = held_adapters(self.manifest, board) if self.manifest.pipeline else None
                 error = None
             except Exception as exc:               # noqa: BLE001 - reported to the machine, which says so
                 error = f"{type(exc).__name__}: {exc}"
@@ -224,8 +226,13 @@ class DeviceServer:
         return self.assemblers[stage].assemble_parts(parts, batch, self.compensation.exit_data(stage, failed))
 
     def _replace(self, source: int, target: int, x: np.ndarray) -> np.ndarray:
-        """Cut `target` rebuilt from cut `source` by the adapter this board holds, or zeros without one."""
-        return rebuild_cut(self.adapters, source, target, x, self.machine.spec.pipeline.cut_shapes[target])
+        """Cut `target` rebuilt from cut `source` by the adapter this board holds (or a board it took over
+        holds), or zeros without one."""
+        adapters = self.adapters
+        if adapters is None or (source, target) not in adapters.weights:
+            adapters = next((a for b, a in self.taken_adapters.items() if b in self.taken and a is not None
+                             and (source, target) in a.weights), adapters)
+        return rebuild_cut(adapters, source, target, x, self.machine.spec.pipeline.cut_shapes[target])
 
     def _emit(self, event: str, **fields) -> None:
         record = {"t": time.time(), "board": self.me, "event": event, **fields}

@@ -73,6 +73,8 @@ class Request:
     used: list = field(default_factory=list)     # boards used at each assembly (bit masks)
     sent_bytes: int = 0
     proxied: tuple = ()        # dead boards whose shards this board runs for this request (a takeover)
+    slot: int = -1             # whose channels it computes as its own: -1 its own; a dead board it took over
+                               # when it computes that board's pipeline block for it (pipeline_logic.py)
     proxy_slices: dict = field(default_factory=dict)   # their slices of the current stage
     arrived: float = 0.0       # when it reached this board (answer latency: serve --metrics, status)
     waited_from: float = 0.0   # when the current stage's own slice was out (the stage wait)
@@ -302,7 +304,7 @@ class BoardMachine(Machine):
     def _covered(self, req: Request, stage: int) -> np.ndarray:
         """Channel mask: what this board has of `stage` (its own and proxied slices, the parts received)."""
         senders = self.senders[stage]
-        covered = senders.holds[self.me].copy()
+        covered = senders.holds[self._slot(req)].copy()
         for d in req.proxied:
             covered |= senders.holds[d]
         for entry in req.slices.get(stage, {}).values():
@@ -396,14 +398,19 @@ class BoardMachine(Machine):
             self._to_client(session, wire.bye(self.me, self.incarnation, session), "bye")
 
     def _plan_takeovers(self) -> None:
-        busy = {d for r in self.requests.values() for d in r.proxied}
+        busy = {d for r in self.requests.values() for d in (*r.proxied, *([r.slot] if r.slot >= 0 else ()))}
         for action in self.takeovers.plan(self._dead(), busy):
             self._actions.append(action)
             if isinstance(action, UnloadShards):
                 self._emit("released", peer=action.board)
 
+    def _slot(self, req: Request) -> int:
+        """The board whose channels this board computes as its own for `req`."""
+        return self.me if req.slot < 0 else req.slot
+
     def _run(self, req: Request, board: int = -1) -> None:
         """Run the request's current stage: this board's shard, or (`board`) a taken-over board's."""
+        board = req.slot if board < 0 else board
         s = req.stage
         if s > self.last:                          # the head, on the assembled env
             feeds, failed = {name: req.env[name] for name in self.spec.head_inputs}, frozenset()
@@ -438,7 +445,7 @@ class BoardMachine(Machine):
             self._result(req, s, outputs[0])
             return
         own = to_wire_precision(outputs[0]) if self.fp16 else outputs[0]
-        if done.board < 0:
+        if done.board == req.slot:                 # this board's own (or the board it computes a block for)
             for name, value in zip(self.spec.stages[s].extras, outputs[1:]):
                 req.env[name] = value
             req.own = own
@@ -467,7 +474,7 @@ class BoardMachine(Machine):
         """Each target gets the channels of this board's slots it lacks and they are designated for; the
         slices are kept (this stage and the one before) for a peer that asks again (NEED)."""
         sources, senders, axis = self._sources(req), self.senders[s], self.spec.stages[s].axis
-        slots = [(-1, self.me, req.own), *((d, d, part) for d, part in req.proxy_slices.items())]
+        slots = [(req.slot, self._slot(req), req.own), *((d, d, part) for d, part in req.proxy_slices.items())]
         for owner, slot, part in slots:
             header = Header(Kind.SLICE, self.me, self.incarnation, req.session, req.rid, s, req.batch,
                             req.lineage.boards, flags=req.lineage.flags | self.fp16 * FLAG_FP16, owner=owner,
@@ -489,7 +496,7 @@ class BoardMachine(Machine):
         it computes for, the live members not excluded, and the dead ones such a member computes for."""
         live = req.members & ~req.excluded
         expected = live & self.liveness.alive_mask
-        mask = expected | 1 << self.me | (wire.mask_of(req.proxied) if req.proxied else 0)
+        mask = expected | 1 << self._slot(req) | (wire.mask_of(req.proxied) if req.proxied else 0)
         for d in wire.boards_of(live & ~mask):     # dead boards a live peer computes for
             coverer = self.takeovers.coverer(d, self.liveness.is_alive)
             if coverer is not None and expected >> coverer & 1:
@@ -499,7 +506,7 @@ class BoardMachine(Machine):
     def _missing(self, req: Request) -> list[int]:
         """The slots whose part of the current stage (or a NEED's answer) has not come yet."""
         got = req.slices.get(req.stage, {})
-        mine = 1 << self.me | wire.mask_of(req.proxied)
+        mine = 1 << self._slot(req) | wire.mask_of(req.proxied)
         missing = [p for p in wire.boards_of(self._sources(req) & ~mine) if p not in got]
         asked = req.asked.get(req.stage)
         if asked:
@@ -517,9 +524,9 @@ class BoardMachine(Machine):
         got = req.slices.pop(s, {})
         req.asked.pop(s, None)
         held = self.senders[s].held
-        parts = [(held[self.me], req.own), *((held[d], a) for d, a in req.proxy_slices.items()),
+        parts = [(held[self._slot(req)], req.own), *((held[d], a) for d, a in req.proxy_slices.items()),
                  *(part for entry in got.values() for part in entry.parts)]
-        used = 1 << self.me | wire.mask_of(req.proxy_slices) | wire.mask_of(got)
+        used = 1 << self._slot(req) | wire.mask_of(req.proxy_slices) | wire.mask_of(got)
         req.proxy_slices = {}
         req.excluded |= req.members & ~used           # missing now: not waited for again in this request
         # the answer for failure set "all but `used`" only when every channel the used boards hold is here

@@ -6,7 +6,8 @@ membership) as the INPUT's mask; the boards carry the request along the chain (p
 of them answers with the model output. The client keeps the input until the answer: when a board of the
 block it handed to dies (every member of it, for a hybrid group) or restarts, it hands the input again to
 the next live block, which rebuilds its input with the skip from the model input; a board that already has
-the request drops the copy.
+the request drops the copy. A dead board a live board has taken over counts as alive (the members include
+it) and its input goes to the board that took it over.
 
 The answer is OK with the failure set the answering board names (it equals LocalExecutor(failed=F)), or
 MIXED; `technique` says what answered (routes.describe). With nothing by the deadline: "no answer
@@ -52,7 +53,7 @@ class PipelineClientMachine(ClientMachine):
         target = next((k for k, block in enumerate(self.pipe.blocks) if not block.failed(failed)), None)
         if target is None:
             return
-        receivers = [b for b in self.pipe.blocks[target].boards if p.members >> b & 1]
+        receivers = sorted({self._computed_by(b) for b in self.pipe.blocks[target].boards if p.members >> b & 1})
         if target == p.handed_to and not restarted & wire.mask_of(receivers):
             return
         p.handed_to = target
@@ -62,6 +63,10 @@ class PipelineClientMachine(ClientMachine):
         for b in receivers:
             self._send(b, frames, "inputs", now)
         p.sent_bytes += wire.frames_bytes(frames) * len(receivers)
+
+    def _computed_by(self, board: int) -> int:
+        """The live board that says it has taken `board` over, else `board` itself."""
+        return next((c for c, mask in self.covers.items() if mask >> board & 1 and self.liveness.is_alive(c)), board)
 
     def _view_changed(self, board: int, event: str, now: float) -> None:
         restarted = 1 << board if event == RESTARTED else 0
@@ -80,6 +85,9 @@ class PipelineClientMachine(ClientMachine):
         mixed = bool(h.flags & FLAG_MIXED)
         failed = wire.boards_of(self.everyone & ~h.mask)
         technique = "mixed" if mixed else describe(self.pipe, failed, h.stage)
+        taken = sorted((d, c) for c, mask in self.covers.items() if self.liveness.is_alive(c)
+                       for d in wire.boards_of(mask) if h.mask >> d & 1 and not self.liveness.is_alive(d))
+        technique += "".join(f", {d} taken over by {c}" for d, c in taken)
         self._actions.append(Answered(Answer(
             p.index, p.rid, output, wire.boards_of(h.mask), MIXED if mixed else OK, None if mixed else failed,
             now - p.sent_at, p.sent_bytes, p.received_bytes, h.mesh_bytes, [wire.boards_of(int(m)) for m in used],

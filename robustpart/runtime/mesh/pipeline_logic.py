@@ -20,6 +20,13 @@ each keeper decides again: the block it handed to is dead -> hand to the next li
 designated sender died -> the next member sends. A board that already started a request drops a second
 copy, so a re-sent cut never computes twice where the first one arrived.
 
+Takeover: a dead board whose block it is the only board of can be taken over by a live backup, which from
+then on computes that block for it (the request's `slot`), the cut handed to it instead of to the dead board;
+a dead member of a larger group can be taken over by a live member of its group, which computes its slices
+too (the horizontal mesh's takeover, board_logic.py). A taken-over board counts as alive in the masks, so the
+answer is the no-failure one. One request context per (session, request) at a board: a board that computes
+two blocks of a request (its own and one it took over) takes the second up when the first is done.
+
 Every answer says which boards it counts failed, and equals `LocalExecutor(failed=F)` for that F unless a
 decision on the way was taken from another failure set (a board learnt of a death between hops): then it is
 MIXED. RESULT's `stage` names the technique that gave the output: the cut whose early exit answered, B for
@@ -52,6 +59,7 @@ class PipelineRequest(Request):
     mixed: bool = False              # a decision on the way was taken from another failure set
     kept: bool = False               # the block is done: its output is kept for re-routing
     handed_to: int | None = None     # the block this board sent the output to (None: it did not send)
+    block: int = 0                   # the block this board computes the request for (or last computed)
 
 
 class PipelineBoardMachine(BoardMachine):
@@ -63,16 +71,15 @@ class PipelineBoardMachine(BoardMachine):
         self.replace = replace
         self.block = self.pipe.block_of(me)
         self.n_blocks = len(self.pipe.blocks)
-        stages = self.pipe.blocks[self.block].stages
-        if list(stages) != list(range(stages[0], stages[-1] + 1)):
-            raise ProtocolError(f"block {self.block}'s stages {list(stages)} are not consecutive")
-        self.first_stage, self.last_stage = stages[0], stages[-1]
-        self.group = wire.mask_of(self.pipe.blocks[self.block].boards)
+        for k, block in enumerate(self.pipe.blocks):
+            if list(block.stages) != list(range(block.stages[0], block.stages[-1] + 1)):
+                raise ProtocolError(f"block {k}'s stages {list(block.stages)} are not consecutive")
+        self.groups = [wire.mask_of(block.boards) for block in self.pipe.blocks]
         self.everyone = (1 << self.n) - 1
         # boards of blocks k.. (k = 0..B): the failures a board of block k still looks at itself
         self.from_block = [wire.mask_of(b for block in self.pipe.blocks[k:] for b in block.boards)
                            for k in range(self.n_blocks + 1)]
-        self.seen: dict[int, set[int]] = {}      # session -> requests started here (a re-sent cut is dropped)
+        self.seen: dict[int, set] = {}           # session -> (request, block) started here (a re-sent cut is dropped)
         self.pruned_at: dict[int, int] = {}      # session -> the watermark `seen` was last pruned to
         self.now = 0.0
 
@@ -85,47 +92,104 @@ class PipelineBoardMachine(BoardMachine):
     def _on_input(self, h: Header, payload, now: float) -> None:
         self._on_cut(h, payload, now)
 
-    def _started_or_done(self, session: int, rid: int) -> bool:
-        return rid in self.seen.get(session, ()) or rid < self.watermark.get(session, 0)
+    def _started_or_done(self, session: int, rid: int, block: int | None = None) -> bool:
+        if rid < self.watermark.get(session, 0):
+            return True
+        seen = self.seen.get(session, ())
+        return (rid, block) in seen if block is not None else any(r == rid for r, _ in seen)
 
     def _on_cut(self, h: Header, payload, now: float) -> None:
         j = 0 if h.kind == Kind.INPUT else h.stage
-        if not 0 <= j <= self.block or not payload or h.batch < 1:
-            raise ProtocolError(f"cut {j} sent to board {self.me}, whose block {self.block} reads cuts 0..{self.block}")
-        if self._started_or_done(h.session, h.request):
-            self.stats["duplicate_or_stale_inputs"] += 1
-            return
+        if not 0 <= j < self.n_blocks or not payload or h.batch < 1:
+            raise ProtocolError(f"cut {j} sent to board {self.me}; the bundle's blocks read cuts 0..{self.n_blocks - 1}")
         x = wire.read_array(payload[0], (h.batch, *self.pipe.cut_shapes[j]), bool(h.flags & FLAG_FP16))
-        failed = (self.everyone & ~h.mask) | (self._unheard() & self.from_block[self.block])
-        req = PipelineRequest(h.session, h.request, self.group & ~failed, now + h.deadline_ms / 1e3, h.batch,
-                              {self.pipe.cut_names[j]: x}, stage=self.first_stage, failed=failed,
-                              mixed=bool(h.flags & FLAG_MIXED), arrived=now)
-        if len(payload) > 1:                     # what the blocks before sent, and the boards they used
-            trail = wire.read_masks(payload[1])
+        trail = wire.read_masks(payload[1]) if len(payload) > 1 else None   # what the blocks before sent, used
+        if not self._take_cut(h.session, h.request, j, x, h.mask, bool(h.flags & FLAG_MIXED), h.deadline_ms, now,
+                              trail):
+            self._forward(h, j, payload)
+
+    def _take_cut(self, session: int, rid: int, j: int, x: np.ndarray, alive: int, mixed: bool, deadline_ms: int,
+                  now: float, trail=None) -> bool:
+        """Cut j of a request, with the boards its sender counts alive: compute the block it is for here (this
+        board's own, or one it took over) from it. False: the block is neither (the sender counted this board
+        as the block's coverer, and it has given the block back)."""
+        t, slot = self._block_for(j, alive)
+        if t is None:
+            return False
+        if self._started_or_done(session, rid, t):
+            self.stats["duplicate_or_stale_inputs"] += 1
+            return True
+        key = (session, rid)
+        old = self.requests.get(key)
+        if old is not None and not old.kept:     # busy with another block of it: cannot happen in a chain
+            self.stats["busy_with_another_block"] += 1
+            return True
+        failed = (self.everyone & ~alive) | (self._unheard() & self.from_block[t])
+        group = self.groups[t]
+        req = PipelineRequest(session, rid, group & ~failed, now + deadline_ms / 1e3, len(x),
+                              {self.pipe.cut_names[j]: x}, stage=self.pipe.blocks[t].stages[0], failed=failed,
+                              mixed=mixed, arrived=now, block=t, slot=slot)
+        if old is not None:                      # this board's earlier block of it: what it sent and used
+            req.sent_bytes, req.used, req.mixed = old.sent_bytes, list(old.used), req.mixed or old.mixed
+        elif trail is not None:
             req.sent_bytes, req.used = int(trail[0]), [int(m) for m in trail[1:]]
-        self.seen.setdefault(h.session, set()).add(h.request)
-        self.requests[(h.session, h.request)] = req
+        if slot < 0:                             # dead members of its group it took over: their slices too
+            req.proxied = tuple(d for d in sorted(self.takeovers.taken)
+                                if req.members >> d & 1 and not self.liveness.is_alive(d))
+        self.seen.setdefault(session, set()).add((rid, t))
+        self.requests[key] = req
         self._take_pending(req)
         actions = self._route(req.failed)
         kind, source = actions.get(self.n_blocks, ("", None))
-        if kind == "exit" and source == j and self.me in holder(self.pipe, (j, self.n_blocks)):
+        if kind == "exit" and source == j and self._slot(req) in holder(self.pipe, (j, self.n_blocks)):
             self._answer(req, self.replace(j, self.n_blocks, x), j)
-            return
+            return True
         if kind == "exit" and source < j:
             req.mixed = True                     # exit_for picks an earlier cut's exit: too late for that
-        if j < self.block:                       # blocks j..t-1 are dead: rebuild cut t
-            kind, source = actions.get(self.block, ("fill", None))
+        if j < t:                                # blocks j..t-1 are dead: rebuild cut t
+            kind, source = actions.get(t, ("fill", None))
             req.mixed |= kind == "skip" and source != j
-            t = self.block
             req.env[self.pipe.cut_names[t]] = (self.replace(j, t, x) if kind == "skip" else
-                                               np.zeros((h.batch, *self.pipe.cut_shapes[t]), np.float32))
+                                               np.zeros((len(x), *self.pipe.cut_shapes[t]), np.float32))
         self.ready.append(req)
+        return True
+
+    def _target(self, j: int, alive: int) -> int | None:
+        """The block cut j goes to for the boards `alive`: the first one from j on that is not dead."""
+        failed = wire.boards_of(self.everyone & ~alive)
+        return next((k for k in range(j, self.n_blocks) if not self.pipe.blocks[k].failed(failed)), None)
+
+    def _block_for(self, j: int, alive: int) -> tuple[int | None, int]:
+        """(the block cut j is for at this board, the slot it computes it as): the block it goes to (as its
+        sender decided, from the same boards), if it is this board's own (-1) or one whose only board this
+        board has taken over (that board); (None, -1) otherwise."""
+        t = self._target(j, alive)
+        if t == self.block:
+            return t, -1
+        if t is not None:
+            boards = self.pipe.blocks[t].boards
+            if len(boards) == 1 and boards[0] in self.takeovers.taken and not self.liveness.is_alive(boards[0]):
+                return t, boards[0]
+        return None, -1
+
+    def _forward(self, h: Header, j: int, payload) -> None:
+        """A cut for a block this board does not compute: on to the block's live boards (its sender still
+        counted this board as their coverer), else dropped."""
+        t = self._target(j, h.mask)
+        to = [] if t is None else [b for b in self.pipe.blocks[t].boards if b != self.me and self.liveness.is_alive(b)]
+        if not to:
+            self.stats["not_member"] += 1
+            return
+        header = h._replace(kind=Kind.CUT, sender=self.me, incarnation=self.incarnation, stage=j, watermark=0)
+        for b in to:
+            self._actions.append(SendPeer(b, [header.pack(), *payload], "cuts"))
+        self.stats["forwarded_cuts"] += 1
 
     # ---- running the block -----------------------------------------------------------------------------
 
     def _failed_for(self, req: PipelineRequest, answering: int) -> frozenset:
         """The failure set a stage compensates for: the request's, plus the group members not answering."""
-        return frozenset(wire.boards_of(req.failed | (self.group & ~answering)))
+        return frozenset(wire.boards_of(req.failed | (self.groups[req.block] & ~answering)))
 
     def _shard_done(self, done, now: float) -> None:
         stage = self.spec.stages[done.stage] if done.stage <= self.last else None
@@ -140,24 +204,25 @@ class PipelineBoardMachine(BoardMachine):
             self._advance(req)
 
     def _advance(self, req: PipelineRequest) -> None:
-        if req.stage <= self.last_stage or (self.block == self.n_blocks - 1 and self.spec.head_inputs is not None):
+        last_block = req.block == self.n_blocks - 1
+        if req.stage <= self.pipe.blocks[req.block].stages[-1] or (last_block and self.spec.head_inputs is not None):
             self.ready.append(req)               # the block's next stage, or the head after the last block
         else:
-            self._block_done(req, req.env[self.pipe.cut_names[self.block + 1]])
+            self._block_done(req, req.env[self.pipe.cut_names[req.block + 1]])
 
     def _result(self, req: PipelineRequest, stage: int, output: np.ndarray) -> None:
         self._block_done(req, output)            # the head's output, after the last block
 
     def _block_done(self, req: PipelineRequest, output: np.ndarray) -> None:
         used = req.used[-1] if req.used else 1 << self.me
-        req.failed |= self.group & ~used         # members whose slices the block's last assembly lacked
+        req.failed |= self.groups[req.block] & ~used   # members whose slices the block's last assembly lacked
         req.mixed |= req.lineage.mixed
-        if self.block == self.n_blocks - 1:
+        if req.block == self.n_blocks - 1:
             self._answer(req, output, self.n_blocks)
             return
         if self.fp16:                            # handed on as float16: this board's copy (an exit reads it) too
             output = to_wire_precision(output)
-        req.env, req.kept = {self.pipe.cut_names[self.block + 1]: output}, True
+        req.env, req.kept = {self.pipe.cut_names[req.block + 1]: output}, True
         self._hand_off(req)
 
     # ---- handing on --------------------------------------------------------------------------------------
@@ -165,7 +230,7 @@ class PipelineBoardMachine(BoardMachine):
     def _hand_off(self, req: PipelineRequest, restarted: int = 0) -> None:
         """Hand this block's output to the first later block not dead, or answer with the exit (or zeros)
         when there is none or exit_for says so. `restarted`: boards whose new process lost what they had."""
-        c, last = self.block + 1, self.n_blocks
+        c, last = req.block + 1, self.n_blocks
         failed = req.failed | (self._unheard() & self.from_block[c])
         kind, source = self._route(failed).get(last, ("", None))
         req.mixed |= kind == "exit" and source < c
@@ -187,19 +252,34 @@ class PipelineBoardMachine(BoardMachine):
         header = Header(Kind.CUT, self.me, self.incarnation, req.session, req.rid, c, req.batch,
                         self.everyone & ~failed, deadline_ms=max(0, int((req.deadline - self.now) * 1e3)),
                         flags=(FLAG_MIXED if req.mixed else 0) | self.fp16 * FLAG_FP16)
-        to = [b for b in receivers if not failed >> b & 1]
+        to = sorted({self._computed_by(b) for b in receivers if not failed >> b & 1} - {None})
+        local = self.me in to                    # a block this board computes next (its own, or one taken over)
+        to = [b for b in to if b != self.me]
         frames = [header.pack(), wire.array_frame(tensor, self.fp16), b""]
         cut_bytes = wire.frames_bytes(frames[:2]) * len(to)
         frames[2] = np.asarray([req.sent_bytes + cut_bytes, *req.used], dtype="<u8").tobytes()
         for b in to:
             self._actions.append(SendPeer(b, frames, "cuts"))
         req.sent_bytes += cut_bytes
+        if local:
+            self._take_cut(req.session, req.rid, c, tensor, self.everyone & ~failed, req.mixed,
+                           max(0, int((req.deadline - self.now) * 1e3)), self.now)
+
+    def _computed_by(self, board: int) -> int | None:
+        """Who computes `board`'s part: itself while alive (or this board), else the live board that took it
+        over (this one included), else nobody."""
+        if board == self.me or self.liveness.is_alive(board):
+            return board
+        if board in self.takeovers.taken:
+            return self.me
+        return self.takeovers.coverer(board, self.liveness.is_alive)
 
     def _designated(self, req: PipelineRequest) -> bool:
         """This board hands the block's output on: the lowest member the last assembly used that is alive."""
-        used = req.used[-1] if req.used else 1 << self.me
-        live = [b for b in wire.boards_of(used & self.group) if b == self.me or self.liveness.is_alive(b)]
-        return bool(live) and live[0] == self.me
+        me = self._slot(req)
+        used = req.used[-1] if req.used else 1 << me
+        live = [b for b in wire.boards_of(used & self.groups[req.block]) if b == me or self.liveness.is_alive(b)]
+        return bool(live) and live[0] == me
 
     def _view_changed(self, peer: int, event: str, now: float) -> None:
         restarted = 1 << peer if event == RESTARTED else 0
@@ -223,15 +303,19 @@ class PipelineBoardMachine(BoardMachine):
         return route(self.pipe, wire.boards_of(failed), self.pipe.exit_for)
 
     def _unheard(self) -> int:
-        """The boards this board does not hear (bit mask)."""
-        return self.everyone & ~self._view()
+        """The boards this board does not hear and nobody it hears (itself included) took over (bit mask)."""
+        covered = self.takeovers.mask()
+        for p, mask in self.takeovers.covers.items():
+            if self.liveness.is_alive(p):
+                covered |= mask
+        return self.everyone & ~self._view() & ~covered
 
     def _expire(self, now: float) -> None:
         super()._expire(now)
         for session in list(self.seen):
             mark = self.watermark.get(session, 0)
             if mark > self.pruned_at.get(session, 0):
-                self.seen[session] = {r for r in self.seen[session] if r >= mark}
+                self.seen[session] = {(r, k) for r, k in self.seen[session] if r >= mark}
                 self.pruned_at[session] = mark
             if not self.seen[session] and session not in self.clients:
                 del self.seen[session]

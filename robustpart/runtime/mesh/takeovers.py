@@ -7,6 +7,10 @@ die (heard once, silent now); every board computes it from its own view. A board
 channels from the moment its shards are loaded and it has said so in a heartbeat (`covers`), until the
 dead board is back or someone else is assigned it, and no request in flight here still uses them. Where
 the bundle's techniques.json chose compensation for the failure set, nobody takes over.
+
+In a pipeline / hybrid bundle a dead board whose block has no other board may go to any of its backups
+(which then computes the block for it); a dead member of a larger group only to a backup in its group
+(which computes its slices too, as in a horizontal bundle).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from .events import LoadShards, UnloadShards
 
 class Takeovers:
     def __init__(self, me: int, spec, enabled: bool):
-        self.me, self.backups, self.param_bytes, self.budget = me, spec.backups, spec.param_bytes, spec.memory_budget
-        self.enabled = enabled and bool(spec.backups) and spec.pipeline is None   # horizontal bundles, for now
+        self.me, self.param_bytes, self.budget = me, spec.param_bytes, spec.memory_budget
+        self.backups = eligible_backups(spec)
+        self.enabled = enabled and any(self.backups)
         self.taken: set[int] = set()          # loaded and served here
         self.loading: set[int] = set()
         self.failed: dict[int, str] = {}      # board -> why its shards could not be loaded here
@@ -60,3 +65,15 @@ class Takeovers:
             return False
         self.taken.add(board)
         return True
+
+
+def eligible_backups(spec) -> tuple[tuple[int, ...], ...]:
+    """Per board, the backups that may take it over: all of them in a horizontal bundle; in a pipeline /
+    hybrid one, those of its group when the group has other boards."""
+    if spec.pipeline is None:
+        return tuple(spec.backups)
+    out = []
+    for board, backups in enumerate(spec.backups):
+        group = spec.pipeline.blocks[spec.pipeline.block_of(board)].boards
+        out.append(tuple(backups) if len(group) == 1 else tuple(b for b in backups if b in group))
+    return tuple(out)
