@@ -482,8 +482,8 @@ def _select_techniques(args, result, out) -> None:
                   "CHOSEN" + ("" if c.meets else " (no candidate meets the policy)") if c is chosen else c.why]
                  for failed, options, chosen in rows for c in options]), file=out)
     path = write_techniques(args.bundle, policy, {failed: chosen.technique for failed, _, chosen in rows})
-    print(f"choices written to {path}: the boards apply them (no takeover where it says compensate; a failure "
-          f"set it does not list: takeover where a backup can)", file=out)
+    print(f"choices written to {path}: the boards apply them (no takeover where it says compensate or bypass; "
+          f"a failure set it does not list: takeover where a backup can)", file=out)
 
 
 def cmd_explore(args, progress) -> int:
@@ -874,16 +874,13 @@ def check_evaluate(args) -> None:
 
 
 def _check_policy(args) -> None:
-    from robustpart.runtime.manifest import MANIFEST, load_manifest
+    from robustpart.runtime.manifest import MANIFEST
     from robustpart.runtime.techniques import Policy
     checks.check_existing(args.policy, "--policy", "file", error=UsageError)
     Policy.load(args.policy)
     if not (args.bundle / MANIFEST).is_file():
         raise UsageError(f"--policy: bundle {args.bundle} has no shards (compiled with --no-shards), so no board "
                          f"would apply the choices")
-    if load_manifest(args.bundle, verify=False).pipeline is not None:
-        raise UsageError("--policy chooses between compensation and takeover, which horizontal bundles have; a "
-                         "pipeline / hybrid bundle's skip-or-exit choice is made when it is compiled")
     if args.compensation == "without":
         raise UsageError("--policy compares the compensated answer with a takeover; drop --compensation without")
 

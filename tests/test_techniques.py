@@ -9,8 +9,8 @@ import pytest
 
 from robustpart.errors import ConfigError
 from robustpart.runtime import load_manifest
-from robustpart.runtime.techniques import (COMPENSATE, TAKEOVER, Candidate, Policy, candidates, choose,
-                                           load_techniques, write_techniques)
+from robustpart.runtime.techniques import (BYPASS, COMPENSATE, TAKEOVER, Candidate, Policy, candidates, choose,
+                                           load_techniques, technique_in_use, write_techniques)
 
 from fixture_bundles import ASSETS
 from mesh_helpers import TAKEOVER as TAKEOVER_SETTINGS, References, start_mesh
@@ -68,6 +68,17 @@ def test_candidates_take_latency_from_the_profiles_and_downtime_from_the_load_ti
     assert all(c.latency_ms is None for c in no_profiles)
     with pytest.raises(ConfigError, match="robustpart profile"):
         choose(no_profiles, policy(tmp_path, max_latency_ms=5))
+
+
+def test_pipeline_and_hybrid_candidates_are_the_bypass_and_the_takeover_the_mesh_does():
+    pipe = load_manifest(ASSETS / "pipeline")                      # a chain: any backup takes a block over
+    bypass, takeover = candidates(pipe, (1,), 0.6, 0.9, {})
+    assert (bypass.technique, takeover.technique, takeover.accuracy) == (BYPASS, TAKEOVER, 0.9)
+    assert technique_in_use(pipe, (0, 2, 3), {2: 0b10}) == "board 1 taken over by 2"
+    assert "taken over" not in technique_in_use(pipe, (0, 2, 3), {})
+    hybrid = load_manifest(ASSETS / "hybrid")                      # groups {0,1}, {2,3}: only inside a group
+    assert [c.technique for c in candidates(hybrid, (1,), 0.6, 0.9, {})] == [BYPASS, TAKEOVER]
+    assert [c.technique for c in candidates(hybrid, (0, 1), 0.6, 0.9, {})] == [BYPASS]   # the whole group
 
 
 def test_the_mesh_does_not_take_over_where_the_choice_is_compensation(images, tmp_path):

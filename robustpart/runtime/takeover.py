@@ -39,6 +39,19 @@ def assign_takeovers(backups: Sequence[Sequence[int]], failed: Iterable[int], pa
     return out
 
 
+def eligible_backups(backups: Sequence[Sequence[int]], groups: Sequence[Sequence[int]] | None = None
+                     ) -> tuple[tuple[int, ...], ...]:
+    """Per board, the backups that may take it over: all of them in a horizontal bundle (`groups` None); in
+    a pipeline / hybrid one (`groups`: each block's boards), those of its group when the group has other
+    boards (which compute its slices too), any when it is alone in its block (the backup computes the
+    block for it)."""
+    if groups is None:
+        return tuple(tuple(b) for b in backups)
+    group_of = {board: tuple(group) for group in groups for board in group}
+    return tuple(tuple(backups[d]) if len(group_of.get(d, (d,))) == 1 else
+                 tuple(b for b in backups[d] if b in group_of[d]) for d in range(len(backups)))
+
+
 def storage_bytes(backups: Sequence[Sequence[int]], file_bytes: Sequence[int]) -> list[int]:
     """Per board, the shard bytes it keeps on disk: its own and those of every board it backs up."""
     stored = list(file_bytes)

@@ -1,11 +1,13 @@
 """Which technique answers for each failure set, chosen against the user's objectives (CONTINUER, paper 004).
 
-For a failure set F of a horizontal bundle the candidates are
-  compensate  the survivors answer at once with the lost channels rebuilt (or filled, without compensation
-              data): the accuracy the simulator measured for F, no downtime;
-  takeover    the dead boards' backups load their shards from disk and compute their channels too
-              (runtime/takeover.py): the no-failure accuracy, after a downtime of the load time, with more
-              work (latency) and memory on the boards that take over.
+For a failure set F the candidates are
+  compensate  (horizontal bundles) the survivors answer at once with the lost channels rebuilt (or filled,
+              without compensation data): the accuracy the simulator measured for F, no downtime;
+  bypass      (pipeline / hybrid bundles) the dead blocks are bypassed by the skips and exits of
+              routes.route, the lost channels of a group compensated: the simulator's accuracy for F;
+  takeover    the dead boards' backups load their shards from disk and compute their channels (or, in a
+              pipeline, their blocks) too (runtime/takeover.py): the no-failure accuracy, after a downtime
+              of the load time, with more work (latency) and memory on the boards that take over.
 Latency per candidate is the sum over stages of the slowest live board's shard time (its own, plus those
 it takes over), from the boards' profiles (`robustpart profile BUNDLE --device K` writes profile_K.json);
 downtime the load times the profiles measured. A policy file says what the user wants:
@@ -16,7 +18,7 @@ downtime the load times the profiles measured. A policy file says what the user 
 Candidates outside a limit are dropped; among the rest, CONTINUER's normalised weighted sum picks one
 (each metric scaled to [0, 1] over the remaining candidates, 1 the best; a metric equal for all counts
 fully for all; the dropped ones score 0). When none meets the limits, the most accurate is chosen and the choice says so. The choices go to
-`techniques.json` in the bundle; a board reads it and does not take over where it says `compensate`.
+`techniques.json` in the bundle; a board reads it and does not take over where it says otherwise.
 `technique_in_use` says which technique the mesh answers with now (`robustpart status`).
 """
 from __future__ import annotations
@@ -29,10 +31,10 @@ from ..errors import ConfigError
 from ..routes import answered_by, describe
 from .files import write_file_atomically
 from .mesh.protocol import boards_of
-from .takeover import assign_takeovers
+from .takeover import assign_takeovers, eligible_backups
 
 TECHNIQUES_FILE = "techniques.json"
-COMPENSATE, TAKEOVER = "compensate", "takeover"
+COMPENSATE, BYPASS, TAKEOVER = "compensate", "bypass", "takeover"
 METRICS = ("accuracy", "latency", "downtime", "memory")       # accuracy: higher is better; others lower
 DEFAULT_WEIGHTS = {"accuracy": 0.6, "latency": 0.2, "downtime": 0.2, "memory": 0.0}
 LIMITS = {"min_accuracy": "accuracy", "max_latency_ms": "latency", "max_downtime_ms": "downtime",
@@ -116,7 +118,7 @@ def _stage_times(profiles: dict[int, dict], boards: int) -> dict[int, dict[int, 
 
 def candidates(manifest, failed, compensated_accuracy: float, healthy_accuracy: float,
                profiles: dict[int, dict]) -> list[Candidate]:
-    """The techniques that can answer for failure set `failed` (a horizontal bundle), with their metrics."""
+    """The techniques that can answer for failure set `failed`, with their metrics."""
     n, failed = manifest.boards, tuple(sorted(failed))
     live = [b for b in range(n) if b not in failed]
     params = [manifest.param_bytes(b) for b in range(n)]
@@ -130,9 +132,12 @@ def candidates(manifest, failed, compensated_accuracy: float, healthy_accuracy: 
         return round(sum(max(sum(times[d].get(s, 0.0) for d in work[b]) for b in live) for s in stages), 3)
 
     held = max(params[b] + (comp.held_bytes(b) if comp else 0) for b in live)
-    out = [Candidate(COMPENSATE, compensated_accuracy, latency({b: [b] for b in live}), 0.0, held)]
-    assigned = assign_takeovers(manifest.backup_lists(), failed, params, manifest.memory_budget) \
-        if manifest.backup_lists() and manifest.pipeline is None else {}
+    pipeline = manifest.pipeline
+    out = [Candidate(COMPENSATE if pipeline is None else BYPASS, compensated_accuracy,
+                     latency({b: [b] for b in live}), 0.0, held)]
+    groups = None if pipeline is None else [block.boards for block in pipeline.blocks]
+    backups = eligible_backups(manifest.backup_lists(), groups) if manifest.backup_lists() else ()
+    assigned = assign_takeovers(backups, failed, params, manifest.memory_budget) if any(backups) else {}
     if assigned and len(assigned) == len(failed):          # every dead board taken over: the exact answer
         work = {b: [b] + [d for d, t in assigned.items() if t == b] for b in live}
         loads = [profiles.get(t, {}).get("takeover_load_ms", {}).get(str(d)) for d, t in assigned.items()]
@@ -224,13 +229,15 @@ def technique_in_use(manifest, answering, covers: dict[int, int]) -> str:
         return "none: no board answers"
     if not dead:
         return "full model"
-    if manifest.pipeline is not None:
-        adapters = manifest.load_adapters()
-        exit_for = adapters.exit_for if adapters is not None else None
-        return describe(manifest.pipeline, dead, answered_by(manifest.pipeline, dead, exit_for))
     taken = {d: t for t in sorted(answering) for d in boards_of(covers.get(t, 0)) if d in dead}
     parts = [f"board {d} taken over by {t}" for d, t in sorted(taken.items())]
     lost = tuple(d for d in dead if d not in taken)
+    if manifest.pipeline is not None:
+        adapters = manifest.load_adapters()
+        exit_for = adapters.exit_for if adapters is not None else None
+        if lost or not parts:
+            parts.append(describe(manifest.pipeline, lost, answered_by(manifest.pipeline, lost, exit_for)))
+        return "; ".join(parts)
     if lost:
         names = ",".join(map(str, lost))
         comp = manifest.compensation

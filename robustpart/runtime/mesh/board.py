@@ -28,7 +28,7 @@ from ..assembly import StageAssembler
 from ..executor import open_session, resolve_providers, session_options
 from ..manifest import MANIFEST, check_files, load_manifest
 from ..providers import SHORT, check_providers, enforce, provider_line
-from ..techniques import COMPENSATE, load_techniques
+from ..techniques import TAKEOVER, load_techniques
 from . import protocol as wire
 from .board_logic import BoardMachine
 from .events import TICK, Leave, LoadShards, RunShard, SendClient, SendPeer, ShardDone, ShardsLoaded, UnloadShards
@@ -79,7 +79,7 @@ class DeviceServer:
         self.incarnation = time.time_ns()      # grows across restarts: peers tell a new process from an old one
         choices = load_techniques(self.manifest.root)
         spec = mesh_spec(self.manifest, self.adapters.exit_for if self.adapters else None,
-                         {failed for failed, technique in choices.items() if technique == COMPENSATE})
+                         {failed for failed, technique in choices.items() if technique != TAKEOVER})
         bundle_id = wire.bundle_id(self.manifest.root / MANIFEST)
         if spec.pipeline is None:
             self.machine = BoardMachine(self.me, spec, self.settings, self.incarnation, bundle_id,

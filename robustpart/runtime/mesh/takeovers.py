@@ -14,7 +14,7 @@ In a pipeline / hybrid bundle a dead board whose block has no other board may go
 """
 from __future__ import annotations
 
-from ..takeover import assign_takeovers
+from ..takeover import assign_takeovers, eligible_backups
 from . import protocol as wire
 from .events import LoadShards, UnloadShards
 
@@ -22,7 +22,8 @@ from .events import LoadShards, UnloadShards
 class Takeovers:
     def __init__(self, me: int, spec, enabled: bool):
         self.me, self.param_bytes, self.budget = me, spec.param_bytes, spec.memory_budget
-        self.backups = eligible_backups(spec)
+        groups = None if spec.pipeline is None else [block.boards for block in spec.pipeline.blocks]
+        self.backups = eligible_backups(spec.backups, groups)
         self.enabled = enabled and any(self.backups)
         self.taken: set[int] = set()          # loaded and served here
         self.loading: set[int] = set()
@@ -66,14 +67,3 @@ class Takeovers:
         self.taken.add(board)
         return True
 
-
-def eligible_backups(spec) -> tuple[tuple[int, ...], ...]:
-    """Per board, the backups that may take it over: all of them in a horizontal bundle; in a pipeline /
-    hybrid one, those of its group when the group has other boards."""
-    if spec.pipeline is None:
-        return tuple(spec.backups)
-    out = []
-    for board, backups in enumerate(spec.backups):
-        group = spec.pipeline.blocks[spec.pipeline.block_of(board)].boards
-        out.append(tuple(backups) if len(group) == 1 else tuple(b for b in backups if b in group))
-    return tuple(out)
