@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--std", type=_float_list, help="normalisation std (one or per channel)")
     c.add_argument("--num-classes", type=int, help="number of classes of a model given by path")
     c.add_argument("--replicate", type=_names, default=[], help="units (fnmatch patterns) to put whole on every board")
+    c.add_argument("--align", type=int, default=1,
+                   help="robust plans: round each board's channels of a unit up to a multiple of N with replicas "
+                        "of the most important channels it lacks (8: ONNX Runtime's AVX2 convolution blocks and "
+                        "GPU tensor cores compute them anyway; default 1: off)")
     c.add_argument("--split-output", action="store_true",
                    help="split the output layer over the boards like the others (default: whole on every board "
                         "when it is at most 5%% of the model; a lost class logit cannot be rebuilt)")
@@ -414,7 +418,7 @@ def cmd_compile(args, progress) -> int:
     options = CompileOptions(devices=args.devices, threshold=given_or_default("threshold"),
                              thresholds_file=args.thresholds_file, method=args.method,
                              criteria=tuple(args.scores) if args.scores else None, calib=given_or_default("calib"),
-                             calib_data=args.calib_data, seed=args.seed, replicate=args.replicate,
+                             calib_data=args.calib_data, seed=args.seed, replicate=args.replicate, align=args.align,
                              split_output=args.split_output, wire=args.wire,
                              compensate_dtype=args.compensate_dtype or defaults.DEFAULT_RECON_DTYPE,
                              compensate_regressors=args.regressors or 0,

@@ -384,6 +384,7 @@ def _plans(bundle, graph: ModelGraph, compare: list[str]) -> list[tuple[str, Pla
         # the bundle's own replication choice (the output layer's included), so the rows differ in method only
         options = CompileOptions(devices=plan.n_boards, method=method, seed=plan.options.get("seed", 0),
                                  replicate=list(plan.options.get("replicate") or []), split_output=True,
+                                 align=plan.options.get("align", 1) if method == "robust" else 1,
                                  threshold=threshold if threshold is not None else plan.options.get("threshold", DEFAULT_THRESHOLD),
                                  criteria=tuple(plan.options.get("criteria") or (bundle.scores.criteria
                                                                                 if bundle.scores else ("l1",))))

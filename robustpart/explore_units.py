@@ -48,7 +48,7 @@ def refine_thresholds(graph, scores, base_plan, param_budget: float, images, lab
     def measure(per_unit: dict[str, float]):
         plan = make_plan(channels, base_plan.n_boards, "robust", scores, base, per_unit_thresholds=per_unit,
                          seed=base_plan.options.get("seed", 0), replicate=replicate, model=base_plan.model,
-                         fill=base_plan.fill)
+                         fill=base_plan.fill, align=base_plan.options.get("align", 1))
         memory = plan_cost(graph, plan).param_ratio_full
         if memory > param_budget:
             return plan, memory, None

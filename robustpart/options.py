@@ -34,6 +34,9 @@ class CompileOptions:
     calib_data: Path | None = None        # an image folder, or SYNTHESIZE
     seed: int = 0
     replicate: list[str] = field(default_factory=list)
+    align: int = 1                        # robust plans: each board's channels of a unit rounded up to a multiple
+                                          # of this, with replicas of the most important channels it lacks
+                                          # (partition.align_placement); 1: as the method gives them
     split_output: bool = False            # split the output layer too (default: whole on every board when it
                                           # is small, partition.output_unit_to_replicate)
     fill: str = DEFAULT_FILL              # policies.FILLS

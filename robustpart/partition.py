@@ -33,6 +33,7 @@ class PartitionContext:
     scores: Scores | None = None
     thresholds: dict[str, float] = field(default_factory=dict)   # per unit
     seed: int = 0
+    align: int = 1                  # robust: channels per board rounded up to a multiple of this
 
 
 Partitioner = Callable[[str, int, PartitionContext], UnitPlacement]     # registered in policies.PARTITIONERS
@@ -80,7 +81,24 @@ def robust_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPla
     group_of = np.empty(channels, dtype=np.int64)
     for gid, g in enumerate(groups):
         group_of[g] = gid
-    return UnitPlacement(channels, round_robin(groups, ctx.n_boards), group_of)
+    held = round_robin(groups, ctx.n_boards)
+    if ctx.align > 1:
+        held = align_placement(held, importance, ctx.align)
+    return UnitPlacement(channels, held, group_of)
+
+
+def align_placement(held: list[np.ndarray], importance: np.ndarray, multiple: int) -> list[np.ndarray]:
+    """Each board's channels rounded up to a multiple of `multiple` (at most all of them) with replicas of
+    the most important channels it does not hold yet. ONNX Runtime's CPU convolutions compute output
+    channels in blocks of 8 (AVX2) or 16 (AVX-512), and GPU tensor cores want multiples of 8, so a board
+    with 17 channels computes 24 anyway: the replicas fill lanes that were computed as padding."""
+    order = np.argsort(-importance, kind="stable")
+    out = []
+    for h in held:
+        want = min(len(importance), math.ceil(len(h) / multiple) * multiple)
+        extra = order[~np.isin(order, h)][:want - len(h)]
+        out.append(np.sort(np.concatenate([h, extra]).astype(np.int64)))
+    return out
 
 
 def lop_partition(unit: str, channels: int, ctx: PartitionContext) -> UnitPlacement:
@@ -171,7 +189,7 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
               scores: Scores | None = None, threshold: float | None = DEFAULT_THRESHOLD,
               per_unit_thresholds: dict[str, float] | None = None, seed: int = 0,
               replicate: list[str] | None = None, model: dict | None = None, fill: str = "zero",
-              blocks: BlockSpec | None = None) -> Plan:
+              blocks: BlockSpec | None = None, align: int = 1) -> Plan:
     """Partition every unit over `n_boards` boards. Units matching a `replicate` pattern are placed
     whole on every board. With `blocks` (pipeline / hybrid), each block's units are partitioned over its
     group of boards only (a group of one board holds the whole unit)."""
@@ -191,8 +209,11 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
         raise PlanError(f"--replicate names units the model does not have: {unknown}")
     names = list(unit_channels)
     scored = method == "robust" and group_size > 1        # a block on one board holds its units whole
+    if not isinstance(align, int) or align < 1:
+        raise PlanError(f"--align must be an integer >= 1, got {align}")
     ctx = PartitionContext(n_boards=group_size, scores=scores, seed=seed,
-                           thresholds=resolve_thresholds(names, threshold, per_unit_thresholds) if scored else {})
+                           thresholds=resolve_thresholds(names, threshold, per_unit_thresholds) if scored else {},
+                           align=align)
     block_list = _blocks(names, blocks) if blocks else [Block(tuple(names), tuple(range(n_boards)), None)]
     units = {}
     for block in block_list:
@@ -201,7 +222,7 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
             placed = full_partition(name, unit_channels[name], ctx) if whole \
                 else partition(name, unit_channels[name], ctx)
             units[name] = _in_group(placed, block.boards, n_boards) if blocks else placed
-    options = {"seed": seed, "replicate": replicate}
+    options = {"seed": seed, "replicate": replicate, **({"align": align} if align > 1 else {})}
     if scored:
         options.update(threshold=threshold, per_unit_thresholds=per_unit_thresholds or {},
                        criteria=list(scores.criteria))
@@ -275,4 +296,4 @@ def plan_for(graph, options: CompileOptions, scores: Scores | None) -> Plan:
     return make_plan({u.name: u.channels for u in graph.units}, options.devices, options.method,
                      scores.select(options.criteria or scores.criteria) if scores is not None else None,
                      threshold, per_unit, options.seed, replicate, graph.identity(), options.fill,
-                     block_spec_for(graph, options))
+                     block_spec_for(graph, options), options.align)

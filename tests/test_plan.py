@@ -172,3 +172,30 @@ def test_cdc_splits_over_n_minus_1_boards_and_the_parity_rebuilds_any_one_dead_b
     assert a.share(3) == a.share(0) == 3 / 7 and a.share(1) == 2 / 7
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
     assert again.units["a"].parity == 3 and again.lost_signature((1, 2)) == plan.lost_signature((1, 2))
+
+
+def test_align_rounds_each_boards_channels_up_with_the_most_important_replicas():
+    from robustpart.partition import align_placement
+    importance = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4, 0.5, 0.05])
+    held = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5, 6, 7, 8, 9])]
+    aligned = align_placement(held, importance, 4)
+    assert [len(h) for h in aligned] == [4, 4, 8]
+    assert list(aligned[0]) == [0, 1, 2, 4]            # 4: the most important channel board 0 lacks
+    assert list(aligned[1]) == [0, 2, 3, 4]            # 0 and 2 are added
+    assert set(aligned[2]) >= set(held[2]) and len(set(aligned[2])) == 8
+    assert [len(h) for h in align_placement([np.arange(9)], importance, 4)] == [10]    # at most all channels
+
+
+def test_an_aligned_robust_plan_keeps_every_channel_and_adds_only_replicas():
+    scores = random_scores()
+    plain = make_plan(UNITS, 4, "robust", scores, 0.3)
+    aligned = make_plan(UNITS, 4, "robust", scores, 0.3, align=8)
+    aligned.validate(UNITS)
+    assert aligned.options["align"] == 8 and "align" not in plain.options
+    for name, p in aligned.units.items():
+        for before, after in zip(plain.units[name].board_channels, p.board_channels):
+            assert set(before) <= set(after) and np.unique(after).size == after.size
+            assert after.size % 8 == 0 or after.size == UNITS[name]
+    assert aligned.replication_factor() > plain.replication_factor()
+    with pytest.raises(PlanError, match="--align must be an integer >= 1"):
+        make_plan(UNITS, 4, "robust", scores, 0.3, align=0)
