@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline / hybrid: failover = a dead block's output is rebuilt by a fitted adapter from "
                         "the last live block's (ResiliNet), none = it reads zeros (default: failover when there are "
                         "calibration images, else none)")
+    c.add_argument("--exit-targets", choices=("logits", "labels"),
+                   help="pipeline / hybrid: fit the early exits to the model's own logits (default: no labels "
+                        "needed) or to the labels of the --calib-data folder's class subfolders")
     c.add_argument("--no-exits", action="store_true",
                    help="pipeline / hybrid: no early exits (a classifier at each cut, answering when every later "
                         "block is dead; default on when there are calibration images)")
@@ -428,6 +431,7 @@ def cmd_compile(args, progress) -> int:
                              torch_device=str(resolve_device(args.torch_device)), mode=args.mode,
                              balance=given_or_default("balance"), cuts=args.cuts, groups=args.groups,
                              skip=given_or_default("skip"), exits=False if args.no_exits else None,
+                             exit_targets=given_or_default("exit_targets"),
                              backups=args.backups, memory_budget=args.memory_budget)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
     progress.done()
@@ -820,7 +824,8 @@ def check_compile(args) -> None:
         _refuse_unused(_given(args, "compensate_up_to", "compensate_calib", "compensate_dtype", "regressors"),
                        "--compensate none prepares no compensation")
     if args.mode == "horizontal":
-        _refuse_unused(_given(args, "balance", "cuts", "groups", "skip") + (["--no-exits"] if args.no_exits else []),
+        _refuse_unused(_given(args, "balance", "cuts", "groups", "skip", "exit_targets")
+                       + (["--no-exits"] if args.no_exits else []),
                        "they shape pipeline and hybrid plans (--mode pipeline|hybrid)")
     elif args.mode == "pipeline":
         _refuse_unused(_given(args, "groups", "threshold", "thresholds_file", "scores", "jsd", "calib",
@@ -829,6 +834,8 @@ def check_compile(args) -> None:
                        "--mode pipeline puts each block whole on one board: nothing is scored or split")
     if args.cuts is not None:
         _refuse_unused(_given(args, "balance"), "--cuts names the cut points")
+    if args.no_exits:
+        _refuse_unused(_given(args, "exit_targets"), "--no-exits leaves no exits to fit")
     if args.scores and set(args.scores) == {"l1"}:
         _refuse_unused(_given(args, "calib", "jsd"), "--scores l1 scores from the weights alone")
     elif args.scores and "jsd" not in args.scores:

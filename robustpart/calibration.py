@@ -74,6 +74,15 @@ class CalibrationSource:
                                                        device=self.options.torch_device, progress=self.progress)
         return self._synthesized[:n]
 
+    def labels(self, n: int) -> torch.Tensor:
+        """The class labels of the images `images(n)` returns, from a --calib-data folder's class subfolders."""
+        if self.kind != "data" or self.options.calib_data is None:
+            raise DataError("--exit-targets labels fits the exits to the labels of the calibration images: pass "
+                            "--calib-data DIR, an image folder with one subfolder per class (or use --exit-targets "
+                            "logits, the default, which needs no labels)")
+        data = load_eval_data(self.graph.input_spec, self.options.calib_data, limit=n, spread=True)
+        return torch.from_numpy(data.labels)
+
     def describe(self) -> str:
         if self.kind is None:
             return (f"no calibration images for a {list(self.graph.input_spec.shape)} input ({self.why_not}): "

@@ -45,6 +45,8 @@ def compile_model(name: str, options: CompileOptions, out: Path | None = None, w
     if out is None:
         check_output_dir(Path("artifacts") / f"{graph.name}-{options.devices}d")
     calibration = CalibrationSource(graph, options, progress)
+    if options.exit_targets == "labels" and options.calib_data is None:
+        calibration.labels(1)                       # says what is missing, before minutes of scoring
     if options.calib_data is not None and calibration.kind == "data":
         # a --calib-data folder the model cannot use fails now, not after scoring, and is never skipped in silence
         calibration_images(graph.input_spec, 1, options.calib_data, options.seed)

@@ -61,3 +61,5 @@ class CompileOptions:
     wire: str = "fp32"                    # runtime/precision.WIRE_FORMATS: the precision of stage slices
     exits: bool | None = None             # pipeline / hybrid: early exits when every later block is dead
                                           # (None: when calibration images are at hand)
+    exit_targets: str = "logits"          # what the exits are fitted to: the model's own logits (no labels), or
+                                          # the labels of a --calib-data folder's class subfolders

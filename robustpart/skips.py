@@ -51,10 +51,12 @@ def _positions(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tens
 
 
 def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
-                 progress=None) -> AdapterSet:
+                 progress=None, labels: list[torch.Tensor] | None = None) -> AdapterSet:
     """Every adapter the plan's techniques need (needed_pairs), fitted on the healthy model's cut tensors
     over `batches` of calibration images: ridge regression of the target cut on the pooled source cut, sums
-    accumulated batch by batch (lstsq.CrossMoments). `sim` is the plan's FailureSimulator."""
+    accumulated batch by batch (lstsq.CrossMoments). `sim` is the plan's FailureSimulator. `labels` (per
+    batch): the exits are fitted to the one-hot labels instead of the model's logits (a least-squares
+    classifier, in closed form as well)."""
     plan = sim.plan
     shapes = cut_shapes(sim)
     pairs = [p for p in needed_pairs(plan) if adapter_supported(shapes[p[0]], shapes[p[1]])]
@@ -72,6 +74,8 @@ def fit_adapters(sim, batches: Iterable[torch.Tensor], ridge: float = 1e-3,
             for t in sorted({t for _, t in pairs}):
                 positions = _positions(shapes[t], generator)
                 target = _target_rows(values[t], None if positions is None else positions.to(values[t].device))
+                if t == last and labels is not None:
+                    target = torch.nn.functional.one_hot(labels[b].to(target.device), shapes[t][0]).to(target.dtype)
                 for j in [j for j, tt in pairs if tt == t]:
                     source = pool_to(values[j], shapes[t], in_features(shapes[j], shapes[t], t == last))
                     if positions is not None:
@@ -181,7 +185,21 @@ def prepare_adapters(graph, plan, options, progress=None, source=None, calibrati
     def batches(part: torch.Tensor) -> list[torch.Tensor]:
         return [part[i:i + size].to(sim.device) for i in range(0, len(part), size)]
 
-    data = fit_adapters(sim, batches(images), progress=progress)
+    labels = None
+    if options.exit_targets == "labels" and plan.exits:
+        if calibration is not None or source is None:
+            raise DataError("--exit-targets labels fits the exits to the labels of a --calib-data folder")
+        labels = source.labels(options.compensate_calib)
+        if len(labels) != len(images):
+            raise DataError("--exit-targets labels: the calibration images and their labels do not match")
+        if int(labels.max()) >= cut_shapes(sim)[len(plan.blocks)][0]:
+            raise DataError(f"--exit-targets labels: label {int(labels.max())} is beyond the model's "
+                            f"{cut_shapes(sim)[len(plan.blocks)][0]} outputs")
+
+    def label_batches(part: torch.Tensor | None) -> list[torch.Tensor] | None:
+        return None if part is None else [part[i:i + size] for i in range(0, len(part), size)]
+
+    data = fit_adapters(sim, batches(images), progress=progress, labels=label_batches(labels))
     trial = judge = None
     if plan.exits and len(images) >= 2:
         # which technique answers is chosen (settle_exits, once the compensation is fitted) on images the
@@ -189,13 +207,15 @@ def prepare_adapters(graph, plan, options, progress=None, source=None, calibrati
         # images perfectly and nothing else. Every other image, not the first half: an image folder comes
         # sorted by class, and a first half of other classes than the second judged every exit by classes
         # it had never seen
-        trial, judge = fit_adapters(sim, batches(images[0::2])), batches(images[1::2])
+        trial = fit_adapters(sim, batches(images[0::2]), labels=label_batches(None if labels is None else labels[0::2]))
+        judge = batches(images[1::2])
     seconds = time.perf_counter() - start
     pairs = sorted(data.weights)
     info = {"pairs": [{"source": j, "target": t, "boards": list(holder(plan, (j, t))),
                        "bytes": data.bytes_of((j, t))} for j, t in pairs],
             "calibration_images": len(images), "seed": options.seed, "seconds": round(seconds, 3),
             "synthesized": source is not None and source.kind == "synthesized",
+            "exit_targets": "labels" if labels is not None else "logits",
             "exit_for": {}, "bytes": sum(data.bytes_of(p) for p in pairs)}
     if progress:
         progress(f"adapters: {len(pairs)} skips and exits fitted in {seconds:.1f} s, {info['bytes'] / 1e6:.2f} MB")

@@ -131,6 +131,33 @@ def test_a_skip_around_a_linear_block_and_an_exit_before_a_linear_head_are_exact
     assert torch.equal(bare.logits(x, (3,)), torch.zeros_like(healthy))
 
 
+def test_exits_fitted_to_labels_are_the_least_squares_classifier_of_the_one_hot_labels():
+    """With labels the exit into the output is the ridge fit to one-hot labels; the skips stay as they were."""
+    model, graph = traced(ChainNet)
+    plan = pipeline_plan(graph, named_cuts(graph, ["a", "b", "c"]))
+    calibration = images(256, seed=2)
+    labels = torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(1))   # ChainNet has 4 outputs
+    sim = FailureSimulator(graph, plan)
+    plain = fit_adapters(sim, [calibration[:128], calibration[128:]])
+    to_labels = fit_adapters(sim, [calibration[:128], calibration[128:]], labels=[labels[:128], labels[128:]])
+    last = len(plan.blocks)
+    for pair in plain.weights:
+        same = np.array_equal(plain.weights[pair], to_labels.weights[pair])
+        assert same == (pair[1] != last), pair
+    # the exit from the pooled features (cut 3) is linear in them: check its fit against numpy's lstsq
+    sim.set_failures(())
+    sim.route.record = {3}
+    with torch.no_grad():
+        sim.batch_logits(calibration)
+    features = sim.route.values[3].reshape(256, -1).double().numpy()
+    sim.route.record, sim.route.values = set(), {}
+    design = np.hstack([features, np.ones((256, 1))])
+    onehot = np.eye(4)[labels.numpy()]
+    solution = np.linalg.lstsq(design, onehot, rcond=None)[0]
+    predicted = design[:, :-1] @ to_labels.weights[(3, last)].T.astype(np.float64) + to_labels.biases[(3, last)]
+    assert np.abs(predicted - design @ solution).max() < 0.05     # the ridge term is small
+
+
 def test_adapters_are_held_by_the_consumer_or_the_exit_producer():
     _, graph = traced(ChainNet)
     plan = pipeline_plan(graph, named_cuts(graph, ["a", "b", "c"]))
