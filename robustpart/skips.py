@@ -215,8 +215,9 @@ def prepare_adapters(graph, plan, options, progress=None, source=None, calibrati
                        "bytes": data.bytes_of((j, t))} for j, t in pairs],
             "calibration_images": len(images), "seed": options.seed, "seconds": round(seconds, 3),
             "synthesized": source is not None and source.kind == "synthesized",
-            "exit_targets": "labels" if labels is not None else "logits",
             "exit_for": {}, "bytes": sum(data.bytes_of(p) for p in pairs)}
+    if labels is not None:
+        info["exit_targets"] = "labels"             # absent: the model's own logits
     if progress:
         progress(f"adapters: {len(pairs)} skips and exits fitted in {seconds:.1f} s, {info['bytes'] / 1e6:.2f} MB")
     return PreparedAdapters(data, info, trial, judge)
