@@ -23,6 +23,21 @@ def with_wire(bundle, target, fmt):
     return target
 
 
+def mesh_bytes(bundle, images, reference, scale, workdir) -> int:
+    """Two images through a real mesh of `bundle`: each answer equals `reference`; the first one's
+    board-to-board bytes."""
+    cluster, client = start_mesh(bundle, workdir)
+    try:
+        answers = [client.infer(images[i:i + 1]) for i in range(2)]
+    finally:
+        client.close()
+        cluster.close()
+    for i, a in enumerate(answers):
+        assert a.consistent and a.failed == ()
+        assert np.abs(a.output - reference[i:i + 1]).max() <= 1e-5 * scale, (bundle, i)
+    return answers[0].mesh_bytes
+
+
 def test_fp16_slices_halve_the_bytes_and_the_mesh_equals_the_executor(bundle, images, tmp_path):
     half = with_wire(bundle, tmp_path / "fp16", "fp16")
     assert load_manifest(half).wire == "fp16" and load_manifest(bundle).wire == "fp32"
@@ -31,18 +46,8 @@ def test_fp16_slices_halve_the_bytes_and_the_mesh_equals_the_executor(bundle, im
     scale = np.abs(exact).max()
     assert 1e-6 * scale < np.abs(rounded - exact).max() <= 1e-2 * scale     # float16 rounding, small
     assert np.abs(LocalExecutor(half, (1,)).run(x) - LocalExecutor(bundle, (1,)).run(x)).max() <= 1e-2 * scale
-    bytes_ = {}
-    for name, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded)):
-        cluster, client = start_mesh(path, tmp_path / f"cluster-{name}")
-        try:
-            answers = [client.infer(images[i:i + 1]) for i in range(2)]
-        finally:
-            client.close()
-            cluster.close()
-        for i, a in enumerate(answers):
-            assert a.consistent and a.failed == ()
-            assert np.abs(a.output - ref[i:i + 1]).max() <= 1e-5 * scale, (name, i)
-        bytes_[name] = answers[0].mesh_bytes
+    bytes_ = {fmt: mesh_bytes(path, images, ref, scale, tmp_path / f"cluster-{fmt}")
+              for fmt, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded))}
     manifest = load_manifest(bundle)
     messages = sum(3 * 4 for s in manifest.stages[:-1])       # every board sends each stage to 3 peers
     slices32 = bytes_["fp32"] - messages * wire.HEADER_BYTES
@@ -67,18 +72,8 @@ def test_fp16_pipeline_and_hybrid_cuts_travel_at_half_and_the_mesh_equals_the_ex
     assert 1e-6 * scale < np.abs(rounded - exact).max() <= 1e-2 * scale     # the cut tensors were rounded
     last = load_manifest(bundle).boards - 1                                 # the last block dead: an exit
     assert np.abs(LocalExecutor(half, (last,)).run(x) - LocalExecutor(bundle, (last,)).run(x)).max() <= 1e-2 * scale
-    bytes_ = {}
-    for fmt, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded)):
-        cluster, client = start_mesh(path, tmp_path / f"cluster-{fmt}")
-        try:
-            answers = [client.infer(images[i:i + 1]) for i in range(2)]
-        finally:
-            client.close()
-            cluster.close()
-        for i, a in enumerate(answers):
-            assert a.consistent and a.failed == ()
-            assert np.abs(a.output - ref[i:i + 1]).max() <= 1e-5 * scale, (fmt, i)
-        bytes_[fmt] = answers[0].mesh_bytes
+    bytes_ = {fmt: mesh_bytes(path, images, ref, scale, tmp_path / f"cluster-{fmt}")
+              for fmt, path, ref in (("fp32", bundle, exact), ("fp16", half, rounded))}
     analytic = [sum(r["sent"] for r in traffic_per_image(load_manifest(p))) for p in (bundle, half)]
     assert analytic[1] * 2 == analytic[0]
     if name == "pipeline":           # a chain: the answer counts every cut on the way (a group's slices it does not)
