@@ -119,3 +119,20 @@ def technique(bundle, failed) -> str:
     manifest = load_manifest(bundle, verify=False)
     pipeline, exit_for = manifest.pipeline, manifest.load_adapters().exit_for
     return describe(pipeline, failed, answered_by(pipeline, failed, exit_for))
+
+
+def wait_for(predicate, client, seconds=10.0):
+    """Pump `client` until `predicate()` holds (returns it), for `seconds` at most."""
+    end = time.time() + seconds
+    while time.time() < end and not predicate():
+        client.pump(0.05)
+    return predicate()
+
+
+def restart_and_await_release(cluster, client, board: int, coverer: int, seconds=10.0) -> float:
+    """Restart `board` and wait until `coverer` has given its work back ("released"); the restart's time."""
+    restarted = cluster.restart(board)
+    cluster.wait_started([board])
+    wait_for(lambda: any(e["event"] == "released" and e["t"] >= restarted for e in cluster.events(coverer)),
+             client, seconds)
+    return restarted

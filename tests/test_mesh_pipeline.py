@@ -105,7 +105,7 @@ def test_a_killed_pipeline_board_is_taken_over_and_given_back(pipeline_bundle, i
     """kill -9 of the middle board 1: board 2 (its first backup) loads its block and computes it before its
     own; every request is answered; the answers in the bypass window equal the LocalExecutor's for {1},
     those after the takeover the no-failure output; after board 1's restart the chain is as before."""
-    from mesh_helpers import TAKEOVER, drive
+    from mesh_helpers import TAKEOVER, drive, restart_and_await_release
     cluster, client = start_mesh(pipeline_bundle, tmp_path / "cluster", TAKEOVER)
     try:
         refs = References(pipeline_bundle, images)
@@ -121,12 +121,7 @@ def test_a_killed_pipeline_board_is_taken_over_and_given_back(pipeline_bundle, i
         window = [a for a in answers if t["kill"] + DETECTION_BOUND + TAKEOVER.heartbeat < a.submitted_at
                   < event["t"]]
         assert all(a.failed == (1,) for a in window if a.consistent)     # bypassed by the skip until then
-        restarted = cluster.restart(1)
-        cluster.wait_started([1])
-        deadline = time.time() + 10
-        while time.time() < deadline and not any(e["event"] == "released" and e["t"] >= restarted
-                                                 for e in cluster.events(2)):
-            client.pump(0.05)
+        restart_and_await_release(cluster, client, 1, 2)
         assert client.wait_ready(10) == (0, 1, 2, 3)
         back, _, _ = drive(client, images, 2.0)     # the restarted board's first runs are cold: slow
         end = time.time()

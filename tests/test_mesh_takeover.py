@@ -14,7 +14,7 @@ import pytest
 from robustpart.runtime.mesh.client import MIXED, OK
 
 from mesh_helpers import (BOARDS, DETECTION_BOUND, TAKEOVER, References, check_contract, detections, drive,
-                          start_mesh)
+                          restart_and_await_release, start_mesh, wait_for)
 
 pytestmark = pytest.mark.board
 
@@ -50,12 +50,7 @@ def test_a_killed_board_is_taken_over_and_given_back_after_its_restart(mesh, bun
     assert all((a.status, a.failed, a.technique) == (OK, (), "2 taken over by 3") for a in after)
     assert any(np.abs(refs((2,), i) - refs((), i)).max() > 1e-3 for i in range(len(images)))   # not vacuous
 
-    restarted = cluster.restart(2)
-    cluster.wait_started([2])
-    deadline = time.time() + 10
-    while time.time() < deadline and not any(e["event"] == "released" and e["t"] >= restarted
-                                             for e in cluster.events(3)):
-        client.pump(0.05)
+    restarted = restart_and_await_release(cluster, client, 2, 3)
     assert any(e["event"] == "released" and e["peer"] == 2 for e in cluster.events(3) if e["t"] >= restarted)
     assert client.wait_ready(10) == tuple(range(BOARDS))
     back, _, _ = drive(client, images, 1.0)
@@ -63,13 +58,6 @@ def test_a_killed_board_is_taken_over_and_given_back_after_its_restart(mesh, bun
     check_contract(back, refs, len(images))
     late = [a for a in back if a.submitted_at > end - 0.5]
     assert late and all((a.status, a.failed, a.technique) == (OK, (), "") for a in late)
-
-
-def wait_for(predicate, client, seconds=10.0):
-    end = time.time() + seconds
-    while time.time() < end and not predicate():
-        client.pump(0.05)
-    return predicate()
 
 
 def test_the_last_board_takes_over_all_the_others(mesh, bundle, images):

@@ -96,7 +96,6 @@ class BoardMachine(Machine):
         self.me, self.spec, self.settings, self.incarnation = me, spec, settings, incarnation
         self.assemble = assemble
         self.n, self.last = spec.boards, len(spec.stages) - 1
-        self.slice_shapes = [[s.slice_shape(b) for b in range(self.n)] for s in spec.stages]
         self.senders = [StageSenders(s.channels, s.shape[s.axis - 1]) for s in spec.stages]
         self.done_slices: OrderedDict = OrderedDict()      # (session, rid) -> a finished request's own_slices
         self.peers = [b for b in range(self.n) if b != me]

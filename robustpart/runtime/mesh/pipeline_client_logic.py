@@ -25,6 +25,7 @@ from .client_logic import DEADLINE, MIXED, NO_BOARDS, OK, Answer, ClientMachine,
 from .events import Answered
 from .liveness import RESTARTED
 from .protocol import CLIENT, FLAG_MIXED, Header, Kind
+from .takeovers import coverer
 
 
 @dataclass
@@ -66,7 +67,8 @@ class PipelineClientMachine(ClientMachine):
 
     def _computed_by(self, board: int) -> int:
         """The live board that says it has taken `board` over, else `board` itself."""
-        return next((c for c, mask in self.covers.items() if mask >> board & 1 and self.liveness.is_alive(c)), board)
+        taker = coverer(self.covers, board, self.liveness.is_alive)
+        return board if taker is None else taker
 
     def _view_changed(self, board: int, event: str, now: float) -> None:
         restarted = 1 << board if event == RESTARTED else 0

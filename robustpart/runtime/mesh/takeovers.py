@@ -37,7 +37,7 @@ class Takeovers:
 
     def coverer(self, board: int, is_alive) -> int | None:
         """The live peer that says it serves `board`, if any."""
-        return next((c for c, m in self.covers.items() if m >> board & 1 and is_alive(c)), None)
+        return coverer(self.covers, board, is_alive)
 
     def plan(self, dead: set[int], busy: set[int]) -> list:
         """LoadShards for the dead boards assigned to this one, UnloadShards for those it no longer serves
@@ -67,3 +67,8 @@ class Takeovers:
         self.taken.add(board)
         return True
 
+
+def coverer(covers: dict[int, int], board: int, is_alive) -> int | None:
+    """Of the boards' announced takeovers (board -> the boards it serves, a mask), the live board that says
+    it serves `board`, if any (the boards' Takeovers and the pipeline client read the same heartbeats)."""
+    return next((c for c, m in covers.items() if m >> board & 1 and is_alive(c)), None)
