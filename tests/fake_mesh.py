@@ -5,7 +5,8 @@ per-link delay; the shards are numpy layers with a compute time per (board, stag
 handles nothing else (the real shell is one thread; what arrives meanwhile waits in its socket). A machine
 can be cut off the network (it runs on; what it sends or is sent is lost) and restored, or frozen (SIGSTOP,
 or a client the application does not call: it does nothing, what is sent to it waits) and thawed; a link
-cut one way is an infinite delay; a board can be restarted (a new process with a higher incarnation: what
+cut one way is an infinite delay; a link down one way loses what is sent on it (a board's ZeroMQ connection
+to a peer that is not up yet, e.g. reconnecting to a restarted peer); a board can be restarted (a new process with a higher incarnation: what
 waited for the old one is lost).
 """
 from __future__ import annotations
@@ -89,6 +90,7 @@ class FakeMesh:
         self.model = model or Model(head)
         self.now = 0.0
         self.delay: dict[tuple, float] = {}      # (from, to) -> extra seconds on that link
+        self.down: set[tuple] = set()            # (from, to): links that lose what is sent on them
         self.compute: dict[tuple, float] = {}    # (board, stage) -> seconds its shard takes
         self.boards = {b: self._board(b, 1) for b in range(self.model.spec.boards)}
         self.client = self.model.client(settings, 7, client_bundle, deadline)
@@ -130,6 +132,7 @@ class FakeMesh:
     def restart(self, b: int) -> BoardMachine:
         self.generation[b] += 1                 # the old process's pending work and inbox are gone
         self.busy_until.pop(b, None)
+        self.frozen.pop(b, None)                # the new process runs
         self.boards[b] = self._board(b, self.boards[b].incarnation + 1)
         return self.boards[b]
 
@@ -214,7 +217,7 @@ class FakeMesh:
         for action in self.machine(name).handle(event, self.now):
             if isinstance(action, (SendPeer, SendClient)):
                 to = action.peer if isinstance(action, SendPeer) else CLIENT
-                if {name, to} & self.cut_off:
+                if {name, to} & self.cut_off or (name, to) in self.down:
                     continue
                 frames = [bytes(f) for f in action.frames]                 # a copy, as the network makes
                 routing = CLIENT.encode() if name == CLIENT else b""

@@ -152,6 +152,26 @@ def test_no_boards_and_no_answer_by_the_deadline(bundles, x):
     assert (none.status, none.output) == (NO_BOARDS, None)
 
 
+def test_a_restarted_board_gets_no_cut_before_it_hears_the_board_that_hands_it_on(bundles, x):
+    """Board 1 restarts with a request (before anyone declared it dead) and board 0 hears the new process at
+    once, while board 0's own connection to it is not up yet (a reconnect interval): board 0 does not hand
+    the request to the new process, where it would be lost, but bypasses it until the new process says it
+    hears board 0; then the chain is as before."""
+    bundle = bundles["pipeline"]
+    mesh = ready_mesh(bundle)
+    rid = mesh.submit(x)
+    mesh.run_until(lambda: cuts_to(mesh, 1), within=1.0)
+    mesh.down.add((0, 1))
+    mesh.restart(1)
+    answer = mesh.answer(rid)
+    assert_equals_local(answer, bundle, x, (1,))
+    assert answer.latency < SETTINGS.timeout                # not a deadline: nobody waited for the lost cut
+    mesh.down.clear()
+    mesh.run_until(lambda: mesh.client.members() == 0b1111, within=1.0)
+    mesh.run(2 * SETTINGS.heartbeat)
+    assert_equals_local(mesh.answer(mesh.submit(x)), bundle, x, ())
+
+
 @pytest.mark.parametrize("failed, source, answering", [
     ((2,), 1, 0),     # the producer of cut 1 answers with its exit although block 3 lives
     ((0,), 0, 1),     # block 0 dead: the board the input goes to instead holds the exit from the input
@@ -208,6 +228,27 @@ def test_a_pipeline_block_taken_over_answers_as_the_healthy_chain(bundles, x, vi
     answer = mesh.answer(mesh.submit(x))
     assert_equals_local(answer, bundle, x, ())
     assert answer.technique == "blocks"
+
+
+def test_a_cut_for_a_block_given_back_that_reaches_no_board_of_it_is_bypassed_where_it_arrives(bundles, x):
+    """Board 2 has taken over board 1 and gives it back when board 1 restarts. Board 0 has not heard that yet
+    (board 2's heartbeats to it are late) and, not reaching the new process (its connection to it is not up
+    yet), hands cut 1 to board 2 as board 1's coverer; board 2 reaches no board of block 1 either: it
+    bypasses block 1 itself (the skip 1->2), and the answer is the one for {1}, not a lost request."""
+    bundle = bundles["pipeline"]
+    mesh = taken_over_mesh(bundle, 1)
+    mesh.run_until(lambda: mesh.events(2, "takeover"), within=1.0)
+    mesh.run(2 * TAKEOVER.heartbeat)                      # the takeover is announced
+    mesh.down |= {(0, 1), (2, 1)}
+    mesh.delay[2, 0] = 0.15
+    mesh.restart(1)
+    mesh.run_until(lambda: mesh.events(2, "released"), within=1.0)
+    assert mesh.boards[0].takeovers.coverer(1, mesh.boards[0].liveness.is_alive) == 2    # not heard yet
+    since = len(mesh.delivered)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundle, x, (1,))
+    assert [(h.sender, to, h.stage) for _, to, h in mesh.delivered[since:] if h.kind == Kind.CUT] == [(0, 2, 1), (2, 3, 3)]
+    assert mesh.boards[2].stats["bypassed_unreached"] == 1
 
 
 def test_a_hybrid_member_is_taken_over_inside_its_group(bundles, x):

@@ -18,7 +18,10 @@ One member of the group hands on (the lowest live one among those the last assem
 keeps the block's output until the client's watermark passes the request. When a board dies or restarts,
 each keeper decides again: the block it handed to is dead -> hand to the next live one (the bypass); the
 designated sender died -> the next member sends. A board that already started a request drops a second
-copy, so a re-sent cut never computes twice where the first one arrived.
+copy, so a re-sent cut never computes twice where the first one arrived. A board hands cuts only to the
+boards it reaches: those whose current process has said it hears this board (_reaches; a restarted peer is
+heard before this board's connection to it is back); one it does not reach counts as failed for the hand-off,
+and a board given a cut it can pass on to no board of its block bypasses that block itself.
 
 Takeover: a dead board whose block it is the only board of can be taken over by a live backup, which from
 then on computes that block for it (the request's `slot`), the cut handed to it instead of to the dead board;
@@ -48,6 +51,7 @@ from .liveness import RESTARTED
 from .protocol import FLAG_FP16, FLAG_MIXED, Header, Kind, ProtocolError
 
 ANSWERED_BY_ZEROS = -1       # RESULT.stage: every block from some cut on is dead and there is no exit
+REACH_CHANGED = "reach"      # _view_changed: a peer's new process began to hear this board (_reaches)
 
 # replace(j, t, x) -> cut t rebuilt from cut j by the adapter A_{j->t} the board holds (skips.py), or zeros
 Replace = Callable[[int, int, np.ndarray], np.ndarray]
@@ -79,6 +83,7 @@ class PipelineBoardMachine(BoardMachine):
         # boards of blocks k.. (k = 0..B): the failures a board of block k still looks at itself
         self.from_block = [wire.mask_of(b for block in self.pipe.blocks[k:] for b in block.boards)
                            for k in range(self.n_blocks + 1)]
+        self.heard_by = 0                        # peers this board reaches (_reaches), a mask
         self.seen: dict[int, set] = {}           # session -> (request, block) started here (a re-sent cut is dropped)
         self.pruned_at: dict[int, int] = {}      # session -> the watermark `seen` was last pruned to
         self.now = 0.0
@@ -104,9 +109,17 @@ class PipelineBoardMachine(BoardMachine):
             raise ProtocolError(f"cut {j} sent to board {self.me}; the bundle's blocks read cuts 0..{self.n_blocks - 1}")
         x = wire.read_array(payload[0], (h.batch, *self.pipe.cut_shapes[j]), bool(h.flags & FLAG_FP16))
         trail = wire.read_masks(payload[1]) if len(payload) > 1 else None   # what the blocks before sent, used
-        if not self._take_cut(h.session, h.request, j, x, h.mask, bool(h.flags & FLAG_MIXED), h.deadline_ms, now,
-                              trail):
-            self._forward(h, j, payload)
+        alive = h.mask
+        while not self._take_cut(h.session, h.request, j, x, alive, bool(h.flags & FLAG_MIXED), h.deadline_ms, now,
+                                 trail):
+            t = self._target(j, alive)
+            if t is None:
+                self.stats["not_member"] += 1
+                return
+            if self._forward(h, j, t, payload):
+                return
+            alive &= ~self.groups[t]             # no board of block t is reached from here: bypass it here
+            self.stats["bypassed_unreached"] += 1
 
     def _take_cut(self, session: int, rid: int, j: int, x: np.ndarray, alive: int, mixed: bool, deadline_ms: int,
                   now: float, trail=None) -> bool:
@@ -172,18 +185,17 @@ class PipelineBoardMachine(BoardMachine):
                 return t, boards[0]
         return None, -1
 
-    def _forward(self, h: Header, j: int, payload) -> None:
-        """A cut for a block this board does not compute: on to the block's live boards (its sender still
-        counted this board as their coverer), else dropped."""
-        t = self._target(j, h.mask)
-        to = [] if t is None else [b for b in self.pipe.blocks[t].boards if b != self.me and self.liveness.is_alive(b)]
+    def _forward(self, h: Header, j: int, t: int, payload) -> bool:
+        """Cut j for block t, which this board does not compute (its sender still counted this board as the
+        block's coverer): on to the block's boards this board reaches. False: it reaches none of them."""
+        to = [b for b in self.pipe.blocks[t].boards if b != self.me and self._reaches(b)]
         if not to:
-            self.stats["not_member"] += 1
-            return
+            return False
         header = h._replace(kind=Kind.CUT, sender=self.me, incarnation=self.incarnation, stage=j, watermark=0)
         for b in to:
             self._actions.append(SendPeer(b, [header.pack(), *payload], "cuts"))
         self.stats["forwarded_cuts"] += 1
+        return True
 
     # ---- running the block -----------------------------------------------------------------------------
 
@@ -266,13 +278,13 @@ class PipelineBoardMachine(BoardMachine):
                            max(0, int((req.deadline - self.now) * 1e3)), self.now)
 
     def _computed_by(self, board: int) -> int | None:
-        """Who computes `board`'s part: itself while alive (or this board), else the live board that took it
-        over (this one included), else nobody."""
-        if board == self.me or self.liveness.is_alive(board):
+        """Who computes `board`'s part: itself while this board reaches it (or it is this board), else the
+        board that took it over (this one included) if this board reaches it, else nobody."""
+        if self._reaches(board):
             return board
         if board in self.takeovers.taken:
             return self.me
-        return self.takeovers.coverer(board, self.liveness.is_alive)
+        return self.takeovers.coverer(board, self._reaches)
 
     def _designated(self, req: PipelineRequest) -> bool:
         """This board hands the block's output on: the lowest member the last assembly used that is alive."""
@@ -280,6 +292,25 @@ class PipelineBoardMachine(BoardMachine):
         used = req.used[-1] if req.used else 1 << me
         live = [b for b in wire.boards_of(used & self.groups[req.block]) if b == me or self.liveness.is_alive(b)]
         return bool(live) and live[0] == me
+
+    def _reaches(self, board: int) -> bool:
+        """This board can hand `board` a cut: it is this board, or a live peer that is the first process this
+        board heard of it or has said it hears this board. Each board sends over its own connection to a peer,
+        so hearing a peer does not mean reaching it: a restarted peer is heard at once, while this board's
+        connection to it may take a reconnect interval to come back, and what it sends meanwhile is dropped.
+        Until the new process's view includes this board it counts as failed for the cuts this board hands on.
+        (At the start the client sends nothing before every board hears every other: membership.py.)"""
+        return board == self.me or bool(self.heard_by >> board & 1) and self.liveness.is_alive(board)
+
+    def _heard(self, p: int, incarnation: int, now: float, view: int | None) -> None:
+        reached, known = self._reaches(p), self.liveness.peers[p].incarnation
+        if incarnation > known and known:
+            self.heard_by &= ~(1 << p)           # a restarted process: it has not heard this one yet
+        if incarnation > known and not known or incarnation >= known and view is not None and view >> self.me & 1:
+            self.heard_by |= 1 << p
+        super()._heard(p, incarnation, now, view)
+        if self._reaches(p) != reached:          # p's new process now hears this board: decide again
+            self._view_changed(p, REACH_CHANGED, now)
 
     def _view_changed(self, peer: int, event: str, now: float) -> None:
         restarted = 1 << peer if event == RESTARTED else 0
@@ -303,12 +334,14 @@ class PipelineBoardMachine(BoardMachine):
         return route(self.pipe, wire.boards_of(failed), self.pipe.exit_for)
 
     def _unheard(self) -> int:
-        """The boards this board does not hear and nobody it hears (itself included) took over (bit mask)."""
-        covered = self.takeovers.mask()
-        for p, mask in self.takeovers.covers.items():
-            if self.liveness.is_alive(p):
-                covered |= mask
-        return self.everyone & ~self._view() & ~covered
+        """The boards this board does not reach (_reaches) and nobody it reaches (itself included) took over
+        (bit mask)."""
+        covered, reached = self.takeovers.mask(), 1 << self.me
+        for p in self.liveness.alive():
+            if self._reaches(p):
+                reached |= 1 << p
+                covered |= self.takeovers.covers.get(p, 0)
+        return self.everyone & ~reached & ~covered
 
     def _expire(self, now: float) -> None:
         super()._expire(now)
