@@ -49,6 +49,7 @@ from .calibration import CalibrationSource, Progress, calibration_images
 from .criteria.fx_exec import NodeRunner, last_uses
 from .device import resolve_device
 from .errors import ConfigError, DataError
+from .folding import fold_batchnorms
 from .graph import ModelGraph
 from .options import CompileOptions
 from .plan import Plan
@@ -85,10 +86,9 @@ def _rows(x: torch.Tensor, axis: int, rows: torch.Tensor, channels: torch.Tensor
     positions per image + position), gathered without a channels-last copy of the whole tensor."""
     y = x.movedim(axis, 1)
     y = y.reshape(y.shape[0], y.shape[1], -1)                         # a view for NCHW and (N, C)
-    image, position = rows // y.shape[2], rows % y.shape[2]
-    if channels is None:
-        return y[image[:, None], torch.arange(y.shape[1], device=y.device)[None, :], position[:, None]]
-    return y[image[:, None], channels[None, :], position[:, None]]
+    positions = y.shape[2]
+    chosen = y.permute(0, 2, 1)[rows // positions, rows % positions]  # whole rows: one index per row
+    return chosen if channels is None else chosen.index_select(1, channels)
 
 
 class Scratch:
@@ -165,7 +165,8 @@ class Program:
     """The simulator's graph as the ordered nodes to run, its fit points, and when each value is last read."""
 
     def __init__(self, sim: FailureSimulator):
-        self.nodes = list(sim.module.graph.nodes)
+        module = fold_batchnorms(sim.module)          # the fit points read BN outputs, never BN inputs
+        self.nodes = list(module.graph.nodes)
         self.input = next(n for n in self.nodes if n.op == "placeholder")
         by_target = {}
         for i, unit in enumerate(sim.graph.units):
@@ -174,7 +175,7 @@ class Program:
         self.points = [FitPoint(n, *by_target[n.target]) for n in self.nodes
                        if n.op == "call_module" and n.target in by_target]
         self.last_use = last_uses(self.nodes)
-        self.interpreter = NodeRunner(sim.module)     # in place as the model is: no tensor is re-read
+        self.interpreter = NodeRunner(module)         # in place as the model is: no tensor is re-read
 
     def segments(self):
         """(nodes to run before the fit point, the fit point) in graph order."""
@@ -236,7 +237,7 @@ class _Calibrator:
         """One pass of the healthy model over the batches."""
         self.sim.set_failures(())
         stats = HealthyStats({(p.unit, p.kind): Moments() for p in self.program.points}, {}, {})
-        values: dict[str, list[torch.Tensor]] = {u: [] for u in ls_units}
+        filled: dict[str, int] = {}                   # unit -> rows of stats.values written so far
         with torch.no_grad():
             for first, batch in zip(self.starts, self.batches):
                 env = {self.program.input: batch.to(self.sim.device)}
@@ -247,11 +248,14 @@ class _Calibrator:
                     if point.kind == "exit" and point.unit in ls_units:
                         if point.unit not in stats.rows:
                             channels = x.shape[point.axis]
-                            stats.rows[point.unit] = Rows(self.n_images, x.numel() // (len(x) * channels), channels)
+                            rows = Rows(self.n_images, x.numel() // (len(x) * channels), channels)
+                            stats.rows[point.unit] = rows
+                            stats.values[point.unit] = x.new_empty((len(rows.index), channels))
                         chosen = stats.rows[point.unit].in_batch(first, len(batch), x.device)
-                        values[point.unit].append(_rows(x, point.axis, chosen))
+                        start = filled.get(point.unit, 0)
+                        stats.values[point.unit][start:start + len(chosen)] = _rows(x, point.axis, chosen)
+                        filled[point.unit] = start + len(chosen)
                     self.program.run([point.node], env)
-        stats.values = {u: torch.cat(v) for u, v in values.items()}
         return stats
 
     def fit(self, failed: tuple[int, ...], healthy: HealthyStats) -> dict[str, UnitCompensation]:
