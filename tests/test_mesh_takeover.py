@@ -60,6 +60,24 @@ def test_a_killed_board_is_taken_over_and_given_back_after_its_restart(mesh, bun
     assert late and all((a.status, a.failed, a.technique) == (OK, (), "") for a in late)
 
 
+def test_two_boards_killed_mid_stream_are_taken_over_by_the_survivors(mesh, bundle, images):
+    """kill -9 of boards 1 and 3 at once while requests stream: every request is answered by its deadline,
+    the survivors take both over (each dead board once), and the answers after that are the no-failure
+    output, naming who took over which board."""
+    cluster, client = mesh
+    refs = References(bundle, images)
+    answers, t, _ = drive(client, images, 3.0, [(0.8, "kill", lambda: (cluster.kill(1), cluster.kill(3))[0])])
+    check_contract(answers, refs, len(images))
+    assert all(a.status in (OK, MIXED) for a in answers), {a.status for a in answers}
+    events = [(e["peer"], b, e["t"]) for b in (0, 2) for e in takeovers(cluster, b, t["kill"])]
+    assert sorted(peer for peer, _, _ in events) == [1, 3]
+    ready = max(when for _, _, when in events) + 2 * TAKEOVER.heartbeat
+    after = [a for a in answers if a.submitted_at > ready]
+    expected = ", ".join(f"{peer} taken over by {taker}" for peer, taker, _ in sorted(events))
+    assert len(after) >= 5
+    assert all((a.status, a.failed, a.technique) == (OK, (), expected) for a in after)
+
+
 def test_the_last_board_takes_over_all_the_others(mesh, bundle, images):
     """kill -9 of N-1 boards: board 0, every dead board's live backup, loads them all and answers as the
     healthy mesh did."""
