@@ -66,7 +66,12 @@ def test_two_boards_killed_mid_stream_are_taken_over_by_the_survivors(mesh, bund
     output, naming who took over which board."""
     cluster, client = mesh
     refs = References(bundle, images)
-    answers, t, _ = drive(client, images, 3.0, [(0.8, "kill", lambda: (cluster.kill(1), cluster.kill(3))[0])])
+    def kill_both():
+        killed = cluster.kill(1)
+        cluster.kill(3)
+        return killed
+
+    answers, t, _ = drive(client, images, 3.0, [(0.8, "kill", kill_both)])
     check_contract(answers, refs, len(images))
     assert all(a.status in (OK, MIXED) for a in answers), {a.status for a in answers}
     events = [(e["peer"], b, e["t"]) for b in (0, 2) for e in takeovers(cluster, b, t["kill"])]

@@ -303,11 +303,11 @@ class PipelineBoardMachine(BoardMachine):
         return board == self.me or bool(self.heard_by >> board & 1) and self.liveness.is_alive(board)
 
     def _heard(self, p: int, incarnation: int, now: float, view: int | None) -> None:
-        reached, known = self._reaches(p), self.liveness.peers[p].incarnation
-        if incarnation > known and known:
-            self.heard_by &= ~(1 << p)           # a restarted process: it has not heard this one yet
-        if incarnation > known and not known or incarnation >= known and view is not None and view >> self.me & 1:
-            self.heard_by |= 1 << p
+        reached, known, bit = self._reaches(p), self.liveness.peers[p].incarnation, 1 << p
+        if incarnation > known:                  # a new process: the first one counts when heard, a restarted
+            self.heard_by = self.heard_by & ~bit if known else self.heard_by | bit   # one once it hears this one
+        if incarnation >= known and view is not None and view >> self.me & 1:
+            self.heard_by |= bit
         super()._heard(p, incarnation, now, view)
         if self._reaches(p) != reached:          # p's new process now hears this board: decide again
             self._view_changed(p, REACH_CHANGED, now)
