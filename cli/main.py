@@ -1112,7 +1112,13 @@ def report_error(exc: BaseException, verbose: bool = False) -> int:
     return 1
 
 
+TORCH_COMMANDS = {"compile", "evaluate", "explore", "finetune", "demo"}   # run tensors of activation size
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; `argv` None: this process's arguments (the program's entry, which may re-execute
+    itself once for huge pages before a torch command, see robustpart/hugepages.py)."""
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
     progress = ProgressLine(quiet=True)
@@ -1122,6 +1128,9 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         progress = ProgressLine(quiet=args.quiet)
         CHECKS[args.command](args)
+        if entry and args.command in TORCH_COMMANDS:
+            from robustpart.hugepages import reexec_if_useful
+            reexec_if_useful()
         return COMMANDS[args.command](args, progress)
     except SystemExit as exc:
         if isinstance(exc, Terminated):
