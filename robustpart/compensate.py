@@ -216,7 +216,8 @@ class Rows:
 class HealthyStats:
     """What the fits need from the healthy model, gathered once for every failure set."""
 
-    moments: dict[tuple[str, str], Moments]          # (unit, kind) -> per-channel moments of the input
+    moments: dict[tuple[str, str], Moments]          # (unit, kind) -> per-channel moments of the input,
+                                                     # for the fit points whose fits read them
     rows: dict[str, Rows]                            # unit -> least-squares rows at its exit
     values: dict[str, torch.Tensor]                  # unit -> healthy exit values at those rows (R, C)
 
@@ -233,10 +234,30 @@ class _Calibrator:
         self.n_images = sum(len(b) for b in batches)
         self.scratch = Scratch()
 
-    def healthy(self, ls_units: set[str]) -> HealthyStats:
-        """One pass of the healthy model over the batches."""
+    def needs(self, sets: list[tuple[int, ...]]) -> tuple[set[tuple[str, str]], set[str]]:
+        """What the fits of `sets` read from the healthy pass: the (unit, kind) fit points whose healthy
+        moments a fit uses (the affine of a unit without BatchNorm or under `restore`; the mean fill of a
+        unit that gets no least squares), and the units fitted by least squares."""
+        moments, ls_units = set(), set()
+        for unit in self.sim.graph.units:
+            name = unit.name
+            if self.policy.affine == "restore" or (self.policy.affine == "adabn" and self.points[name].batchnorm is None):
+                moments.add((name, "affine"))
+            for failed in sets:
+                keep = self.sim.plan.surviving(name, failed)
+                if keep.all() or self.policy.fill == "zero":
+                    continue
+                if _uses_ls(self.policy, keep, self.param_bytes[name]):
+                    ls_units.add(name)
+                else:
+                    moments.add((name, "exit"))
+        return moments, ls_units
+
+    def healthy(self, moments: set[tuple[str, str]], ls_units: set[str]) -> HealthyStats:
+        """One pass of the healthy model over the batches, gathering the `moments` and the least-squares
+        rows of `ls_units` (see `needs`)."""
         self.sim.set_failures(())
-        stats = HealthyStats({(p.unit, p.kind): Moments() for p in self.program.points}, {}, {})
+        stats = HealthyStats({key: Moments() for key in moments}, {}, {})
         filled: dict[str, int] = {}                   # unit -> rows of stats.values written so far
         with torch.no_grad():
             for first, batch in zip(self.starts, self.batches):
@@ -244,7 +265,8 @@ class _Calibrator:
                 for nodes, point in self.program.segments():
                     self.program.run(nodes, env)
                     x = env[point.node.args[0]]
-                    stats.moments[(point.unit, point.kind)].add(x, point.axis, self.scratch)
+                    if (point.unit, point.kind) in stats.moments:
+                        stats.moments[(point.unit, point.kind)].add(x, point.axis, self.scratch)
                     if point.kind == "exit" and point.unit in ls_units:
                         if point.unit not in stats.rows:
                             channels = x.shape[point.axis]
@@ -298,12 +320,12 @@ class _Calibrator:
         corrupted = Moments()
         for x in inputs:
             corrupted.add(x, point.axis, self.scratch)
-        scale, shift = self._affine(point.unit, healthy.moments[(point.unit, "affine")], corrupted)
+        scale, shift = self._affine(point.unit, healthy.moments.get((point.unit, "affine")), corrupted)
         entry = result.setdefault(point.unit, UnitCompensation())
         entry.scale, entry.shift = scale.float().cpu().numpy(), shift.float().cpu().numpy()
         self.sim.affines[point.unit].set(entry.scale, entry.shift)
 
-    def _affine(self, unit: str, healthy: Moments, corrupted: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    def _affine(self, unit: str, healthy: Moments | None, corrupted: Moments) -> tuple[torch.Tensor, torch.Tensor]:
         mean_f, var_f = corrupted.mean, corrupted.var
         bn = self.points[unit].batchnorm if self.policy.affine == "adabn" else None
         if bn is not None:
@@ -388,12 +410,11 @@ def compute_compensation(graph: ModelGraph, plan: Plan, calibration: torch.Tenso
     batches = [calibration[i:i + size] for i in range(0, len(calibration), size)]
     sim = FailureSimulator(graph, plan, device=resolve_device(device or "cpu"), adapters=adapters)
     calibrator = _Calibrator(sim, policy, batches)
-    ls_units = {u.name for u in graph.units for failed in sets
-                if _uses_ls(policy, plan.surviving(u.name, failed), u.param_bytes)}
+    moments, ls_units = calibrator.needs(sets)
     start = time.perf_counter()
     if progress:
         progress(f"compensation: healthy pass over {len(calibration)} images ({len(batches)} batches of {size})")
-    healthy = calibrator.healthy(ls_units)
+    healthy = calibrator.healthy(moments, ls_units)
     prepared = {}
     for i, failed in enumerate(sets):
         if progress:

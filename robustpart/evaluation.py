@@ -22,6 +22,7 @@ from .options import DEFAULT_THRESHOLD
 from .plan import Plan
 from .policies import COMPENSATION_ROWS, EVAL_BACKENDS
 from .compensate import compensation_like
+from .folding import fold_batchnorms
 from .simulate import FailureSimulator
 
 if TYPE_CHECKING:
@@ -200,15 +201,17 @@ class MethodVariant:
 
 
 class SimulatorRunner:
-    """Predicted classes of a batch under a failure set, by the torch failure simulator."""
+    """Predicted classes of a batch under a failure set, by the torch failure simulator, run with its
+    conv -> BatchNorm pairs folded (as the boards' shards are: one read and write less per such activation)."""
 
     def __init__(self, graph: ModelGraph, variant: MethodVariant, device: torch.device | None = None):
         self.sim = FailureSimulator(graph, variant.plan, variant.compensation, device, variant.adapters)
+        self.module = fold_batchnorms(self.sim.module)          # shares the simulator's masks and affines
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, failed: tuple[int, ...]) -> torch.Tensor:
         self.sim.set_failures(failed)
-        return self.sim.batch_logits(images).argmax(dim=1)
+        return self.module(images.to(self.sim.device, non_blocking=True)).argmax(dim=1)
 
 
 class ExecutorRunner:
