@@ -35,6 +35,7 @@ import torch
 from robustpart import hugepages
 from robustpart.batching import batch_size_for
 from robustpart.models import load_graph
+from robustpart.options import DEFAULT_COMPENSATE_CALIB
 from robustpart.device import resolve_device
 
 PHASES = [("load", ("loading", "traced")), ("scoring", ("scoring", "jsd", "taylor")),
@@ -163,7 +164,7 @@ def bundle_bytes(path: Path) -> int:
 
 def bench_model(model: str, folder: Path, work: Path, args) -> list[str]:
     out = work / f"{model}-4d"
-    comp_images = 256                                   # compile's default --compensate-calib
+    comp_images = DEFAULT_COMPENSATE_CALIB              # compile's default --compensate-calib
     print(f"\n## {model}: reference forward passes (before)", flush=True)
     before = reference_seconds(model, [comp_images, args.eval_images], args.device)
     print(f"## {model}: compile (every default, --calib-data)", flush=True)
