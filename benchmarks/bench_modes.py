@@ -10,6 +10,8 @@ For each model on 4 boards, compiled with every default and the bundled calibrat
   hybrid 2x2   2 blocks on 2 groups of 2 boards, robust split inside each group, skips, exits, compensation
   + failout    the pipeline + skip + exit +comp bundle fine-tuned with failout (labels: the Fashion-MNIST
                train split), the adapters and exits only, or the whole network (`finetune --whole`)
+  skip always  ResiliNet+ / deepFogGuard: every inner cut also adds the skip from the cut before it (relative
+               weights), post-training and with failout fine-tuning of the whole network
 Each bundle is evaluated with its ONNX shards' plan in the simulator (the executor equals it: a test) on the
 Fashion-MNIST test set, every failure set of 1, 2 and 3 boards; the expected accuracy uses ResiliNet's
 failure settings. Memory: the largest board's parameters (adapters included) over the model's. Bytes per
@@ -18,6 +20,7 @@ image: everything the boards send for one image with no failure (robustpart.traf
     uv run python benchmarks/bench_modes.py                         # both models, full test set
     uv run python benchmarks/bench_modes.py --models fmnist_resnet18 --limit 2000
     uv run python benchmarks/bench_modes.py --calib-train 4096 --configs 0,3,4,5   # more real calibration images
+    uv run python benchmarks/bench_modes.py --configs 4,7,8,9                    # failover against always
 
 `--calib-train N` writes N Fashion-MNIST train images (seed 1, no labels used) to a temporary image folder
 and compiles with `--calib-data` that folder and `--compensate-calib N`: what a user with their own unlabelled
@@ -48,6 +51,8 @@ CONFIGS = [
     ("hybrid 2x2 + skip + exit +comp", {"mode": "hybrid", "skip": "failover", "exits": True}),
     ("pipeline + skip + exit +comp + failout (adapters)", {"mode": "pipeline", "finetune": False}),
     ("pipeline + skip + exit +comp + failout (whole)", {"mode": "pipeline", "finetune": True}),
+    ("pipeline + skip always + exit +comp", {"mode": "pipeline", "skip": "always", "exits": True}),
+    ("pipeline + skip always + exit +comp + failout (whole)", {"mode": "pipeline", "skip": "always", "finetune": True}),
 ]
 
 

@@ -17,6 +17,7 @@ from robustpart.policies import (COMPENSATION, COMPENSATION_ROWS, CRITERIA, DEFA
                                  EVAL_BACKENDS, JSD_MODES, PARTITIONERS, RECON_DTYPES)
 from robustpart.options import BALANCES
 from robustpart.plan import MODES, SKIPS
+from robustpart.routes import SKIP_WEIGHTS
 from robustpart.runtime.mesh.settings import MeshSettings
 
 DEMO_MODEL = "fmnist_vgg16_bn"
@@ -155,8 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--groups", help="hybrid: BxG, B blocks of G boards each (default 2 x N/2)")
     c.add_argument("--skip", choices=SKIPS,
                    help="pipeline / hybrid: failover = a dead block's output is rebuilt by a fitted adapter from "
-                        "the last live block's (ResiliNet), none = it reads zeros (default: failover when there are "
-                        "calibration images, else none)")
+                        "the last live block's (ResiliNet), always = that, and every inner cut also adds the skip "
+                        "from the cut before it, weighted (ResiliNet+ / deepFogGuard: changes the no-failure "
+                        "output; finetune --failout trains with it), none = it reads zeros (default: failover when "
+                        "there are calibration images, else none)")
+    c.add_argument("--skip-weights", choices=SKIP_WEIGHTS,
+                   help=f"--skip always: ResiliNet's hyperconnection weights: relative = each live connection's "
+                        f"reliability over their sum, reliability = its reliability, one = 1 each (default "
+                        f"{defaults.DEFAULT_SKIP_WEIGHTS})")
+    c.add_argument("--board-failure", type=float,
+                   help=f"--skip always: the probability that a board is dead, for the weights (default "
+                        f"{defaults.DEFAULT_BOARD_FAILURE}, ResiliNet's normal setting)")
     c.add_argument("--exit-targets", choices=("logits", "labels"),
                    help="pipeline / hybrid: fit the early exits to the model's own logits (default: no labels "
                         "needed) or to the labels of the --calib-data folder's class subfolders")
@@ -430,7 +440,8 @@ def cmd_compile(args, progress) -> int:
                              compensate_calib=given_or_default("compensate_calib"), batch_size=args.batch_size,
                              torch_device=str(resolve_device(args.torch_device)), mode=args.mode,
                              balance=given_or_default("balance"), cuts=args.cuts, groups=args.groups,
-                             skip=given_or_default("skip"), exits=False if args.no_exits else None,
+                             skip=given_or_default("skip"), skip_weights=given_or_default("skip_weights"),
+                             board_failure=given_or_default("board_failure"), exits=False if args.no_exits else None,
                              exit_targets=given_or_default("exit_targets"),
                              backups=args.backups, memory_budget=args.memory_budget)
     out = compile_model(args.model, options, args.out, args.weights, _input_spec(args), args.reuse_scores, progress)
@@ -823,6 +834,8 @@ def check_compile(args) -> None:
     if args.compensate == "none":
         _refuse_unused(_given(args, "compensate_up_to", "compensate_calib", "compensate_dtype", "regressors"),
                        "--compensate none prepares no compensation")
+    if args.skip != "always":
+        _refuse_unused(_given(args, "skip_weights", "board_failure"), "they weigh the hyperconnections of --skip always")
     if args.mode == "horizontal":
         _refuse_unused(_given(args, "balance", "cuts", "groups", "skip", "exit_targets")
                        + (["--no-exits"] if args.no_exits else []),

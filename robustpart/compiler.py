@@ -109,14 +109,19 @@ def _with_techniques(options: CompileOptions, calibration: CalibrationSource, pr
     if options.mode == "horizontal":
         return options
     fit = calibration.kind is not None
-    if not fit and (options.skip == "failover" or options.exits):
-        raise DataError(f"--skip failover and early exits are fitted on calibration images: "
-                        f"{calibration.describe()}; or compile with --skip none --no-exits")
+    if not fit and (options.skip in ("failover", "always") or options.exits):
+        raise DataError(f"--skip {options.skip if options.skip != 'auto' else 'failover'} and early exits are "
+                        f"fitted on calibration images: {calibration.describe()}; or compile with --skip none "
+                        f"--no-exits")
     skip = options.skip if options.skip != "auto" else ("failover" if fit else "none")
     exits = options.exits if options.exits is not None else fit
     if not fit:
         progress("no calibration images: a dead block's output reads as zeros (no skip adapters, no early "
                  "exits); --calib-data DIR fits them")
+    if skip == "always":
+        progress(f"--skip always: every inner cut adds the skip from the cut before it ({options.skip_weights} "
+                 f"weights), so the no-failure output is not the original model's; finetune --failout trains the "
+                 f"network with them")
     return dataclasses.replace(options, skip=skip, exits=exits)
 
 
@@ -133,6 +138,11 @@ def _check_block_options(options: CompileOptions) -> None:
         raise PlanError(f"unknown --balance '{options.balance}'; choose one of {', '.join(BALANCES)}")
     if options.skip not in (*SKIPS, "auto"):
         raise PlanError(f"unknown --skip '{options.skip}'; choose one of {', '.join(SKIPS)}, auto")
+    from .routes import SKIP_WEIGHTS
+    if options.skip_weights not in SKIP_WEIGHTS:
+        raise PlanError(f"unknown --skip-weights '{options.skip_weights}'; choose one of {', '.join(SKIP_WEIGHTS)}")
+    if not 0 <= options.board_failure < 1:
+        raise PlanError(f"--board-failure {options.board_failure} is not a probability in [0, 1)")
 
 
 def _scores_for(graph: ModelGraph, options: CompileOptions, reuse: Path | None, progress: Progress,

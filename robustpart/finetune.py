@@ -1,7 +1,8 @@
 """Failout fine-tuning (ResiliNet) of a pipeline / hybrid bundle's skip adapters and early exits.
 
 Post-training adapters reproduce a block's output from an earlier one as well as a linear map can; with
-labels, they can instead be trained for what matters, the answer. Every batch, each block is dropped
+labels, they can instead be trained for what matters, the answer. With --skip always the skips are in
+every forward pass, dropped block or not, and are trained on every batch. Every batch, each block is dropped
 (every board of its group dead) with its failout rate, the simulator routes around the dropped blocks
 exactly as the bundle will (routes.py), and the adapters and exits take a step on the cross-entropy of the
 final answer. By default the network's own weights and BatchNorm statistics stay as they are, so the shards
@@ -153,8 +154,8 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
                 dead[rng.integers(len(dead))] = False         # someone answers
             failed = {b for k, block in enumerate(plan.blocks) if dead[k] for b in block.boards}
             sim.set_failures(failed)
-            if not sim.route.actions and not options.whole:   # no block dropped: nothing to train this step
-                continue
+            if not sim.route.actions and not sim.route.blends and not options.whole:
+                continue                                       # no block dropped, no always-on skip: nothing to train
             logits = sim.module(images.to(device))
             loss = loss_fn(logits, labels.to(device))
             optimizer.zero_grad()
@@ -162,7 +163,7 @@ def train_adapters(graph, plan, adapters: AdapterSet, batches: Iterable, rates: 
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
         progress(f"failout epoch {epoch + 1}/{options.epochs}: mean loss {total / max(steps, 1):.4f} over "
-                 f"{steps} batches with a block dropped")
+                 f"{steps} batches trained (a block dropped, or always-on skips)")
     for p in sim.module.parameters():
         p.requires_grad_(True)
     if options.whole and device.type != "cpu":         # the simulator trained a copy on the device

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .routes import DEFAULT_BOARD_FAILURE, DEFAULT_SKIP_WEIGHTS, SKIP_WEIGHTS  # noqa: F401 - the defaults, here too
+
 DEFAULT_DEVICES = 4
 DEFAULT_THRESHOLD = 0.3          # robust: clustering distance in normalised score space
 DEFAULT_METHOD = "robust"
@@ -54,6 +56,8 @@ class CompileOptions:
     cuts: list[str] | None = None         # units after which to cut (pipeline / hybrid)
     groups: str | None = None             # hybrid: "BxG", B blocks of G boards (default 2 x devices/2)
     skip: str = DEFAULT_SKIP              # pipeline / hybrid: skip hyperconnections around dead blocks
+    skip_weights: str = DEFAULT_SKIP_WEIGHTS      # --skip always: ResiliNet's hyperconnection weights
+    board_failure: float = DEFAULT_BOARD_FAILURE  # --skip always: the failure probability the weights use
     backups: int | None = None            # boards that store a copy of each board's shards, for a takeover
                                           # (runtime/takeover.py; None: every other board)
     memory_budget: float | None = None    # parameter bytes a board may hold after a takeover (<= 1: a fraction

@@ -167,6 +167,7 @@ class BlockSpec:
     group_size: int                        # boards per block (1 in pipeline mode)
     skip: str = "failover"
     exits: bool = True
+    hyperconnections: dict = field(default_factory=dict)   # skip always: Plan.hyperconnections
 
 
 def _blocks(names: list[str], spec: BlockSpec) -> list[Block]:
@@ -228,7 +229,8 @@ def make_plan(unit_channels: dict[str, int], n_boards: int, method: str = "robus
                        criteria=list(scores.criteria))
     extra = {}
     if blocks:
-        extra = dict(mode=blocks.mode, blocks=block_list, skip=blocks.skip, exits=blocks.exits)
+        extra = dict(mode=blocks.mode, blocks=block_list, skip=blocks.skip, exits=blocks.exits,
+                     hyperconnections=dict(blocks.hyperconnections))
     plan = Plan(n_boards=n_boards, units=units, method=method, options=options, model=model or {}, fill=fill,
                 **extra)
     plan.validate(unit_channels)
@@ -263,7 +265,8 @@ def block_spec_for(graph, options: CompileOptions) -> BlockSpec | None:
             raise PlanError(f"--cuts names {len(cuts)} cut points; {n_blocks} blocks need {n_blocks - 1}")
     else:
         cuts = balanced_cuts(graph, n_blocks, options.balance)
-    return BlockSpec(options.mode, [(c.node, c.units_before) for c in cuts], size, options.skip, options.exits)
+    hyper = {"weights": options.skip_weights, "board_failure": options.board_failure} if options.skip == "always" else {}
+    return BlockSpec(options.mode, [(c.node, c.units_before) for c in cuts], size, options.skip, options.exits, hyper)
 
 
 OUTPUT_REPLICATION_SHARE = 0.05   # the output layer goes whole on every board up to this share of the model

@@ -73,7 +73,7 @@ class UnitPlacement:
 
 
 MODES = ("horizontal", "pipeline", "hybrid")
-SKIPS = ("failover", "none")
+SKIPS = ("failover", "always", "none")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ class Plan:
                                                     # from the last tensor a live block computed
     exits: bool = False                             # early exits: a classifier at a cut when every later
                                                     # block is dead
+    hyperconnections: dict = field(default_factory=dict)   # skip always: {"weights": routes.SKIP_WEIGHTS,
+                                                    # "board_failure": p} (routes.blend_weights)
 
     def block_list(self) -> list[Block]:
         """The blocks; horizontal mode is the case of one block on every board."""
@@ -167,6 +169,13 @@ class Plan:
             raise PlanError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.skip not in SKIPS:
             raise PlanError(f"unknown skip '{self.skip}'; choose one of {', '.join(SKIPS)}")
+        if self.hyperconnections:
+            from .routes import SKIP_WEIGHTS
+            weights, p = self.hyperconnections.get("weights"), self.hyperconnections.get("board_failure")
+            if self.skip != "always" or weights not in SKIP_WEIGHTS or not isinstance(p, (int, float)) \
+                    or not 0 <= p < 1:
+                raise PlanError(f"hyperconnection weights {self.hyperconnections} need skip 'always', weights one "
+                                f"of {', '.join(SKIP_WEIGHTS)} and a board failure probability in [0, 1)")
         if not self.blocks:
             if self.mode != "horizontal" or self.skip != "none" or self.exits:
                 raise PlanError(f"a {self.mode} plan with skip '{self.skip}' and exits={self.exits} needs blocks")
@@ -199,6 +208,8 @@ class Plan:
         if self.blocks:
             out.update(mode=self.mode, blocks=[b.to_json() for b in self.blocks], skip=self.skip,
                        exits=self.exits)
+            if self.hyperconnections:
+                out["hyperconnections"] = dict(self.hyperconnections)
         return out
 
     @classmethod
@@ -213,7 +224,8 @@ class Plan:
                        units={k: UnitPlacement.from_json(v) for k, v in data["units"].items()},
                        mode=str(data.get("mode", "horizontal")),
                        blocks=[Block.from_json(b) for b in data.get("blocks", [])],
-                       skip=str(data.get("skip", "none")), exits=bool(data.get("exits", False)))
+                       skip=str(data.get("skip", "none")), exits=bool(data.get("exits", False)),
+                       hyperconnections=dict(data.get("hyperconnections", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"plan is malformed: {exc!r}") from exc
         plan.validate()

@@ -47,7 +47,13 @@ def _plan_line(plan: Plan) -> str:
                        f"{','.join(map(str, b.boards))}" for b in plan.blocks)
     split = f", split by {plan.method} {_options(plan)}" if len(plan.blocks[0].boards) > 1 else ""
     return (f"{plan.mode} on {plan.n_boards} boards, {len(plan.blocks)} blocks{split}: {blocks}\n"
-            f"      skip {plan.skip}, early exits {'on' if plan.exits else 'off'}; board memory counts the adapters")
+            f"      skip {plan.skip}{_hyperconnections(plan)}, early exits {'on' if plan.exits else 'off'}; board "
+            f"memory counts the adapters")
+
+
+def _hyperconnections(plan: Plan) -> str:
+    h = plan.hyperconnections
+    return f" ({h['weights']} weights, board failure {h['board_failure']:g})" if h else ""
 
 
 def _options(plan: Plan) -> str:

@@ -234,4 +234,4 @@ def _pipeline_entry(plan, stages: list[StageEntry], layout: Layout, shape_of, ad
         last = next(i for i, st in enumerate(stages) if st.tensor == output) if block.output else len(stages) - 1
         blocks.append(BlockEntry(tuple(range(first, last + 1)), block.boards, TensorEntry(output, shape_of(output))))
         first = last + 1
-    return PipelineEntry(plan.mode, plan.skip, plan.exits, tuple(blocks), adapters)
+    return PipelineEntry(plan.mode, plan.skip, plan.exits, tuple(blocks), adapters, dict(plan.hyperconnections))

@@ -21,7 +21,7 @@ from .errors import PlanError
 from .graph import ModelGraph
 from .layout import Layout, derive_layout
 from .plan import Plan
-from .routes import route
+from .routes import blend_weights, route, skip_scale
 
 if TYPE_CHECKING:
     from .runtime.compensation import Compensation
@@ -111,17 +111,21 @@ class CutRoute:
 
     def __init__(self):
         self.actions: dict[int, tuple[str, int | None]] = {}
+        self.scales: dict[int, float] = {}  # --skip always: the weight of a rebuilt cut (routes.skip_scale)
+        self.blends: dict[int, tuple[float, float]] = {}   # --skip always: (w_own, w_skip) per live cut
         self.adapters: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.record: set[int] = set()       # cuts kept in `values` regardless (adapter fitting reads them)
 
     def sources(self) -> set[int]:
-        return {j for _, j in self.actions.values() if j is not None} | self.record
+        return ({j for _, j in self.actions.values() if j is not None} | self.record
+                | {t - 1 for t, (_, w_skip) in self.blends.items() if w_skip})
 
 
 class CutSwitch(nn.Module):
     """At cut t (0: the model input; the last: the model output): passes the tensor through while the
-    block before it lives; otherwise rebuilds it per the route (an adapter from an earlier cut, or zeros)."""
+    block before it lives (with --skip always, weighted and summed with the skip from cut t-1); otherwise
+    rebuilds it per the route (an adapter from an earlier cut, or zeros)."""
 
     def __init__(self, index: int, shape: tuple[int, ...], route: CutRoute):
         super().__init__()
@@ -136,7 +140,13 @@ class CutSwitch(nn.Module):
                 x = torch.zeros_like(x)
             else:
                 weight, bias = route.adapters[(j, self.index)]
-                x = apply_adapter(route.values[j], weight, bias, self.shape)
+                x = apply_adapter(route.values[j], weight, bias, self.shape) * route.scales.get(self.index, 1.0)
+        elif self.index in route.blends:
+            w_own, w_skip = route.blends[self.index]
+            x = x * w_own
+            if w_skip:
+                weight, bias = route.adapters[(self.index - 1, self.index)]
+                x = x + w_skip * apply_adapter(route.values[self.index - 1], weight, bias, self.shape)
         if self.index in route.sources():
             route.values[self.index] = x.clone()      # later ops may write into x in place
         return x
@@ -179,6 +189,11 @@ class FailureSimulator:
             self.masks[name].set(keep, fill, recon)
             self.affines[name].set(*((data.scale, data.shift) if data is not None else (None, None)))
         self.route.actions = self.cut_actions(failed)
+        self.route.scales = {t: skip_scale(self.plan, j) for t, (kind, j) in self.route.actions.items() if kind == "skip"}
+        # an always-on skip whose adapter is not fitted yet (skips.fit_adapters runs without them) passes the
+        # block's output through: the fits read the original model's cut tensors
+        self.route.blends = {t: w for t, w in blend_weights(self.plan, failed).items()
+                             if (t - 1, t) in self.route.adapters}
 
     def dead_units(self, failed: Iterable[int]) -> set[str]:
         """The units of the blocks every board of which has failed (a pipeline / hybrid plan's)."""

@@ -106,6 +106,12 @@ def pipeline_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def always_bundle(tmp_path_factory):
+    """The pipeline bundle's plan with --skip always (reliability weights): every inner cut adds a skip."""
+    return fixture_bundle("always", tmp_path_factory.mktemp("always-bundle"))
+
+
+@pytest.fixture(scope="module")
 def hybrid_bundle(tmp_path_factory):
     """ChainNet in 2 blocks on 2 groups of 2 boards, with skips, exits and compensation."""
     return fixture_bundle("hybrid", tmp_path_factory.mktemp("hybrid-bundle"))

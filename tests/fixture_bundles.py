@@ -30,6 +30,8 @@ BUNDLES = {
                  "stage), skip adapters and early exits, compensation after a dead block", 4),
     "hybrid": ("ChainNet in 2 blocks on 2 groups of 2 boards (cut b), robust plan inside each group, skips, "
                "exits and compensation", 4),
+    "always": ("the pipeline bundle's plan with --skip always (ResiliNet's reliability weights, board failure "
+               "0.1: every inner cut adds the skip from the cut before it)", 4),
 }
 
 
@@ -78,7 +80,7 @@ def head_parts():
     return graph, ModelSource("file", "head", "default"), plan, None
 
 
-def block_parts(cls, cuts: list[str], group: int, method: str):
+def block_parts(cls, cuts: list[str], group: int, method: str, skip: str = "failover", hyperconnections=None):
     """A pipeline (group 1) or hybrid plan of tiny model `cls` on 4 boards, cut at the units `cuts`, with its
     adapters and compensation fitted on 128 random images. Returns (graph, source, plan, compensation,
     adapters)."""
@@ -97,7 +99,8 @@ def block_parts(cls, cuts: list[str], group: int, method: str):
     torch.manual_seed(0)
     graph = trace(cls().eval(), TINY_SPEC, cls.__name__)
     blocks = BlockSpec("pipeline" if group == 1 else "hybrid",
-                       [(c.node, c.units_before) for c in named_cuts(graph, cuts)], group)
+                       [(c.node, c.units_before) for c in named_cuts(graph, cuts)], group, skip=skip,
+                       hyperconnections=hyperconnections or {})
     channels = {u.name: u.channels for u in graph.units}
     scores = random_scores(channels) if method == "robust" else None
     plan = make_plan(channels, 4, method, scores, 0.3, blocks=blocks)
@@ -119,7 +122,14 @@ def hybrid_parts():
     return block_parts(ChainNet, ["b"], 2, "robust")
 
 
-PARTS = {"mesh": mesh_parts, "head": head_parts, "pipeline": pipeline_parts, "hybrid": hybrid_parts}
+def always_parts():
+    from tiny_models import ResNetLike
+    return block_parts(ResNetLike, ["stem", "conv2", "conv3"], 1, "lop", skip="always",
+                       hyperconnections={"weights": "reliability", "board_failure": 0.1})
+
+
+PARTS = {"mesh": mesh_parts, "head": head_parts, "pipeline": pipeline_parts, "hybrid": hybrid_parts,
+         "always": always_parts}
 
 
 def build(name: str, out: Path) -> Path:

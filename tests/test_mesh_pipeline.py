@@ -75,13 +75,14 @@ def stream_with_kill(cluster, client, images, victim, at=0.8, seconds=3.0, windo
     return answers, killed["t"]
 
 
-@pytest.mark.parametrize("name, victim", [("pipeline", 1), ("pipeline", 2), ("hybrid", 1)])
+@pytest.mark.parametrize("name, victim", [("pipeline", 1), ("pipeline", 2), ("hybrid", 1), ("always", 1)])
 def test_a_board_killed_mid_stream_every_request_is_answered(name, victim, pipeline_bundle, hybrid_bundle,
-                                                            images, tmp_path):
+                                                            always_bundle, images, tmp_path):
     """kill -9 of a middle board of the chain (or a member of a hybrid group) with 4 requests in flight:
     every request answered once by its deadline; every consistent answer equals LocalExecutor for its
-    failure set; after detection every answer is computed without the victim."""
-    bundle = {"pipeline": pipeline_bundle, "hybrid": hybrid_bundle}[name]
+    failure set; after detection every answer is computed without the victim. With --skip always the
+    healthy answers carry the always-on skips and, after the kill, the scaled failover skip."""
+    bundle = {"pipeline": pipeline_bundle, "hybrid": hybrid_bundle, "always": always_bundle}[name]
     cluster, client = start_mesh(bundle, tmp_path / "cluster")
     try:
         answers, killed = stream_with_kill(cluster, client, images, victim)

@@ -22,7 +22,7 @@ SETTINGS = MeshSettings(heartbeat=0.05, timeout=0.25, takeover=False)   # the sk
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline-state")
-    return {name: fixture_bundle(name, root) for name in ("pipeline", "hybrid")}
+    return {name: fixture_bundle(name, root) for name in ("pipeline", "hybrid", "always")}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,23 @@ def test_a_healthy_pipeline_hands_one_cut_to_each_next_block(bundles, x):
     assert [cuts_to(mesh, b) for b in (1, 2, 3)] == [[(0, 1, 0b1111)], [(1, 2, 0b1111)], [(2, 3, 0b1111)]]
     shapes = mesh.model.spec.pipeline.cut_shapes
     assert answer.mesh_bytes == sum(wire.HEADER_BYTES + 4 * int(np.prod(s)) for s in shapes[1:4])
+
+
+@pytest.mark.parametrize("failed", [(), (1,), (0,), (1, 2)])
+def test_always_on_skips_are_added_by_the_block_that_hands_the_cut_on(bundles, x, failed):
+    """--skip always: each block hands on its output plus the weighted skip from its own input, one tensor
+    per cut as in failover; a dead block's output is its scaled failover skip. Equal to the LocalExecutor,
+    which differs from the failover bundle's answer wherever a skip is added."""
+    mesh = ready_mesh(bundles["always"])
+    kill_and_detect(mesh, *failed)
+    answer = mesh.answer(mesh.submit(x))
+    assert_equals_local(answer, bundles["always"], x, failed)
+    assert answer.technique == technique(bundles["always"], failed)
+    shapes = mesh.model.spec.pipeline.cut_shapes
+    if not failed:
+        assert answer.mesh_bytes == sum(wire.HEADER_BYTES + 4 * int(np.prod(s)) for s in shapes[1:4])
+        plain = References(bundles["pipeline"], x)((), 0)
+        assert np.abs(answer.output - plain).max() > 1e-3 * np.abs(plain).max()
 
 
 def test_a_block_that_dies_holding_a_request_is_bypassed_by_the_board_before_it(bundles, x):

@@ -325,15 +325,16 @@ def test_compile_and_evaluate_a_pipeline_bundle(capsys, tmp_path, chain_file):
 
 
 # ---- the ONNX shards and the LocalExecutor ---------------------------------------------------------------
-def compiled(tmp_path, cls, cuts, group=1, method="lop", compensate=False):
-    """A bundle of `cls` with a pipeline / hybrid plan, its adapters (and compensation), by the compile stages."""
+def compiled(tmp_path, cls, cuts, group=1, method="lop", compensate=False, **blocks):
+    """A bundle of `cls` with a pipeline / hybrid plan, its adapters (and compensation), by the compile stages;
+    `blocks`: BlockSpec options (skip, hyperconnections)."""
     from robustpart.compensate import prepare_compensation
     from robustpart.emit import emit_bundle
     from robustpart.models import ModelSource
     from robustpart.options import CompileOptions
     from robustpart.skips import prepare_adapters, settle_exits
     model, graph = traced(cls)
-    plan = pipeline_plan(graph, named_cuts(graph, cuts), group=group, method=method)
+    plan = pipeline_plan(graph, named_cuts(graph, cuts), group=group, method=method, **blocks)
     x, options = images(128, seed=4), CompileOptions(devices=plan.n_boards, compensate="ls" if compensate else "none")
     adapters = prepare_adapters(graph, plan, options, calibration=x)
     compensation = prepare_compensation(graph, plan, options, calibration=x, adapters=adapters.data)

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, DataError
-from ..routes import route
-from .adapters import rebuild_cut
+from ..routes import blend_weights, route, skip_scale
+from .adapters import blend, rebuild_cut
 from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
 from .precision import to_wire_precision
@@ -140,11 +140,15 @@ class LocalExecutor:
             cuts = [spec.name] + [b.output.name for b in pipeline.blocks]
             last = len(pipeline.blocks)
             exit_source = actions[last][1] if actions.get(last, ("",))[0] == "exit" else None
+            blends = blend_weights(pipeline, failed)
             for k, block in enumerate(pipeline.blocks[:exit_source]):   # an exit from cut j: blocks j.. idle
                 if block.failed(failed):
                     env[cuts[k + 1]] = self._replacement(actions[k + 1], k + 1, env, cuts, block, len(x))
                 else:
                     self._run_stages(block.stages, env, failed, tables, len(x))
+                    if k + 1 in blends and self.adapters is not None and (k, k + 1) in self.adapters.weights:
+                        env[cuts[k + 1]] = blend(env[cuts[k + 1]], blends[k + 1], lambda k=k: rebuild_cut(
+                            self.adapters, k, k + 1, env[cuts[k]], block.output.shape))
                     if self.manifest.wire == "fp16" and k < last - 1:    # handed on as float16
                         env[cuts[k + 1]] = to_wire_precision(env[cuts[k + 1]])
             if exit_source is not None:
@@ -180,4 +184,6 @@ class LocalExecutor:
         kind, j = action
         if kind == "fill":
             return np.zeros((batch, *block.output.shape), dtype=np.float32)
-        return rebuild_cut(self.adapters, j, t, env[cuts[j]], block.output.shape)
+        rebuilt = rebuild_cut(self.adapters, j, t, env[cuts[j]], block.output.shape)
+        scale = skip_scale(self.manifest.pipeline, j) if kind == "skip" else 1.0
+        return rebuilt if scale == 1.0 else rebuilt * np.float32(scale)

@@ -225,21 +225,26 @@ class PipelineEntry:
     exits: bool
     blocks: tuple[BlockEntry, ...]
     adapters: Any = None             # runtime.adapters.AdapterEntry
+    hyperconnections: dict = field(default_factory=dict)   # skip always: the Plan's (routes.blend_weights)
 
     def block_list(self) -> tuple[BlockEntry, ...]:
         return self.blocks
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "skip": self.skip, "exits": self.exits,
-                "blocks": [b.to_json() for b in self.blocks],
-                "adapters": None if self.adapters is None else self.adapters.to_json()}
+        out = {"mode": self.mode, "skip": self.skip, "exits": self.exits,
+               "blocks": [b.to_json() for b in self.blocks],
+               "adapters": None if self.adapters is None else self.adapters.to_json()}
+        if self.hyperconnections:
+            out["hyperconnections"] = dict(self.hyperconnections)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> PipelineEntry:
         from .adapters import AdapterEntry
         adapters = d.get("adapters")
         return cls(d["mode"], d["skip"], bool(d["exits"]), tuple(BlockEntry.from_json(b) for b in d["blocks"]),
-                   None if adapters is None else AdapterEntry.from_json(adapters))
+                   None if adapters is None else AdapterEntry.from_json(adapters),
+                   dict(d.get("hyperconnections", {})))
 
 
 @dataclass(frozen=True)

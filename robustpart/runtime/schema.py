@@ -72,8 +72,11 @@ MANIFEST_SCHEMA = {
         "pipeline": {"type": "object", "required": ["mode", "skip", "exits", "blocks", "adapters"],
                      "properties": {
                          "mode": {"type": "string", "enum": ["pipeline", "hybrid"]},
-                         "skip": {"type": "string", "enum": ["failover", "none"]},
+                         "skip": {"type": "string", "enum": ["failover", "always", "none"]},
                          "exits": {"type": "boolean"},
+                         "hyperconnections": {"type": "object", "required": ["weights", "board_failure"],
+                                              "properties": {"weights": {"enum": ["relative", "reliability", "one"]},
+                                                             "board_failure": {"type": "number", "minimum": 0}}},
                          "blocks": {"type": "array", "items": {
                              "type": "object", "required": ["stages", "boards", "output"],
                              "properties": {"stages": _INT_LIST, "boards": _INT_LIST, "output": _TENSOR}}},

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...routes import holder, route
+from ...routes import blend_weights, holder, route, skip_scale
+from ..adapters import blend
 from ..precision import to_wire_precision
 from . import protocol as wire
 from .board_logic import BoardMachine, Request
@@ -162,7 +163,8 @@ class PipelineBoardMachine(BoardMachine):
         if j < t:                                # blocks j..t-1 are dead: rebuild cut t
             kind, source = actions.get(t, ("fill", None))
             req.mixed |= kind == "skip" and source != j
-            req.env[self.pipe.cut_names[t]] = (self.replace(j, t, x) if kind == "skip" else
+            req.env[self.pipe.cut_names[t]] = (self.replace(j, t, x) * np.float32(skip_scale(self.pipe, j))
+                                               if kind == "skip" else
                                                np.zeros((len(x), *self.pipe.cut_shapes[t]), np.float32))
         self.ready.append(req)
         return True
@@ -232,10 +234,20 @@ class PipelineBoardMachine(BoardMachine):
         if req.block == self.n_blocks - 1:
             self._answer(req, output, self.n_blocks)
             return
+        output = self._with_skip(req, output)
         if self.fp16:                            # handed on as float16: this board's copy (an exit reads it) too
             output = to_wire_precision(output)
         req.env, req.kept = {self.pipe.cut_names[req.block + 1]: output}, True
         self._hand_off(req)
+
+    def _with_skip(self, req: PipelineRequest, output: np.ndarray) -> np.ndarray:
+        """--skip always: the block's output weighted and summed with the skip from its own input cut (this
+        block computes the sum, holding both and the adapter: routes.py), as the LocalExecutor does."""
+        k = req.block
+        weights = blend_weights(self.pipe, wire.boards_of(req.failed)).get(k + 1)
+        if weights is None or (k, k + 1) not in self.pipe.pairs:
+            return output
+        return blend(output, weights, lambda: self.replace(k, k + 1, req.env[self.pipe.cut_names[k]]))
 
     # ---- handing on --------------------------------------------------------------------------------------
 

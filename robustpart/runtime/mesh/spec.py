@@ -51,14 +51,16 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """What routes.route needs (block_list(), skip, exits) and the cut tensors: cut j is block j's input
-    (cut 0: the model input), cut B (B blocks) the model output. `exit_for`: the AdapterSet's."""
+    """What routes.route needs (block_list(), skip, exits, hyperconnections) and the cut tensors: cut j is
+    block j's input (cut 0: the model input), cut B (B blocks) the model output. `exit_for`: the AdapterSet's."""
     skip: str
     exits: bool
     blocks: tuple[BlockSpec, ...]
     cut_names: tuple[str, ...]
     cut_shapes: tuple[tuple[int, ...], ...]
     exit_for: dict = field(default_factory=dict)
+    hyperconnections: dict = field(default_factory=dict)
+    pairs: frozenset = frozenset()           # the (source, target) cuts the bundle has an adapter for
 
     def block_list(self) -> tuple[BlockSpec, ...]:
         return self.blocks
@@ -105,4 +107,6 @@ def _pipeline_spec(manifest, exit_for: dict | None) -> PipelineSpec | None:
     blocks = tuple(BlockSpec(b.stages, b.boards, b.output.name, b.output.shape) for b in entry.blocks)
     names = (manifest.input.name, *(b.output for b in blocks))
     shapes = (manifest.input.shape, *(b.output_shape for b in blocks))
-    return PipelineSpec(entry.skip, entry.exits, blocks, names, shapes, dict(exit_for or {}))
+    pairs = frozenset((p["source"], p["target"]) for p in entry.adapters.pairs) if entry.adapters else frozenset()
+    return PipelineSpec(entry.skip, entry.exits, blocks, names, shapes, dict(exit_for or {}),
+                        dict(entry.hyperconnections), pairs)
