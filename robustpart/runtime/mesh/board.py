@@ -39,7 +39,7 @@ from .peers import Inventory, load_inventory
 from .pipeline_logic import PipelineBoardMachine
 from .settings import MeshSettings
 from .spec import mesh_spec
-from .transport import Sender, dealer, router
+from .transport import Sender, dealer, receive, router
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class DeviceServer:
     def _drain(self) -> None:
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = receive(self.router)
             except zmq.Again:
                 return
             self._execute(self.machine.receive(frames[1:], time.monotonic(), routing=frames[0].bytes))

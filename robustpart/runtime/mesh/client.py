@@ -26,7 +26,7 @@ from .peers import Inventory, load_inventory
 from .pipeline_client_logic import PipelineClientMachine
 from .settings import MeshSettings
 from .spec import mesh_spec
-from .transport import Sender, dealer
+from .transport import Sender, dealer, receive
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class MeshClient:
     def _drain(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = receive(sock)
             except zmq.Again:
                 return
             self._execute(self.machine.receive(frames, time.monotonic()))

@@ -62,6 +62,29 @@ def router(context: zmq.Context, endpoint: str, hwm: int, own_keys: tuple[bytes,
     return sock
 
 
+_NOBLOCK = int(zmq.NOBLOCK)                    # plain ints: pyzmq's flag enums cost microseconds per operation
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def receive(sock: zmq.Socket) -> list:
+    """One whole multipart message, without waiting (zmq.Again when none is queued): what recv_multipart
+    does, minus its per-part socket-option query (a frame knows whether more parts follow)."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:                          # a message's parts arrive together
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def _send_frames(sock: zmq.Socket, frames: list) -> None:
+    """send_multipart's sends, minus its per-part type checks and flag arithmetic (every frame here is bytes
+    or a memoryview). A message is queued whole or not at all, so only the first part can raise Again."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=False)
+
+
 class Sender:
     """Non-blocking sends with counters: what went out, and what was dropped because the peer's queue
     was full, it was not connected, or (ROUTER) it is gone. `stats`: a Counter to count into (default: a new one)."""
@@ -71,7 +94,7 @@ class Sender:
 
     def send(self, sock: zmq.Socket, frames: list, what: str) -> bool:
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            _send_frames(sock, frames)
         except zmq.Again:
             self.stats[f"dropped_{what}"] += 1
             return False
