@@ -182,9 +182,15 @@ def explore(name: str, options: CompileOptions, budget: float, objective: str = 
     chosen = max(candidates, key=lambda c: (*score(c, objective), -c.memory))
     if per_unit and chosen.plan.method == "robust":
         from .explore_units import refine_thresholds
-        held = chosen.memory - chosen.report.cost["param_ratio_full"]      # the compensation it holds
-        refined = refine_thresholds(graph, scores, chosen.plan, budget - held, images, labels, objective, per_unit,
-                                    progress)
+        form = next(f for f in FORMS if f[0] == chosen.form)
+        compensate = None
+        if form[1] is not None:                    # each trial compensated like the choice (explore_units.py)
+            trial_options = dataclasses.replace(options, compensate="ls", compensate_dtype=form[1],
+                                                compensate_regressors=form[2])
+            compensate = lambda plan: prepare_compensation(graph, plan, trial_options, lambda m: None,  # noqa: E731
+                                                           source=calibration).data
+        refined = refine_thresholds(graph, scores, chosen.plan, budget, images, labels, objective, per_unit,
+                                    progress, compensate)
         if refined.rounds:
             measure(f"robust per-unit ({len(refined.rounds)} moves from {chosen.plan_label})", refined.plan,
                     [f for f in FORMS if f[0] == chosen.form])

@@ -3,12 +3,16 @@
 The threshold is one number for every unit, though units differ widely in what losing their channels costs.
 Starting from the robust plan explore chose, each round tries, for every partitioned unit, halving its
 threshold (more replicas of it) and doubling it (fewer), measures each trial plan's objective on the
-validation images with the simulator (without compensation, so that a trial costs one pass per failure set
-of the objective, not a least-squares fit), and takes the move with the best gain per extra byte of the
-largest board's parameters: a move that frees memory without losing accuracy first, then the largest
-positive gain per byte. It stops after R rounds or when no move helps within the parameter budget (the
-budget less the compensation the chosen candidate holds). The result is compensated like the chosen
-candidate and measured in full, as one more candidate of the front.
+validation images with the simulator, and takes the move with the best gain per extra byte of the largest
+board's memory: a move that frees memory without losing accuracy first, then the largest positive gain per
+byte. It stops after R rounds or when no move helps within the budget.
+
+When the chosen candidate is compensated, each trial plan is compensated the same way (a least-squares fit
+per trial, seconds on the reference models) and judged as it will run: its objective with compensation, its
+memory with the largest compensation set a board holds, against the whole budget. Ranking the moves without
+compensation optimised the wrong thing: replicas a fit would have rebuilt anyway (README, measured). Without
+compensation (`compensate` None) a trial costs one simulator pass per failure set of the objective and is
+held to the parameter budget. The result is measured in full, as one more candidate of the front.
 """
 from __future__ import annotations
 
@@ -34,10 +38,11 @@ class Refinement:
     trials: int
 
 
-def refine_thresholds(graph, scores, base_plan, param_budget: float, images, labels, objective: str,
-                      rounds: int, progress: Callable[[str], None]) -> Refinement:
-    """Greedy per-unit thresholds from `base_plan` (a robust plan) within `param_budget` (the largest board's
-    parameters over the model's)."""
+def refine_thresholds(graph, scores, base_plan, budget: float, images, labels, objective: str,
+                      rounds: int, progress: Callable[[str], None], compensate=None) -> Refinement:
+    """Greedy per-unit thresholds from `base_plan` (a robust plan) within `budget` (the largest board's memory
+    over the model's parameters). `compensate(plan)`: the compensation data a trial plan carries (None: the
+    trials are judged without it, and `budget` holds their parameters)."""
     channels = {u.name: u.channels for u in graph.units}
     replicate = list(base_plan.options.get("replicate") or [])
     base = float(base_plan.options["threshold"])
@@ -49,11 +54,13 @@ def refine_thresholds(graph, scores, base_plan, param_budget: float, images, lab
         plan = make_plan(channels, base_plan.n_boards, "robust", scores, base, per_unit_thresholds=per_unit,
                          seed=base_plan.options.get("seed", 0), replicate=replicate, model=base_plan.model,
                          fill=base_plan.fill, align=base_plan.options.get("align", 1))
-        memory = plan_cost(graph, plan).param_ratio_full
-        if memory > param_budget:
+        data = compensate(plan) if compensate is not None else None
+        memory = plan_cost(graph, plan, compensation=data).memory_ratio_full
+        if memory > budget:
             return plan, memory, None
         report = evaluate_plan(graph, plan, images, labels, ks, None, settings,
-                               evaluator=PlanEvaluator(graph, plan, images, labels))
+                               evaluator=PlanEvaluator(graph, plan, images, labels, compensation=data),
+                               compensation=data)
         return plan, memory, report_score(report, objective)[0]
 
     plan, memory, value = measure(thresholds)
@@ -81,7 +88,7 @@ def refine_thresholds(graph, scores, base_plan, param_budget: float, images, lab
             break
         _, name, factor, thresholds, plan, new_memory, new_value = best
         move = (f"{name} threshold x{factor:g}: objective {100 * value:.2f} -> {100 * new_value:.2f} %, "
-                f"params {memory:.3f} -> {new_memory:.3f}")
+                f"memory {memory:.3f} -> {new_memory:.3f}")
         taken.append(move)
         progress(f"per-unit round {r + 1}: {move}")
         memory, value = new_memory, new_value

@@ -1,6 +1,7 @@
 """`robustpart explore`: every candidate within the memory budget counting compensation, measured on a
 validation split that is not the test set; the front and the choice follow from the measurements; the
 chosen bundle is the chosen candidate."""
+import dataclasses
 import json
 
 import pytest
@@ -64,10 +65,12 @@ def test_a_budget_nothing_fits_says_what_is_needed(capsys, tmp_path):
 
 
 @needs_fmnist
-def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
+@pytest.mark.parametrize("compensated", [False, True])
+def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget(compensated):
     """One greedy round from a robust plan: the move taken changes one unit's threshold by x0.5 or x2, keeps
-    the largest board's parameters within the budget, and its measured objective is no worse (and better,
-    or the memory lower) than the starting plan's, measured again here."""
+    the largest board's memory within the budget, and its measured objective is no worse (and better, or the
+    memory lower) than the starting plan's, measured again here; compensated, both judged with their
+    compensation, the memory counting the largest set a board holds."""
     from robustpart.evaluation import PlanEvaluator, evaluate_plan
     from robustpart.explore import validation_data
     from robustpart.objectives import report_score
@@ -82,12 +85,23 @@ def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
     images, labels, _ = validation_data(graph.input_spec, None, 200)
     scores = _scores_for(graph, options, None, lambda m: None, CalibrationSource(graph, options, lambda m: None))
     base = plan_for(graph, options, scores)
-    budget = plan_cost(graph, base).param_ratio_full + 0.05
-    refined = refine_thresholds(graph, scores, base, budget, images, labels, "k1", 1, lambda m: None)
+    compensate = None
+    if compensated:
+        from robustpart.compensate import prepare_compensation
+        calibration = CalibrationSource(graph, options, lambda m: None)
+        ls = dataclasses.replace(options, compensate="ls", compensate_calib=64)
+        compensate = lambda plan: prepare_compensation(graph, plan, ls, lambda m: None, source=calibration).data  # noqa: E731
+
+    def cost(plan):
+        return plan_cost(graph, plan, compensation=compensate(plan) if compensate else None).memory_ratio_full
+
+    budget = cost(base) + 0.05
+    refined = refine_thresholds(graph, scores, base, budget, images, labels, "k1", 1, lambda m: None, compensate)
 
     def k1(plan):
-        report = evaluate_plan(graph, plan, images, labels, [1], None, {}, evaluator=PlanEvaluator(graph, plan, images,
-                                                                                                  labels))
+        data = compensate(plan) if compensate else None
+        report = evaluate_plan(graph, plan, images, labels, [1], None, {}, compensation=data,
+                               evaluator=PlanEvaluator(graph, plan, images, labels, compensation=data))
         return report_score(report, "k1")[0]
 
     assert refined.trials == 1 + 2 * len(refined.thresholds)        # every unit tried both ways
@@ -97,5 +111,5 @@ def test_per_unit_refinement_takes_only_moves_that_help_within_the_budget():
         return
     assert len(refined.rounds) == 1 and len(changed) == 1 and list(changed.values())[0] in (0.15, 0.6)
     before, after = k1(base), k1(refined.plan)
-    memory_before, memory_after = plan_cost(graph, base).param_ratio_full, plan_cost(graph, refined.plan).param_ratio_full
+    memory_before, memory_after = cost(base), cost(refined.plan)
     assert memory_after <= budget and after >= before and (after > before or memory_after < memory_before)
