@@ -122,6 +122,15 @@ def skip_scale(plan: Plan, j: int) -> float:
     return _weighted(plan, [j - 1])[0]
 
 
+def blend(own, weights: tuple[float, float], skip):
+    """--skip always: a cut as w_own x the block's output `own` + w_skip x `skip()`, the skip adapter applied to
+    the cut before it (blend_weights). Arrays in, the same dtype out (float weights do not widen float32);
+    the simulator's CutSwitch computes the same in torch."""
+    w_own, w_skip = weights
+    out = own * w_own
+    return out + w_skip * skip() if w_skip else out
+
+
 def holder(plan: Plan, pair: tuple[int, int]) -> tuple[int, ...]:
     """The boards that hold adapter `pair`: the consumer's group for a skip, the producer's for an exit;
     the exit from the input (every board has the input) sits on every board outside the first block, so

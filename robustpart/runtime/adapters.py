@@ -125,16 +125,6 @@ def rebuild_cut(adapters: AdapterSet | None, source: int, target: int, x: np.nda
     return apply_adapter(x, adapters.weights[pair], adapters.biases[pair], target_shape)
 
 
-def blend(own: np.ndarray, weights: tuple[float, float], skip) -> np.ndarray:
-    """--skip always: a cut as w_own x the block's output `own` + w_skip x `skip()`, the skip adapter applied
-    to the cut before it (routes.blend_weights; the simulator's CutSwitch computes the same)."""
-    w_own, w_skip = weights
-    out = own * np.float32(w_own)
-    if w_skip:
-        out = out + np.float32(w_skip) * skip()
-    return out.astype(np.float32, copy=False)
-
-
 def apply_adapter(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     """The adapter (pooling, then the 1x1 convolution / linear map) on a batch, as skips.apply_adapter."""
     rows = pool_rows(np.asarray(x, dtype=np.float32), target_shape, weight.shape[1]) @ weight.T + bias

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, DataError
-from ..routes import blend_weights, route, skip_scale
-from .adapters import blend, rebuild_cut
+from ..routes import blend, blend_weights, route, skip_scale
+from .adapters import rebuild_cut
 from .assembly import StageAssembler
 from .manifest import Manifest, load_manifest
 from .precision import to_wire_precision

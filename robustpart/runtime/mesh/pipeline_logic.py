@@ -42,8 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...routes import blend_weights, holder, route, skip_scale
-from ..adapters import blend
+from ...routes import blend, blend_weights, holder, route, skip_scale
 from ..precision import to_wire_precision
 from . import protocol as wire
 from .board_logic import BoardMachine, Request
