@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .routes import DEFAULT_BOARD_FAILURE, DEFAULT_SKIP_WEIGHTS, SKIP_WEIGHTS  # noqa: F401 - the defaults, here too
+from .routes import DEFAULT_BOARD_FAILURE, DEFAULT_SKIP_WEIGHTS  # noqa: F401 - with the other defaults
 
 DEFAULT_DEVICES = 4
 DEFAULT_THRESHOLD = 0.3          # robust: clustering distance in normalised score space
