@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-HEADER = 64
+from robustpart.runtime.mesh.protocol import HEADER_BYTES
 
 
 def payload_sizes(bundle: Path) -> list[list[list[int]]]:
@@ -50,7 +50,7 @@ def board(me: int, endpoints: list[str], sizes, images: int, ready, go, out) -> 
     inbox = router(context, endpoints[me], 1000)
     peers = {p: dealer(context, e, 1000) for p, e in enumerate(endpoints) if p != me}
     sender = Sender()
-    payloads = [[[bytes(HEADER), bytes(row[me][r])] for r in range(len(row))] for row in sizes]
+    payloads = [[[bytes(HEADER_BYTES), bytes(row[me][r])] for r in range(len(row))] for row in sizes]
     # every peer connected before the clock starts: a round of hellos
     for p, sock in peers.items():
         while not sender.send(sock, [b"hello"], "hello"):

@@ -124,8 +124,8 @@ def skip_scale(plan: Plan, j: int) -> float:
 
 def blend(own, weights: tuple[float, float], skip):
     """--skip always: a cut as w_own x the block's output `own` + w_skip x `skip()`, the skip adapter applied to
-    the cut before it (blend_weights). Arrays in, the same dtype out (float weights do not widen float32);
-    the simulator's CutSwitch computes the same in torch."""
+    the cut before it (blend_weights). numpy arrays or torch tensors in (the LocalExecutor and the boards, the
+    simulator), the same dtype out: float weights do not widen float32."""
     w_own, w_skip = weights
     out = own * w_own
     return out + w_skip * skip() if w_skip else out

@@ -21,7 +21,7 @@ from .errors import PlanError
 from .graph import ModelGraph
 from .layout import Layout, derive_layout
 from .plan import Plan
-from .routes import blend_weights, route, skip_scale
+from .routes import blend, blend_weights, route, skip_scale
 
 if TYPE_CHECKING:
     from .runtime.compensation import Compensation
@@ -142,11 +142,9 @@ class CutSwitch(nn.Module):
                 weight, bias = route.adapters[(j, self.index)]
                 x = apply_adapter(route.values[j], weight, bias, self.shape) * route.scales.get(self.index, 1.0)
         elif self.index in route.blends:
-            w_own, w_skip = route.blends[self.index]
-            x = x * w_own
-            if w_skip:
-                weight, bias = route.adapters[(self.index - 1, self.index)]
-                x = x + w_skip * apply_adapter(route.values[self.index - 1], weight, bias, self.shape)
+            pair = (self.index - 1, self.index)
+            x = blend(x, route.blends[self.index],
+                      lambda: apply_adapter(route.values[pair[0]], *route.adapters[pair], self.shape))
         if self.index in route.sources():
             route.values[self.index] = x.clone()      # later ops may write into x in place
         return x

@@ -185,5 +185,4 @@ class LocalExecutor:
         if kind == "fill":
             return np.zeros((batch, *block.output.shape), dtype=np.float32)
         rebuilt = rebuild_cut(self.adapters, j, t, env[cuts[j]], block.output.shape)
-        scale = skip_scale(self.manifest.pipeline, j) if kind == "skip" else 1.0
-        return rebuilt if scale == 1.0 else rebuilt * np.float32(scale)
+        return rebuilt * np.float32(skip_scale(self.manifest.pipeline, j)) if kind == "skip" else rebuilt
