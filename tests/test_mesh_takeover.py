@@ -91,7 +91,8 @@ def test_the_last_board_takes_over_all_the_others(mesh, bundle, images):
     killed = time.time()
     for b in (1, 2, 3):
         cluster.kill(b)
-    assert wait_for(lambda: len(takeovers(cluster, 0, killed)) == 3, client)
+    assert wait_for(lambda: len(takeovers(cluster, 0, killed)) == 3, client), \
+        [e for e in cluster.events(0) if e["t"] >= killed] + [cluster.log_file(0).read_text()[-3000:]]
     answers, _, _ = drive(client, images, 1.0)
     end = time.time()
     check_contract(answers, refs, len(images))
