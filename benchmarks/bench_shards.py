@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 import tempfile
@@ -42,35 +43,48 @@ LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.Grap
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def shard_time(manifest, options, repeats: int) -> float:
-    """Seconds per image summed over every stage of every board (each board's env from a real run)."""
+def stage_feeds(manifest, sessions) -> list[dict]:
+    """Per stage, its sessions' feeds, from one real pass (each stage's input assembled from the boards'
+    slices of the stage before)."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, *manifest.input.shape), dtype=np.float32)
-    env = {manifest.input.name: x}
-    total = 0.0
-    for stage in manifest.stages:
-        assembler = StageAssembler(stage, manifest.boards)
-        feeds = {name: env[name] for name in stage.inputs}
-        slices = {}
-        for board in range(manifest.boards):
-            session = open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
-            total += median_seconds(lambda: session.run(None, feeds), repeats)
-            outputs = session.run(None, feeds)
-            slices[board] = outputs[0]
-        env[stage.tensor] = assembler.assemble(slices, 1)
-        for meta, value in zip(stage.extras, outputs[1:]):
+    env = {manifest.input.name: rng.standard_normal((1, *manifest.input.shape), dtype=np.float32)}
+    feeds = []
+    for stage, per_board in zip(manifest.stages, sessions):
+        feeds.append({name: env[name] for name in stage.inputs})
+        outputs = {board: session.run(None, feeds[-1]) for board, session in per_board.items()}
+        env[stage.tensor] = StageAssembler(stage, manifest.boards).assemble(
+            {board: out[0] for board, out in outputs.items()}, 1)
+        for meta, value in zip(stage.extras, outputs[max(outputs)][1:]):
             env[meta.name] = value
-    return total
+    return feeds
+
+
+def interleaved(manifest, full: ort.InferenceSession, x: np.ndarray, options, rounds: int) -> dict:
+    """Seconds per image of the whole model and of every board's shards summed over stages and boards,
+    measured in alternation: per round one image through the whole model, then through each board's stages
+    (one board after another, each running its stages in order as a board does), so a machine whose speed
+    drifts slows both alike. Per-round medians, and the median of the rounds' ratios."""
+    sessions = [{board: open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
+                 for board in range(manifest.boards) if stage.shards[board].has_work} for stage in manifest.stages]
+    feeds = stage_feeds(manifest, sessions)
+    full_feeds = {"x": x}
+    shard_s, full_s = [], []
+    for round_ in range(rounds + 1):                          # the first round warms up, left out
+        start = time.perf_counter()
+        full.run(None, full_feeds)
+        whole = time.perf_counter() - start
+        summed = 0.0
+        for board in range(manifest.boards):          # each board's pass over its stages, as a board runs it
+            for per_board, stage_feed in zip(sessions, feeds):
+                if board in per_board:
+                    start = time.perf_counter()
+                    per_board[board].run(None, stage_feed)
+                    summed += time.perf_counter() - start
+        if round_:
+            full_s.append(whole)
+            shard_s.append(summed)
+    return {"shards": statistics.median(shard_s), "full": statistics.median(full_s),
+            "ratio": statistics.median(s / f for s, f in zip(shard_s, full_s))}
 
 
 def profiled(path: Path, feeds: dict, options_fn, repeats: int) -> tuple[dict[str, float], float]:
@@ -135,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="rounds (default 9)")
     parser.add_argument("--breakdown", action="store_true", help="time per operator type (ONNX Runtime's profiler)")
     parser.add_argument("--align", type=int, default=1, help="compile --align N (channels per board a multiple of N)")
     parser.add_argument("--levels", default="all", help="ONNX Runtime graph optimisation levels to measure, e.g. "
@@ -164,17 +178,16 @@ def main(argv=None) -> int:
             if spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "1")
             full = ort.InferenceSession(str(work / "full.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
-            feeds = {"x": x.numpy()}
-            full_time = median_seconds(lambda: full.run(None, feeds), args.repeats)
-            sharded = shard_time(manifest, options, args.repeats)
-            rows.append((f"{level}, {label}", sharded, full_time))
-    best = min(full_time for *_, full_time in rows)       # the reference: the whole model at its fastest
+            rows.append((f"{level}, {label}", interleaved(manifest, full, x.numpy(), options, args.repeats)))
+    best = min(row["full"] for _, row in rows)       # the whole model at its fastest, for the other settings
     print(f"{args.model}, {args.devices} boards, robust t={args.threshold}, align {args.align}: replication factor "
-          f"{factor:.3f}; the fastest whole-model session {1e3 * best:.1f} ms")
-    for label, sharded, full_time in rows:
-        ratio = sharded / (best * factor)
-        print(f"  {label}: shards {1e3 * sharded:.1f} ms/image summed over boards; full model "
-              f"{1e3 * full_time:.1f} ms; ratio to the fastest x {factor:.3f}: {ratio:.3f} (target <= 1.1)")
+          f"{factor:.3f}; the fastest whole-model session {1e3 * best:.1f} ms; GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r}")
+    for label, row in rows:
+        print(f"  {label}: shards {1e3 * row['shards']:.1f} ms/image summed over boards; full model "
+              f"{1e3 * row['full']:.1f} ms in the same rounds; ratio to it x {factor:.3f}: "
+              f"{row['ratio'] / factor:.3f} (target <= 1.1); to the fastest whole model: "
+              f"{row['shards'] / (best * factor):.3f}")
     traffic = traffic_per_image(manifest)
     received = sum(t["received"] for t in traffic)
     minimum = sum(t["min_received"] for t in traffic)
