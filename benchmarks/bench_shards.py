@@ -2,9 +2,10 @@
 
 For vgg16 at ImageNet shape (random weights), 4 boards, the default robust plan (threshold 0.3, L1 scores:
 timing does not depend on which channels are kept): every board's shards run one after another, batch 1,
-and their times are summed over stages and boards. The reference, measured in the same run, is one ONNX
-Runtime session of the full model times the plan's replication factor (the work a perfectly efficient
-sharding would do). Also prints bytes exchanged per image against the analytic minimum, and the effect of
+and their times are summed over stages and boards. The reference is one ONNX Runtime session of the full
+model times the plan's replication factor (the work a perfectly efficient sharding would do), measured in
+alternation with the shards, one image of each per round (`--repeats` rounds), so that a machine whose
+speed drifts between runs slows both alike. Also prints bytes exchanged per image against the analytic minimum, and the effect of
 the session options (thread spinning on / off).
 
 `--breakdown`: where the time goes, from ONNX Runtime's own profile (per operator type, summed over runs),
@@ -12,7 +13,7 @@ for the shards (all boards) against the full model: the convolutions, the layout
 (ONNX Runtime's CPU kernels run convolutions in a blocked channel layout and convert each session's input
 and output), the other operators, and what a run costs beyond its operators (feeds, outputs, Python).
 
-    uv run python benchmarks/bench_shards.py [--model vgg16] [--devices 4] [--repeats 5] [--breakdown]
+    uv run python benchmarks/bench_shards.py [--model vgg16] [--devices 4] [--repeats 9] [--breakdown]
 """
 from __future__ import annotations
 
