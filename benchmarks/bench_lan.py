@@ -52,6 +52,15 @@ def shape(spaces: Namespaces, rate: str, burst: str) -> None:
                             "latency", "100ms"], check=True, capture_output=True, text=True)
 
 
+def rate_bits_per_s(rate: str) -> float:
+    """A tc rate such as "1gbit" or "100mbit" in bits per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    unit = next((u for u in units if rate.lower().endswith(u)), None)
+    if unit is None:
+        raise SystemExit(f"rate {rate!r}: give it as tc does, e.g. 1gbit, 100mbit or 500kbit")
+    return float(rate.lower()[:-len(unit)]) * units[unit]
+
+
 def link_bytes(manifest, live: list[int]) -> dict[int, int]:
     """Per live board, the bytes per image its link carries the busier way (payloads as this protocol sends
     them, robustpart.traffic; headers aside): max(sent, received), the input counted as received and the
@@ -144,9 +153,7 @@ def main() -> None:
     reason = netns_unavailable()
     if reason:
         raise SystemExit(f"bench_lan needs network namespaces: {reason}")
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    unit = next(u for u in units if args.rate.lower().endswith(u))
-    rate_bps = float(args.rate.lower()[:-len(unit)]) * units[unit]
+    rate_bps = rate_bits_per_s(args.rate)
     settings = MeshSettings(heartbeat=0.1, timeout=1.0)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-lan-") as tmp:
