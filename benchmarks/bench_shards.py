@@ -5,8 +5,8 @@ timing does not depend on which channels are kept): every board's shards run one
 and their times are summed over stages and boards. The reference is one ONNX Runtime session of the full
 model times the plan's replication factor (the work a perfectly efficient sharding would do), measured in
 alternation with the shards, one image of each per round (`--repeats` rounds), so that a machine whose
-speed drifts between runs slows both alike. Also prints bytes exchanged per image against the analytic minimum, and the effect of
-the session options (thread spinning on / off).
+speed drifts between runs slows both alike. Also prints bytes exchanged per image against the analytic
+minimum, and the effect of the session options (thread spinning on / off).
 
 `--breakdown`: where the time goes, from ONNX Runtime's own profile (per operator type, summed over runs),
 for the shards (all boards) against the full model: the convolutions, the layout reorders around them
@@ -44,15 +44,16 @@ LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.Grap
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
 
 
-def stage_feeds(manifest, sessions) -> list[dict]:
-    """Per stage, its sessions' feeds, from one real pass (each stage's input assembled from the boards'
-    slices of the stage before)."""
-    rng = np.random.default_rng(0)
-    env = {manifest.input.name: rng.standard_normal((1, *manifest.input.shape), dtype=np.float32)}
+def stage_feeds(manifest, x: np.ndarray) -> list[dict]:
+    """Per stage, its shards' feeds, from one real pass on input `x` (each stage's input assembled from the
+    boards' slices of the stage before). The timings below reuse them: the values do not change the time."""
+    options = session_options(threads=1)
+    env = {manifest.input.name: x}
     feeds = []
-    for stage, per_board in zip(manifest.stages, sessions):
+    for stage in manifest.stages:
         feeds.append({name: env[name] for name in stage.inputs})
-        outputs = {board: session.run(None, feeds[-1]) for board, session in per_board.items()}
+        outputs = {board: open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
+                   .run(None, feeds[-1]) for board in range(manifest.boards) if stage.shards[board].has_work}
         env[stage.tensor] = StageAssembler(stage, manifest.boards).assemble(
             {board: out[0] for board, out in outputs.items()}, 1)
         for meta, value in zip(stage.extras, outputs[max(outputs)][1:]):
@@ -60,14 +61,13 @@ def stage_feeds(manifest, sessions) -> list[dict]:
     return feeds
 
 
-def interleaved(manifest, full: ort.InferenceSession, x: np.ndarray, options, rounds: int) -> dict:
+def interleaved(manifest, feeds: list[dict], full: ort.InferenceSession, x: np.ndarray, options, rounds: int) -> dict:
     """Seconds per image of the whole model and of every board's shards summed over stages and boards,
     measured in alternation: per round one image through the whole model, then through each board's stages
     (one board after another, each running its stages in order as a board does), so a machine whose speed
     drifts slows both alike. Per-round medians, and the median of the rounds' ratios."""
     sessions = [{board: open_session(manifest.shard_path(stage, board), ["CPUExecutionProvider"], options)
                  for board in range(manifest.boards) if stage.shards[board].has_work} for stage in manifest.stages]
-    feeds = stage_feeds(manifest, sessions)
     full_feeds = {"x": x}
     shard_s, full_s = [], []
     for round_ in range(rounds + 1):                          # the first round warms up, left out
@@ -109,30 +109,21 @@ def profiled(path: Path, feeds: dict, options_fn, repeats: int) -> tuple[dict[st
     return dict(per_op), wall
 
 
-def breakdown(manifest, full_path: Path, x: np.ndarray, options_fn, repeats: int, work: Path) -> None:
+def breakdown(manifest, feeds: list[dict], full_path: Path, x: np.ndarray, options_fn, repeats: int,
+              work: Path) -> None:
     """Print the shards' and the full model's time per operator type (ms per image, summed)."""
-    env = {manifest.input.name: x}
     shards: dict[str, float] = defaultdict(float)
     shard_wall, runs = 0.0, 0
-    for stage in manifest.stages:
-        assembler = StageAssembler(stage, manifest.boards)
-        feeds = {name: env[name] for name in stage.inputs}
-        slices, outputs = {}, None
+    for stage, stage_feed in zip(manifest.stages, feeds):
         for board in range(manifest.boards):
             if not stage.shards[board].has_work:
                 continue
             copy = work / f"s{stage.index}_b{board}.onnx"
             copy.write_bytes(manifest.shard_path(stage, board).read_bytes())
-            per_op, wall = profiled(copy, feeds, options_fn, repeats)
+            per_op, wall = profiled(copy, stage_feed, options_fn, repeats)
             for op, us in per_op.items():
                 shards[op] += us
             shard_wall, runs = shard_wall + wall, runs + 1
-            outputs = ort.InferenceSession(str(copy), sess_options=options_fn(),
-                                           providers=["CPUExecutionProvider"]).run(None, feeds)
-            slices[board] = outputs[0]
-        env[stage.tensor] = assembler.assemble(slices, 1)
-        for meta, value in zip(stage.extras, outputs[1:]):
-            env[meta.name] = value
     full, full_wall = profiled(full_path, {"x": x}, options_fn, repeats)
     ops = sorted(set(shards) | set(full), key=lambda op: -max(shards.get(op, 0), full.get(op, 0)))
     print(f"  where the time goes (ms per image; shards summed over {runs} sessions):")
@@ -171,6 +162,7 @@ def main(argv=None) -> int:
     x = torch.randn(1, *spec.shape)
     (work / "full.onnx").write_bytes(export_onnx(graph.module, ["x"], ["y"], [x]))
 
+    feeds = stage_feeds(manifest, x.numpy())
     rows = []
     for level in args.levels.split(","):
         for label, spinning in (("spinning off (robustpart default)", False), ("spinning on", True)):
@@ -179,7 +171,8 @@ def main(argv=None) -> int:
             if spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "1")
             full = ort.InferenceSession(str(work / "full.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
-            rows.append((f"{level}, {label}", interleaved(manifest, full, x.numpy(), options, args.repeats)))
+            rows.append((f"{level}, {label}", interleaved(manifest, feeds, full, x.numpy(), options,
+                                                                 args.repeats)))
     best = min(row["full"] for _, row in rows)       # the whole model at its fastest, for the other settings
     print(f"{args.model}, {args.devices} boards, robust t={args.threshold}, align {args.align}: replication factor "
           f"{factor:.3f}; the fastest whole-model session {1e3 * best:.1f} ms; GLIBC_TUNABLES="
@@ -195,7 +188,8 @@ def main(argv=None) -> int:
     print(f"  bytes received per image, all boards: {received / 1e6:.2f} MB; analytic minimum "
           f"{minimum / 1e6:.2f} MB; ratio {received / minimum:.3f}")
     if args.breakdown:
-        breakdown(manifest, work / "full.onnx", x.numpy(), lambda: session_options(threads=1), args.repeats, work)
+        breakdown(manifest, feeds, work / "full.onnx", x.numpy(), lambda: session_options(threads=1), args.repeats,
+                  work)
     return 0
 
 
